@@ -1,0 +1,67 @@
+"""`ember ask`: one answer, streamed to stdout."""
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
+from assistant.conversation import ROUTES, respond
+from assistant.engine import Engine
+from assistant.errors import InvalidInput
+
+
+def read_stdin() -> str:
+    """The prompt piped on stdin, strictly UTF-8."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidInput(f"standard input is not valid UTF-8 (byte 0x{data[err.start]:02x} at offset "
+                           f"{err.start}); convert it with iconv first") from err
+
+
+def _raise_interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Longest reply, in tokens.")
+@click.option("--seed", type=int, default=None, help="Sampling seed, for repeatable answers.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=None,
+              help="Sampling temperature; 0 is greedy.")
+@click.option("--no-log", is_flag=True, help="Store nothing of this exchange.")
+@click.option("--conversation", "conversation_id", type=int, default=None,
+              help="Continue this conversation (ids from `ember history`).")
+@click.option("--route", type=click.Choice(ROUTES), default="auto", show_default=True,
+              help="Where the answer comes from.")
+@model_option
+@json_option
+def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, model, as_json):
+    """Answer PROMPT (or standard input when PROMPT is '-' or omitted)."""
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise InvalidInput("no prompt: pass it as an argument or pipe it on standard input")
+        prompt = read_stdin()
+    settings = settings_from(model=model)
+    db = open_store(settings)
+    engine = Engine(settings.model_path, n_ctx=settings.n_ctx, n_threads=settings.threads,
+                    seed=settings.seed or 0)
+    signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill still marks the reply
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    exchange = respond(db, engine, settings, prompt, log=not no_log,
+                       conversation_id=conversation_id, route=route, max_tokens=max_tokens,
+                       temperature=temperature, seed=seed, on_piece=None if as_json else show)
+    if as_json:
+        print_json(exchange.as_json())
+    else:
+        sys.stdout.write("\n")
+
+
+COMMANDS = [ask]

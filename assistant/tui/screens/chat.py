@@ -1,0 +1,253 @@
+"""The main screen: conversations on the left, the chat on the right, status and keys below."""
+from __future__ import annotations
+
+import threading
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Label, ListView
+
+from assistant.conversation import Exchange, check_prompt, respond
+from assistant.errors import EmberError
+from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
+from assistant.tui.screens.search import SearchScreen
+from assistant.tui.widgets.conversation_list import ConversationItem, ConversationList
+from assistant.tui.widgets.message import MessageView
+from assistant.tui.widgets.prompt import PromptInput
+from assistant.tui.widgets.status_line import StatusLine
+from storage import conversations as convs
+
+# Every action here also appears in the command palette (see EmberApp.get_system_commands).
+ACTIONS = [
+    ("new_conversation", "New conversation", "Start a new, empty conversation"),
+    ("rename_conversation", "Rename conversation", "Give the open conversation a new title"),
+    ("delete_conversation", "Delete conversation", "Delete the open conversation and its messages"),
+    ("cancel_reply", "Cancel reply", "Stop the reply being written; the partial reply is kept"),
+    ("copy_last_reply", "Copy last reply", "Copy Ember's last reply to the clipboard"),
+    ("search", "Search conversations", "Find words in every past conversation"),
+    ("toggle_sidebar", "Toggle conversation list", "Show or hide the list of conversations"),
+]
+
+
+class ChatScreen(Screen):
+    """Chat with the model; every exchange is logged as it happens."""
+
+    BINDINGS = [
+        Binding("ctrl+n", "new_conversation", "New"),
+        Binding("ctrl+r", "rename_conversation", "Rename"),
+        Binding("f8", "delete_conversation", "Delete"),
+        Binding("escape", "cancel_reply", "Cancel reply"),
+        Binding("ctrl+y", "copy_last_reply", "Copy reply"),
+        Binding("ctrl+f", "search", "Search"),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar"),
+    ]
+
+    def __init__(self, conversation_id: int | None = None) -> None:
+        super().__init__()
+        self.conversation_id = conversation_id
+        self.cancel: threading.Event | None = None
+
+    # ---- layout and start-up -------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="main"):
+            yield ConversationList(id="sidebar")
+            with Vertical(id="chat-pane"):
+                yield Label("New conversation", id="conversation-title", markup=False)
+                yield VerticalScroll(id="log")
+                yield PromptInput()
+        yield StatusLine(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        status = self.query_one(StatusLine)
+        status.model = self.app.settings.model_path.name
+        status.state = "ready" if self.app.engine is not None else "loading model…"
+        self.refresh_sidebar()
+        self.open_conversation(self.conversation_id)
+        self.query_one(PromptInput).focus()
+
+    @property
+    def generating(self) -> bool:
+        return self.cancel is not None
+
+    def refresh_sidebar(self) -> None:
+        """Reload the conversation list from the database."""
+        self.query_one(ConversationList).show(convs.list_conversations(self.app.db), self.conversation_id)
+
+    def open_conversation(self, conversation_id: int | None) -> None:
+        """Show a conversation's messages (None: a new, empty one)."""
+        self.conversation_id = conversation_id
+        log = self.query_one("#log", VerticalScroll)
+        log.remove_children()
+        title = "New conversation"
+        if conversation_id is not None:
+            title = convs.get_conversation(self.app.db, conversation_id)["title"]
+            log.mount_all(MessageView(m["role"], m["content"], status=m["status"], message_id=m["id"],
+                                      route=m["route"])
+                          for m in convs.messages(self.app.db, conversation_id))
+        self.query_one("#conversation-title", Label).update(title)
+        log.scroll_end(animate=False)
+        log.anchor()
+
+    def model_ready(self, error: str | None) -> None:
+        """Called by the app when the model has loaded (or failed to)."""
+        self.query_one(StatusLine).state = f"model failed: {error}" if error else "ready"
+
+    # ---- sending and streaming ------------------------------------------------------------
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if not isinstance(event.input, PromptInput):
+            return
+        text = event.value
+        try:
+            check_prompt(text)
+        except EmberError as err:
+            self.notify(str(err), severity="warning")
+            return
+        if self.generating:
+            self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
+            return
+        if self.app.engine_error:
+            self.notify(self.app.engine_error, severity="error")
+            return
+        event.input.value = ""
+        if self.conversation_id is None:
+            self.conversation_id = convs.create_conversation(self.app.db)
+        log = self.query_one("#log", VerticalScroll)
+        reply = MessageView("assistant", status="generating")
+        log.mount_all([MessageView("user", text), reply])
+        log.anchor()
+        self.cancel = threading.Event()
+        self.query_one(StatusLine).state = "thinking…" if self.app.engine else "waiting for the model…"
+        self.stream_reply(self.conversation_id, text, reply, self.cancel)
+
+    @work(thread=True, group="reply")
+    def stream_reply(self, conversation_id: int, text: str, view: MessageView,
+                     cancel: threading.Event) -> None:
+        """Generate off the UI thread, with the app's second database connection."""
+        app = self.app
+        app.engine_ready.wait()
+        try:
+            if app.engine is None:
+                raise EmberError(app.engine_error or "the model is not loaded")
+            exchange = respond(app.reply_db, app.engine, app.settings, text,
+                               conversation_id=conversation_id, cancel=cancel,
+                               on_piece=lambda piece: app.call_from_thread(self._show_piece, view, piece))
+        except EmberError as err:
+            app.call_from_thread(self._reply_failed, view, text, str(err))
+        else:
+            app.call_from_thread(self._reply_done, view, exchange)
+
+    async def _show_piece(self, view: MessageView, piece: str) -> None:
+        if view.is_attached:
+            if view.status == "generating":
+                self.query_one(StatusLine).state = "replying… (Esc cancels)"
+            await view.append(piece)
+
+    async def _reply_done(self, view: MessageView, exchange: Exchange) -> None:
+        self.cancel = None
+        view.message_id, view.route = exchange.message_id, exchange.route
+        if view.is_attached:
+            await view.end_stream()
+            view.set_status(exchange.status)
+        status = self.query_one(StatusLine)
+        status.state = "ready" if exchange.status == "complete" else f"reply {exchange.status}"
+        status.speed = exchange.tokens_per_second or status.speed
+        status.adapter = exchange.adapter
+        if exchange.conversation_id == self.conversation_id:
+            title = convs.get_conversation(self.app.db, self.conversation_id)["title"]
+            self.query_one("#conversation-title", Label).update(title)
+        self.refresh_sidebar()
+
+    async def _reply_failed(self, view: MessageView, text: str, error: str) -> None:
+        self.cancel = None
+        if view.is_attached:
+            await view.remove()
+        prompt = self.query_one(PromptInput)
+        if not prompt.value:
+            prompt.value = text   # nothing typed is lost
+        self.query_one(StatusLine).state = "ready" if self.app.engine else "model not loaded"
+        self.notify(error, severity="error", timeout=8)
+        self.refresh_sidebar()
+
+    # ---- actions ----------------------------------------------------------------------------
+    def action_cancel_reply(self) -> None:
+        """Stop the reply being written; what was said so far is kept and marked."""
+        if self.cancel is not None:
+            self.cancel.set()
+            self.query_one(StatusLine).state = "cancelling…"
+
+    def action_new_conversation(self) -> None:
+        if self.generating:
+            self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
+            return
+        self.open_conversation(None)
+        self.refresh_sidebar()
+        self.query_one(PromptInput).focus()
+
+    def on_list_view_selected(self, event: ListView.Selected) -> None:
+        if isinstance(event.item, ConversationItem) and event.item.conversation_id != self.conversation_id:
+            self.switch_to(event.item.conversation_id)
+
+    def switch_to(self, conversation_id: int) -> None:
+        """Open another conversation (not while a reply is being written)."""
+        if self.generating:
+            self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
+            self.refresh_sidebar()
+            return
+        self.open_conversation(conversation_id)
+        self.refresh_sidebar()
+        self.query_one(PromptInput).focus()
+
+    def action_rename_conversation(self) -> None:
+        if self.conversation_id is None:
+            self.notify("Send a message first: a new conversation is saved when it has one.")
+            return
+        current = convs.get_conversation(self.app.db, self.conversation_id)["title"]
+
+        def renamed(title: str | None) -> None:
+            if title:
+                convs.rename_conversation(self.app.db, self.conversation_id, title)
+                self.query_one("#conversation-title", Label).update(
+                    convs.get_conversation(self.app.db, self.conversation_id)["title"])
+                self.refresh_sidebar()
+
+        self.app.push_screen(RenameScreen(current), renamed)
+
+    def action_delete_conversation(self) -> None:
+        if self.conversation_id is None:
+            return
+        if self.generating:
+            self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
+            return
+        title = convs.get_conversation(self.app.db, self.conversation_id)["title"]
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                convs.delete_conversation(self.app.db, self.conversation_id)
+                self.notify(f"Deleted “{title}”.")
+                self.open_conversation(None)
+                self.refresh_sidebar()
+
+        self.app.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"), answered)
+
+    def action_copy_last_reply(self) -> None:
+        replies = [v for v in self.query(MessageView) if v.role == "assistant" and v.content]
+        if not replies:
+            self.notify("No reply to copy yet.")
+            return
+        self.app.copy_to_clipboard(replies[-1].content)
+        self.notify("Copied the last reply.")
+
+    def action_search(self) -> None:
+        def chosen(conversation_id: int | None) -> None:
+            if conversation_id is not None:
+                self.switch_to(conversation_id)
+
+        self.app.push_screen(SearchScreen(), chosen)
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.query_one(ConversationList)
+        sidebar.display = not sidebar.display
