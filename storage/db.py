@@ -49,6 +49,8 @@ def sqlite_errors(path: Path) -> Iterator[None]:
                                  "close it (or wait) and try again") from err
         raise
     except sqlite3.DatabaseError as err:
+        if type(err) is not sqlite3.DatabaseError:   # IntegrityError and friends are bugs, not damage
+            raise
         raise DatabaseCorrupt(f"database {path} is unreadable ({err}); move it aside and Ember "
                               "will start a new one") from err
 

@@ -1,0 +1,83 @@
+"""Shared fixtures: real SQLite files in tmp dirs, the real bundled model, the real `ember` command."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from assistant.config import Settings, bundled_model
+from assistant.engine import Engine
+from storage.db import open_db
+
+N_CTX = 2048
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return bundled_model()
+
+
+@pytest.fixture(scope="session")
+def engine(model_path) -> Engine:
+    """One loaded model for the whole run (loading is cheap, but KV memory adds up)."""
+    return Engine(model_path, n_ctx=N_CTX, n_threads=os.cpu_count() or 2, seed=0)
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "ember-home"
+
+
+@pytest.fixture
+def settings(home) -> Settings:
+    """Greedy, seeded settings so that tests are repeatable."""
+    return Settings(home=home, n_ctx=N_CTX, temperature=0.0, seed=1, max_tokens=48)
+
+
+@pytest.fixture
+def db(home):
+    database = open_db(home)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def ember(home):
+    """Run the real `ember` command in a subprocess with EMBER_HOME set to this test's dir."""
+
+    def run(*args: str, input: bytes | str | None = None, timeout: float = 120,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        environ = dict(os.environ, EMBER_HOME=str(home), **(env or {}))
+        environ.pop("EMBER_DEBUG", None)
+        if isinstance(input, str):
+            input = input.encode()
+        result = subprocess.run([sys.executable, "-m", "assistant", *args], input=input,
+                                capture_output=True, timeout=timeout, env=environ)
+        result.out = result.stdout.decode("utf-8", "replace")
+        result.err = result.stderr.decode("utf-8", "replace")
+        return result
+
+    return run
+
+
+def without_root_overrides() -> list[str]:
+    """A command prefix under which file permissions apply, even to root (as in CI)."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permissions cannot be tested")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def assert_clean_error(result, *, contains: str = "") -> None:
+    """Bad input: a non-zero exit, one line on stderr, no traceback."""
+    assert result.returncode != 0, result.out
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert "Traceback" not in result.err + result.out
+    assert contains.lower() in lines[0].lower(), lines[0]

@@ -1,0 +1,115 @@
+"""The engine on the real bundled model: template, streaming, stops, seeds, cancel, context budget."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from assistant.engine import Engine, check_gguf
+from assistant.errors import InvalidInput, ModelInvalid, ModelNotFound, PromptTooLong
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_chat_template_comes_from_the_gguf_metadata(engine):
+    template = engine.llm.metadata["tokenizer.chat_template"]
+    assert "<|im_start|>" in template
+    tokens, stop = engine.tokenize_chat(HELLO)
+    prompt = engine.llm.detokenize(tokens, special=True).decode()
+    assert prompt.endswith("<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n")
+    assert stop == ["<|im_end|>"]
+
+
+def test_greedy_generation_is_repeatable_and_streams_the_whole_text(engine):
+    first = engine.generate(HELLO, max_tokens=24, temperature=0.0)
+    pieces = list(first)
+    second = engine.generate(HELLO, max_tokens=24, temperature=0.0)
+    list(second)
+    assert len(pieces) > 3, "the reply should arrive in pieces, not at once"
+    assert "".join(pieces) == first.text == second.text
+    assert first.text.strip()
+    assert 0 < first.tokens <= 24 + 1
+    assert first.first_token_seconds is not None and first.first_token_seconds <= first.seconds
+
+
+def test_seeded_sampling_is_repeatable(engine):
+    texts = set()
+    for _ in range(2):
+        gen = engine.generate(HELLO, max_tokens=16, temperature=1.0, seed=42)
+        list(gen)
+        texts.add(gen.text)
+    assert len(texts) == 1
+
+
+def test_reply_ends_at_the_templates_end_of_turn(engine):
+    gen = engine.generate([{"role": "user", "content": "Reply with just the word yes."}],
+                          max_tokens=200, temperature=0.0)
+    list(gen)
+    assert gen.finish_reason == "stop"
+    assert "<|im_end|>" not in gen.text and "<|im_start|>" not in gen.text
+
+
+def test_max_tokens_bounds_the_reply(engine):
+    gen = engine.generate([{"role": "user", "content": "Write a long story about a dragon."}],
+                          max_tokens=10, temperature=0.0)
+    list(gen)
+    assert gen.finish_reason == "length"
+    assert gen.tokens == 10
+
+
+def test_cancel_stops_the_reply_and_keeps_the_partial_text(engine):
+    cancel = threading.Event()
+    gen = engine.generate([{"role": "user", "content": "Write a long story about a dragon."}],
+                          max_tokens=200, temperature=0.0, cancel=cancel)
+    pieces = []
+    for piece in gen:
+        pieces.append(piece)
+        if len(pieces) == 5:
+            cancel.set()
+    assert gen.finish_reason == "cancelled"
+    assert gen.text == "".join(pieces) and len(pieces) <= 7
+    assert gen.tokens < 20
+
+
+def test_long_history_is_trimmed_oldest_first_and_never_overflows(engine):
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"Fact {i}: " + "lorem ipsum dolor " * 40},
+                    {"role": "assistant", "content": "Noted."}]
+    messages = [{"role": "system", "content": "You are terse."}] + history + \
+        [{"role": "user", "content": "What was the last fact number?"}]
+    tokens, _stop, dropped = engine.fit(messages, max_tokens=256)
+    assert dropped > 0 and dropped % 2 == 0, "whole exchanges are dropped, oldest first"
+    assert len(tokens) <= engine.n_ctx - 256
+    prompt = engine.llm.detokenize(tokens, special=True).decode()
+    assert prompt.startswith("<|im_start|>system\nYou are terse.")   # system prompt is kept
+    assert "Fact 11:" in prompt and "Fact 0:" not in prompt
+    assert prompt.rstrip().endswith("What was the last fact number?<|im_end|>\n<|im_start|>assistant")
+    # Keeping one more exchange would not have fitted: the trim is as small as it can be.
+    longer, _ = engine.tokenize_chat(messages[:1] + history[dropped - 2:] + messages[-1:])
+    assert len(longer) > engine.n_ctx - 256
+    gen = engine.generate(messages, max_tokens=256, temperature=0.0)
+    list(gen)
+    assert gen.dropped_messages == dropped and gen.prompt_tokens + gen.tokens <= engine.n_ctx
+
+
+def test_a_prompt_longer_than_the_context_is_refused(engine):
+    with pytest.raises(PromptTooLong, match="context holds 2048"):
+        engine.generate([{"role": "user", "content": "word " * 3000}], max_tokens=64)
+    with pytest.raises(InvalidInput, match="max-tokens"):
+        engine.generate(HELLO, max_tokens=engine.n_ctx)
+
+
+def test_missing_directory_and_corrupt_models_are_refused(tmp_path, model_path):
+    with pytest.raises(ModelNotFound):
+        check_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(ModelInvalid, match="directory"):
+        check_gguf(tmp_path)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\x00" * 1024)
+    with pytest.raises(ModelInvalid, match="not a GGUF"):
+        check_gguf(junk)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(model_path.read_bytes()[:4096])
+    with pytest.raises(ModelInvalid, match="could not load"):
+        Engine(truncated, n_ctx=512)

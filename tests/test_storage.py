@@ -1,0 +1,213 @@
+"""Storage: permissions, WAL, migrations, the conversation log, forgetting, locks and corruption."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from storage import conversations as convs
+from storage.db import DB_NAME, integrity_ok, open_db, transaction
+from storage.errors import DatabaseCorrupt, DatabaseLocked, DataDirError, EmberError, NotFound
+from storage.migrations import MIGRATIONS, current_version, migrate
+from tests.conftest import without_root_overrides
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_data_dir_is_0700_and_every_database_file_0600(home, db):
+    cid = convs.create_conversation(db)
+    convs.add_message(db, cid, "user", "hello")
+    assert mode(home) == 0o700
+    files = sorted(p.name for p in home.iterdir())
+    assert {DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"} <= set(files)
+    for name in files:
+        assert mode(home / name) == 0o600, name
+
+
+def test_existing_loose_data_dir_is_tightened(home):
+    home.mkdir(mode=0o755)
+    home.chmod(0o755)
+    open_db(home).close()
+    assert mode(home) == 0o700
+
+
+def test_wal_and_foreign_keys_are_on(db):
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    with pytest.raises(sqlite3.IntegrityError):
+        with transaction(db):
+            db["messages"].insert({"conversation_id": 999, "role": "user", "content": "x", "created": "t"})
+
+
+def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataDirError, match="not a directory|cannot create"):
+        open_db(blocker)
+
+
+def test_unreadable_data_dir_is_a_clear_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        result = subprocess.run(
+            [*without_root_overrides(), sys.executable, "-c",
+             "import sys; from pathlib import Path; from storage.db import open_db\n"
+             "from storage.errors import DataDirError\n"
+             "try: open_db(Path(sys.argv[1]))\n"
+             "except DataDirError as e: print(e); sys.exit(3)", str(locked)],
+            capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert result.returncode == 3, result.stderr
+        assert "not readable" in result.stdout
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_file_that_is_not_sqlite_is_reported_as_corrupt(home):
+    home.mkdir()
+    (home / DB_NAME).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(DatabaseCorrupt, match="unreadable"):
+        open_db(home)
+
+
+def _fill(db: sqlite_utils.Database) -> None:
+    """Data written with whatever schema version `db` is at."""
+    db["conversations"].insert({"id": 1, "title": "Trip", "created": "2026-01-01T00:00:00+00:00",
+                                "updated": "2026-01-01T00:00:00+00:00"})
+    db["messages"].insert({"id": 1, "conversation_id": 1, "role": "user",
+                           "content": "Book the train to Lyon", "created": "2026-01-01T00:00:00+00:00"})
+
+
+@pytest.mark.parametrize("start", range(1, len(MIGRATIONS)))
+def test_upgrade_from_every_earlier_version_keeps_data(tmp_path, start):
+    old = sqlite_utils.Database(tmp_path / "old.db")
+    assert migrate(old, target=start) == start
+    _fill(old)
+    old.close()
+
+    db = sqlite_utils.Database(tmp_path / "old.db")
+    assert migrate(db) == len(MIGRATIONS)
+    fresh = sqlite_utils.Database(memory=True)
+    migrate(fresh)
+    assert {t.name: t.schema for t in db.tables if not t.name.startswith("messages_fts")} == \
+        {t.name: t.schema for t in fresh.tables if not t.name.startswith("messages_fts")}
+    row = db["messages"].get(1)
+    assert row["content"] == "Book the train to Lyon" and row["status"] == "complete"
+    assert [h["message_id"] for h in convs.search_messages(db, "lyon")] == [1]
+
+
+def test_migrations_run_once_and_are_recorded(db):
+    names = [r["name"] for r in db["schema_version"].rows_where(order_by="version")]
+    assert names == [fn.__name__ for fn in MIGRATIONS]
+    assert migrate(db) == len(MIGRATIONS)
+    assert db["schema_version"].count == len(MIGRATIONS)
+
+
+def test_a_database_from_a_newer_ember_is_refused(db):
+    db["schema_version"].insert({"version": len(MIGRATIONS) + 1, "name": "future", "applied": "x"})
+    with pytest.raises(EmberError, match="newer"):
+        migrate(db)
+
+
+def test_first_user_message_titles_the_conversation(db):
+    cid = convs.create_conversation(db)
+    convs.add_message(db, cid, "user", "  Plan my week\nwith three gym sessions  ")
+    convs.add_message(db, cid, "user", "Something else")
+    assert convs.get_conversation(db, cid)["title"] == "Plan my week with three gym sessions"
+    convs.rename_conversation(db, cid, "Gym")
+    assert convs.list_conversations(db)[0]["title"] == "Gym"
+
+
+def test_reply_streams_into_its_row_and_is_finished(db):
+    cid = convs.create_conversation(db)
+    rid = convs.start_reply(db, cid, model="m", route="base")
+    assert db["messages"].get(rid)["status"] == "generating"
+    convs.update_reply(db, rid, "Hel")
+    assert db["messages"].get(rid)["content"] == "Hel"
+    convs.finish_reply(db, rid, "Hello", "cancelled", tokens=2, seconds=0.1)
+    row = db["messages"].get(rid)
+    assert (row["content"], row["status"], row["writer_pid"]) == ("Hello", "cancelled", None)
+
+
+def test_replies_of_dead_writers_are_marked_interrupted_but_live_ones_are_not(db):
+    cid = convs.create_conversation(db)
+    dead = convs.start_reply(db, cid)
+    live = convs.start_reply(db, cid)
+    db["messages"].update(dead, {"writer_pid": 2 ** 22 + 12345})   # beyond pid_max: never alive
+    db["messages"].update(live, {"writer_pid": os.getppid()})
+    assert convs.recover_interrupted(db) == 1
+    assert db["messages"].get(dead)["status"] == "interrupted"
+    assert db["messages"].get(live)["status"] == "generating"
+
+
+def test_search_finds_words_across_conversations_and_ignores_fts_syntax(db):
+    a = convs.create_conversation(db)
+    convs.add_message(db, a, "user", "My sister's birthday is on 3 May")
+    b = convs.create_conversation(db)
+    convs.add_message(db, b, "user", "Remind me to water the plants")
+    hits = convs.search_messages(db, "birthday")
+    assert [h["conversation_id"] for h in hits] == [a]
+    assert "«birthday»" in hits[0]["snippet"]
+    assert [h["conversation_id"] for h in convs.search_messages(db, "plan")] == [b]   # prefix
+    assert convs.search_messages(db, 'AND "( NEAR') == []
+    assert convs.search_messages(db, "   ") == []
+
+
+def test_forget_message_conversation_match_and_all(db):
+    a = convs.create_conversation(db)
+    m1 = convs.add_message(db, a, "user", "my card is 4111 1111")
+    m2 = convs.add_message(db, a, "assistant", "noted")
+    b = convs.create_conversation(db)
+    convs.add_message(db, b, "user", "100% sure about the_file")
+    c = convs.create_conversation(db)
+    convs.add_message(db, c, "user", "keep me")
+
+    assert convs.forget_message(db, m1) == {"messages": 1, "conversations": 0}
+    assert convs.search_messages(db, "4111") == []            # gone from the index too
+    assert convs.forget_message(db, m2) == {"messages": 1, "conversations": 1}
+    with pytest.raises(NotFound):
+        convs.get_conversation(db, a)
+    # LIKE wildcards in the user's text are literal.
+    assert convs.forget_matching(db, "0% SURE about the_") == {"messages": 1, "conversations": 1}
+    assert convs.forget_matching(db, "_") == {"messages": 0, "conversations": 0}
+    assert convs.delete_conversation(db, c) == {"messages": 1, "conversations": 1}
+    with pytest.raises(NotFound):
+        convs.forget_message(db, 12345)
+    d = convs.create_conversation(db)
+    convs.add_message(db, d, "user", "x")
+    assert convs.forget_all(db) == {"messages": 1, "conversations": 1}
+    assert db.execute("SELECT count(*) FROM messages_fts").fetchone()[0] == 0
+    assert integrity_ok(db)
+
+
+def test_a_write_while_another_process_holds_the_lock_is_a_clear_error(home):
+    db = open_db(home, busy_timeout_ms=200)
+    cid = convs.create_conversation(db)
+    other = sqlite3.connect(home / DB_NAME, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(DatabaseLocked, match="locked by another process"):
+            convs.add_message(db, cid, "user", "hello")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    convs.add_message(db, cid, "user", "hello")
+    assert [m["content"] for m in convs.messages(db, cid)] == ["hello"]
+
+
+def test_export_all_has_every_message_in_order(db):
+    a = convs.create_conversation(db)
+    convs.add_message(db, a, "user", "one")
+    convs.add_message(db, a, "assistant", "two")
+    exported = convs.export_all(db)
+    assert [m["content"] for m in exported[0]["messages"]] == ["one", "two"]
+    assert current_version(db) == len(MIGRATIONS)
