@@ -1,0 +1,163 @@
+"""The chat app, driven by Textual pilots on the real model and a real database."""
+from __future__ import annotations
+
+import dataclasses
+
+from assistant.tui.app import EmberApp
+from assistant.tui.screens.chat import ACTIONS, ChatScreen
+from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
+from assistant.tui.screens.search import SearchScreen
+from assistant.tui.widgets.message import MessageView
+from assistant.tui.widgets.prompt import PromptInput
+from assistant.tui.widgets.status_line import StatusLine
+from storage import conversations as convs
+from tests.tui_helpers import seed_conversations, type_text, wait_until
+
+SIZE = (120, 40)
+
+
+def chat(app) -> ChatScreen:
+    assert isinstance(app.screen, ChatScreen)
+    return app.screen
+
+
+async def send(pilot, text: str) -> None:
+    await type_text(pilot, text)
+    await pilot.press("enter")
+
+
+async def test_the_prompt_is_ready_before_the_model_has_loaded(settings):
+    app = EmberApp(settings)   # loads the model itself, in a worker thread
+    async with app.run_test(size=SIZE) as pilot:
+        assert isinstance(app.focused, PromptInput)   # `ember bench engine` measures how soon
+        await send(pilot, "Say hello.")   # typed while the model may still be loading: queued, not lost
+        await wait_until(pilot, lambda: app.engine_ready.is_set() and not chat(app).generating)
+        replies = [v for v in app.screen.query(MessageView) if v.role == "assistant"]
+        assert replies and replies[-1].content and replies[-1].status == "complete"
+        assert app.screen.query_one(StatusLine).state == "ready"
+
+
+async def test_a_reply_streams_into_the_log_and_is_stored(settings, engine, db):
+    app = EmberApp(dataclasses.replace(settings, max_tokens=300), engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Tell me about the history of Paris.")
+        screen = chat(app)
+        seen_lengths = set()
+        await wait_until(pilot, lambda: seen_lengths.add(len(app.screen.query(MessageView)[-1].content))
+                         or not screen.generating)
+        view = app.screen.query(MessageView)[-1]
+        assert len(seen_lengths) > 2, "the reply should appear piece by piece"
+        rows = convs.messages(db, screen.conversation_id)
+        assert [r["role"] for r in rows] == ["user", "assistant"]
+        assert rows[1]["content"] == view.content and rows[1]["status"] == "complete"
+        assert convs.get_conversation(db, screen.conversation_id)["title"] == "Tell me about the history of Paris."
+        assert app.screen.query_one(StatusLine).speed > 0
+        assert "tok/s" in str(app.screen.query_one(StatusLine).render())
+
+
+async def test_escape_cancels_and_the_partial_reply_is_kept_and_marked(settings, engine, db):
+    app = EmberApp(dataclasses.replace(settings, max_tokens=600), engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Write a very long story about a lighthouse keeper.")
+        screen = chat(app)
+        await wait_until(pilot, lambda: len(app.screen.query(MessageView)[-1].content) > 20)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not screen.generating)
+        view = app.screen.query(MessageView)[-1]
+        assert view.status == "cancelled"
+        assert "cancelled" in str(view.query_one(".message-header").render())
+        row = convs.messages(db, screen.conversation_id)[-1]
+        assert row["status"] == "cancelled" and row["content"] == view.content and row["content"]
+        assert row["tokens"] < 600
+
+
+async def test_switching_conversations_shows_their_messages(settings, engine, db):
+    picnic, pancakes = seed_conversations(db)
+    app = EmberApp(settings, engine=engine, conversation_id=picnic)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        assert [v.content for v in app.screen.query(MessageView)][0] == "Ideas for a picnic in the park"
+        sidebar = app.screen.query_one("#sidebar")
+        sidebar.focus()
+        await pilot.press("up", "enter")      # most recent first: pancakes is above picnic
+        await pilot.pause()
+        assert screen.conversation_id == pancakes
+        assert [v.role for v in app.screen.query(MessageView)] == ["user", "assistant"]
+        assert app.screen.query(MessageView)[0].content == "How do I make pancakes?"
+        # A reply in the switched-to conversation carries its history.
+        await send(pilot, "And for two people?")
+        await wait_until(pilot, lambda: not screen.generating)
+        assert len(convs.messages(db, pancakes)) == 4 and len(convs.messages(db, picnic)) == 2
+
+
+async def test_new_rename_and_delete_conversations(settings, engine, db):
+    picnic, pancakes = seed_conversations(db)
+    app = EmberApp(settings, engine=engine, conversation_id=picnic)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        await pilot.press("ctrl+r")
+        assert isinstance(app.screen, RenameScreen)
+        await pilot.press("ctrl+u")
+        await type_text(pilot, "Saturday picnic")
+        await pilot.press("enter")
+        assert convs.get_conversation(db, picnic)["title"] == "Saturday picnic"
+        assert str(app.screen.query_one("#conversation-title").render()) == "Saturday picnic"
+
+        await pilot.press("f8")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")                 # keep it
+        assert db["conversations"].count == 2
+        await pilot.press("f8", "y")
+        await pilot.pause()
+        assert [c["id"] for c in convs.list_conversations(db)] == [pancakes]
+        assert screen.conversation_id is None and not app.screen.query(MessageView)
+
+        await pilot.press("ctrl+n")
+        assert screen.conversation_id is None
+        await send(pilot, "Hello there")
+        await wait_until(pilot, lambda: not screen.generating)
+        assert db["conversations"].count == 2 and screen.conversation_id not in (picnic, pancakes)
+
+
+async def test_search_finds_a_past_conversation_and_opens_it(settings, engine, db):
+    picnic, pancakes = seed_conversations(db)
+    app = EmberApp(settings, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+f")
+        assert isinstance(app.screen, SearchScreen)
+        await type_text(pilot, "blanket")
+        await pilot.pause()
+        assert app.screen.query_one("#search-results").option_count == 1
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chat(app).conversation_id == picnic
+        assert app.screen.query(MessageView)[1].content.startswith("Bring **sandwiches**")
+
+
+async def test_copy_last_reply(settings, engine, db):
+    _picnic, pancakes = seed_conversations(db)
+    app = EmberApp(settings, engine=engine, conversation_id=pancakes)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+y")
+        assert app.clipboard.startswith("Mix flour, eggs and milk")
+
+
+async def test_every_action_is_in_the_command_palette(settings, engine):
+    app = EmberApp(settings, engine=engine)
+    async with app.run_test(size=SIZE):
+        titles = {command.title for command in app.get_system_commands(app.screen)}
+        assert {title for _action, title, _help in ACTIONS} <= titles
+        bound = {binding.action for binding in ChatScreen.BINDINGS}
+        assert bound == {action for action, _title, _help in ACTIONS}
+
+
+async def test_an_interrupted_reply_from_a_killed_process_is_shown_as_interrupted(settings, engine, db):
+    cid = convs.create_conversation(db)
+    convs.add_message(db, cid, "user", "Tell me a story")
+    reply = convs.start_reply(db, cid)
+    convs.update_reply(db, reply, "Once upon a time")
+    db["messages"].update(reply, {"writer_pid": 2 ** 22 + 999})   # a process that no longer exists
+    app = EmberApp(settings, engine=engine, conversation_id=cid)
+    async with app.run_test(size=SIZE):
+        view = app.screen.query(MessageView)[-1]
+        assert view.status == "interrupted" and view.content == "Once upon a time"
