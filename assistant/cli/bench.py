@@ -1,1 +1,44 @@
-COMMANDS = []
+"""`ember bench NAME`: benchmarks, written to benchmarks/results/NAME.json."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import click
+
+from assistant.cli.common import json_option, model_option, print_json, settings_from
+from assistant.errors import InvalidInput
+
+BENCHMARKS = {"engine": "Ember's engine vs bare llama-cpp-python: decode tok/s, time to first token, "
+                        "chat start-up"}
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("benchmarks/results"), show_default=True)
+@model_option
+@json_option
+def bench(name, rounds, output_dir, model, as_json):
+    """Run benchmark NAME (omit it to list them)."""
+    if name is None:
+        for key, what in BENCHMARKS.items():
+            click.echo(f"{key:10} {what}")
+        return
+    if name not in BENCHMARKS:
+        raise InvalidInput(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    from benchmarks.common import write_result
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    settings = settings_from(model=model)
+    result = module.run(settings, rounds=rounds)
+    path = write_result(output_dir, name, result)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(module.report(result))
+        click.echo(f"written to {path}")
+
+
+COMMANDS = [bench]

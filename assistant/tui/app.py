@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Iterable
 
 from textual import work
@@ -30,6 +31,8 @@ class EmberApp(App):
         self.engine = engine
         self.engine_error: str | None = None
         self.engine_ready = threading.Event()
+        self._loading = False
+        self.painted_at: float | None = None   # perf_counter() at the first paint, for `ember bench`
         self.db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
         convs.recover_interrupted(self.db)
         if conversation_id is not None:
@@ -41,7 +44,16 @@ class EmberApp(App):
         self.push_screen(ChatScreen(self.initial_conversation))
         if self.engine is not None:
             self.engine_ready.set()
-        else:
+
+    def chat_painted(self) -> None:
+        """The chat screen is on screen and ready to type in: now load the model.
+
+        Loading waits for the first paint because importing llama.cpp holds the GIL and would delay it.
+        """
+        if self.painted_at is None:
+            self.painted_at = time.perf_counter()
+        if not self.engine_ready.is_set() and not self._loading:
+            self._loading = True
             self.load_engine()
 
     @work(thread=True, group="model")

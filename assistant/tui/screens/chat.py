@@ -68,6 +68,7 @@ class ChatScreen(Screen):
         self.refresh_sidebar()
         self.open_conversation(self.conversation_id)
         self.query_one(PromptInput).focus()
+        self.call_after_refresh(self.app.chat_painted)
 
     @property
     def generating(self) -> bool:
