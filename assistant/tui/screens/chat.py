@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ListView
 
@@ -20,6 +22,8 @@ from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
 
+PAINT_INTERVAL = 0.1   # seconds between repaints of a streaming reply
+
 # Every action here also appears in the command palette (see EmberApp.get_system_commands).
 ACTIONS = [
     ("new_conversation", "New conversation", "Start a new, empty conversation"),
@@ -30,6 +34,15 @@ ACTIONS = [
     ("search", "Search conversations", "Find words in every past conversation"),
     ("toggle_sidebar", "Toggle conversation list", "Show or hide the list of conversations"),
 ]
+
+
+class ReplyPiece(Message):
+    """A piece of a streaming reply, posted from the generation thread."""
+
+    def __init__(self, view: MessageView, piece: str) -> None:
+        super().__init__()
+        self.view = view
+        self.piece = piece
 
 
 class ChatScreen(Screen):
@@ -130,22 +143,37 @@ class ChatScreen(Screen):
         """Generate off the UI thread, with the app's second database connection."""
         app = self.app
         app.engine_ready.wait()
+        pending: list[str] = []
+        flushed = 0.0
+
+        def flush() -> None:
+            if pending:
+                self.post_message(ReplyPiece(view, "".join(pending)))
+                pending.clear()
+
+        def on_piece(piece: str) -> None:
+            # Paint at most ~16 times a second: per-token repaints take CPU from generation.
+            nonlocal flushed
+            pending.append(piece)
+            if time.monotonic() - flushed >= PAINT_INTERVAL:
+                flush()
+                flushed = time.monotonic()
+
         try:
             if app.engine is None:
                 raise EmberError(app.engine_error or "the model is not loaded")
             exchange = respond(app.reply_db, app.engine, app.settings, text,
-                               conversation_id=conversation_id, cancel=cancel,
-                               on_piece=lambda piece: app.call_from_thread(self._show_piece, view, piece))
+                               conversation_id=conversation_id, cancel=cancel, on_piece=on_piece)
         except EmberError as err:
             app.call_from_thread(self._reply_failed, view, text, str(err))
         else:
+            flush()
             app.call_from_thread(self._reply_done, view, exchange)
 
-    async def _show_piece(self, view: MessageView, piece: str) -> None:
-        if view.is_attached:
-            if view.status == "generating":
-                self.query_one(StatusLine).state = "replying… (Esc cancels)"
-            await view.append(piece)
+    async def on_reply_piece(self, message: ReplyPiece) -> None:
+        if message.view.is_attached:
+            self.query_one(StatusLine).state = "replying… (Esc cancels)"
+            await message.view.append(message.piece)
 
     async def _reply_done(self, view: MessageView, exchange: Exchange) -> None:
         self.cancel = None
