@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
+import pty
+import signal
+import struct
+import sys
+import termios
+import threading
+import time
 
 from assistant.tui.app import EmberApp
 from assistant.tui.screens.chat import ACTIONS, ChatScreen
@@ -11,6 +20,7 @@ from assistant.tui.widgets.message import MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
+from storage.db import integrity_ok, open_db
 from tests.tui_helpers import seed_conversations, type_text, wait_until
 
 SIZE = (120, 40)
@@ -161,3 +171,51 @@ async def test_an_interrupted_reply_from_a_killed_process_is_shown_as_interrupte
     async with app.run_test(size=SIZE):
         view = app.screen.query(MessageView)[-1]
         assert view.status == "interrupted" and view.content == "Once upon a time"
+
+
+def test_sigkill_of_the_chat_mid_reply_loses_no_earlier_message(home, ember):
+    """The real `ember chat` in a pseudo-terminal, killed while it streams a reply."""
+    assert ember("ask", "My locker code is 4412.", "--max-tokens", "4", "--temperature", "0").returncode == 0
+    env = dict(os.environ, EMBER_HOME=str(home), TERM="xterm-256color")
+    pid, fd = pty.fork()
+    if pid == 0:   # the child becomes `ember chat` on the pseudo-terminal
+        os.execve(sys.executable, [sys.executable, "-m", "assistant", "chat", "--conversation", "1"], env)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    screen = bytearray()
+
+    def drain() -> None:   # keep reading so the app never blocks on a full terminal
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            screen.extend(data)
+
+    threading.Thread(target=drain, daemon=True).start()
+    db = open_db(home)
+    try:
+        deadline = time.monotonic() + 30
+        while b"Message Ember" not in screen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.write(fd, b"Write a very long story about a lighthouse keeper.\r")
+        partial = ""
+        deadline = time.monotonic() + 60
+        while not partial and time.monotonic() < deadline:
+            row = db.execute("SELECT content FROM messages WHERE status = 'generating'").fetchone()
+            partial = row[0] if row else ""
+            time.sleep(0.05)
+        assert partial, "the reply should be saved while it streams"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    db.close()
+    db = open_db(home)
+    convs.recover_interrupted(db)
+    rows = convs.messages(db, 1)
+    assert rows[0]["content"] == "My locker code is 4412."
+    assert rows[2]["content"] == "Write a very long story about a lighthouse keeper."
+    assert rows[3]["status"] == "interrupted" and rows[3]["content"].startswith(partial)
+    assert integrity_ok(db)
