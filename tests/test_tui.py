@@ -2,14 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
-import pty
 import signal
-import struct
-import sys
-import termios
-import threading
+import sqlite3
 import time
 
 from assistant.tui.app import EmberApp
@@ -20,8 +15,8 @@ from assistant.tui.widgets.message import MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
-from storage.db import integrity_ok, open_db
-from tests.tui_helpers import seed_conversations, type_text, wait_until
+from storage.db import DB_NAME, integrity_ok, open_db
+from tests.tui_helpers import TerminalRun, seed_conversations, type_text, wait_until
 
 SIZE = (120, 40)
 
@@ -176,30 +171,11 @@ async def test_an_interrupted_reply_from_a_killed_process_is_shown_as_interrupte
 def test_sigkill_of_the_chat_mid_reply_loses_no_earlier_message(home, ember):
     """The real `ember chat` in a pseudo-terminal, killed while it streams a reply."""
     assert ember("ask", "My locker code is 4412.", "--max-tokens", "4", "--temperature", "0").returncode == 0
-    env = dict(os.environ, EMBER_HOME=str(home), TERM="xterm-256color")
-    pid, fd = pty.fork()
-    if pid == 0:   # the child becomes `ember chat` on the pseudo-terminal
-        os.execve(sys.executable, [sys.executable, "-m", "assistant", "chat", "--conversation", "1"], env)
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    screen = bytearray()
-
-    def drain() -> None:   # keep reading so the app never blocks on a full terminal
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            screen.extend(data)
-
-    threading.Thread(target=drain, daemon=True).start()
+    term = TerminalRun(["chat", "--conversation", "1"], dict(os.environ, EMBER_HOME=str(home)))
     db = open_db(home)
     try:
-        deadline = time.monotonic() + 30
-        while b"Message Ember" not in screen and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.write(fd, b"Write a very long story about a lighthouse keeper.\r")
+        term.wait_for(b"Message Ember")
+        term.type("Write a very long story about a lighthouse keeper.\r")
         partial = ""
         deadline = time.monotonic() + 60
         while not partial and time.monotonic() < deadline:
@@ -208,9 +184,8 @@ def test_sigkill_of_the_chat_mid_reply_loses_no_earlier_message(home, ember):
             time.sleep(0.05)
         assert partial, "the reply should be saved while it streams"
     finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(fd)
+        term.kill(signal.SIGKILL)
+        assert term.wait() == -signal.SIGKILL
     db.close()
     db = open_db(home)
     convs.recover_interrupted(db)
@@ -219,3 +194,31 @@ def test_sigkill_of_the_chat_mid_reply_loses_no_earlier_message(home, ember):
     assert rows[2]["content"] == "Write a very long story about a lighthouse keeper."
     assert rows[3]["status"] == "interrupted" and rows[3]["content"].startswith(partial)
     assert integrity_ok(db)
+
+
+def test_chat_with_a_model_llama_cpp_cannot_load_exits_with_one_clear_line(home, tmp_path, model_path):
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(model_path.read_bytes()[:100_000])
+    term = TerminalRun(["chat", "--model", str(truncated)], dict(os.environ, EMBER_HOME=str(home)))
+    assert term.wait() == 1
+    text = term.screen.decode("utf-8", "replace")
+    assert "ember: llama.cpp could not load" in text and "Traceback" not in text
+
+
+async def test_a_locked_database_during_rename_is_a_notification_not_a_crash(settings, engine, db, home):
+    picnic, _ = seed_conversations(db)
+    app = EmberApp(dataclasses.replace(settings, busy_timeout_ms=100), engine=engine, conversation_id=picnic)
+    async with app.run_test(size=SIZE) as pilot:
+        holder = sqlite3.connect(home / DB_NAME, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            await pilot.press("ctrl+r")
+            await type_text(pilot, " outdoors")
+            await pilot.press("enter")
+            await pilot.pause()
+            assert any("locked" in n.message for n in app._notifications)
+            assert isinstance(app.screen, ChatScreen) and app.is_running
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert convs.get_conversation(db, picnic)["title"] == "Ideas for a picnic in the park"

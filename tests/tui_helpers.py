@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import pty
+import struct
+import sys
+import termios
+import threading
 import time
 from typing import Callable
 
@@ -40,3 +47,52 @@ async def type_text(pilot, text: str) -> None:
     """Type into the focused widget, as a person would."""
     await pilot.press(*[{" ": "space"}.get(ch, ch) for ch in text])
     await asyncio.sleep(0)
+
+
+class TerminalRun:
+    """The real `ember` command in a pseudo-terminal, as a person runs it."""
+
+    def __init__(self, args: list[str], env: dict[str, str], size: tuple[int, int] = (120, 40)) -> None:
+        self.screen = bytearray()
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:   # the child becomes `ember ...` on the pseudo-terminal
+            os.execve(sys.executable, [sys.executable, "-m", "assistant", *args],
+                      dict(env, TERM="xterm-256color"))
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        # Keep reading so that the app never blocks on a full terminal.
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.screen.extend(data)
+
+    def wait_for(self, text: bytes, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} never appeared on the terminal")
+            time.sleep(0.05)
+
+    def type(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def kill(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        """The exit code (negative: killed by that signal)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                raise AssertionError("the process did not exit")
+            time.sleep(0.05)

@@ -5,6 +5,7 @@ import click
 
 from assistant.cli.common import model_option, settings_from
 from assistant.engine import check_gguf
+from assistant.errors import ModelInvalid
 
 
 @click.command()
@@ -17,7 +18,10 @@ def chat(conversation_id, model):
     check_gguf(settings.model_path)   # a bad path fails here, in one line, before the screen opens
     from assistant.tui.app import EmberApp  # Textual loads only for this command
 
-    EmberApp(settings, conversation_id=conversation_id).run()
+    app = EmberApp(settings, conversation_id=conversation_id)
+    app.run()
+    if app.engine_error:
+        raise ModelInvalid(app.engine_error)
 
 
 COMMANDS = [chat]

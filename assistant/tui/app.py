@@ -69,10 +69,12 @@ class EmberApp(App):
         self.call_from_thread(self._engine_loaded)
 
     def _engine_loaded(self) -> None:
-        if isinstance(self.screen, ChatScreen):
-            self.screen.model_ready(self.engine_error)
         if self.engine_error:
-            self.notify(self.engine_error, severity="error", timeout=10)
+            # Without a model there is no chat: leave, and `ember chat` prints the reason on stderr.
+            self.exit(return_code=1)
+            return
+        if isinstance(self.screen, ChatScreen):
+            self.screen.model_ready()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

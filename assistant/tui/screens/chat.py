@@ -14,6 +14,7 @@ from textual.widgets import Footer, Input, Label, ListView
 
 from assistant.conversation import Exchange, check_prompt, respond
 from assistant.errors import EmberError
+from assistant.tui.errors import shows_errors
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
 from assistant.tui.screens.search import SearchScreen
 from assistant.tui.widgets.conversation_list import ConversationItem, ConversationList
@@ -87,10 +88,12 @@ class ChatScreen(Screen):
     def generating(self) -> bool:
         return self.cancel is not None
 
+    @shows_errors
     def refresh_sidebar(self) -> None:
         """Reload the conversation list from the database."""
         self.query_one(ConversationList).show(convs.list_conversations(self.app.db), self.conversation_id)
 
+    @shows_errors
     def open_conversation(self, conversation_id: int | None) -> None:
         """Show a conversation's messages (None: a new, empty one)."""
         self.conversation_id = conversation_id
@@ -106,11 +109,13 @@ class ChatScreen(Screen):
         log.scroll_end(animate=False)
         log.anchor()
 
-    def model_ready(self, error: str | None) -> None:
-        """Called by the app when the model has loaded (or failed to)."""
-        self.query_one(StatusLine).state = f"model failed: {error}" if error else "ready"
+    def model_ready(self) -> None:
+        """Called by the app when the model has loaded."""
+        if not self.generating:
+            self.query_one(StatusLine).state = "ready"
 
     # ---- sending and streaming ------------------------------------------------------------
+    @shows_errors
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if not isinstance(event.input, PromptInput):
             return
@@ -175,6 +180,7 @@ class ChatScreen(Screen):
             self.query_one(StatusLine).state = "replying… (Esc cancels)"
             await message.view.append(message.piece)
 
+    @shows_errors
     async def _reply_done(self, view: MessageView, exchange: Exchange) -> None:
         self.cancel = None
         view.message_id, view.route = exchange.message_id, exchange.route
@@ -208,6 +214,7 @@ class ChatScreen(Screen):
             self.cancel.set()
             self.query_one(StatusLine).state = "cancelling…"
 
+    @shows_errors
     def action_new_conversation(self) -> None:
         if self.generating:
             self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
@@ -220,6 +227,7 @@ class ChatScreen(Screen):
         if isinstance(event.item, ConversationItem) and event.item.conversation_id != self.conversation_id:
             self.switch_to(event.item.conversation_id)
 
+    @shows_errors
     def switch_to(self, conversation_id: int) -> None:
         """Open another conversation (not while a reply is being written)."""
         if self.generating:
@@ -230,21 +238,23 @@ class ChatScreen(Screen):
         self.refresh_sidebar()
         self.query_one(PromptInput).focus()
 
+    @shows_errors
     def action_rename_conversation(self) -> None:
         if self.conversation_id is None:
             self.notify("Send a message first: a new conversation is saved when it has one.")
             return
         current = convs.get_conversation(self.app.db, self.conversation_id)["title"]
+        self.app.push_screen(RenameScreen(current), self._renamed)
 
-        def renamed(title: str | None) -> None:
-            if title:
-                convs.rename_conversation(self.app.db, self.conversation_id, title)
-                self.query_one("#conversation-title", Label).update(
-                    convs.get_conversation(self.app.db, self.conversation_id)["title"])
-                self.refresh_sidebar()
+    @shows_errors
+    def _renamed(self, title: str | None) -> None:
+        if title and self.conversation_id is not None:
+            convs.rename_conversation(self.app.db, self.conversation_id, title)
+            self.query_one("#conversation-title", Label).update(
+                convs.get_conversation(self.app.db, self.conversation_id)["title"])
+            self.refresh_sidebar()
 
-        self.app.push_screen(RenameScreen(current), renamed)
-
+    @shows_errors
     def action_delete_conversation(self) -> None:
         if self.conversation_id is None:
             return
@@ -252,15 +262,16 @@ class ChatScreen(Screen):
             self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
             return
         title = convs.get_conversation(self.app.db, self.conversation_id)["title"]
+        self.app.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"), self._delete_answered)
 
-        def answered(yes: bool | None) -> None:
-            if yes:
-                convs.delete_conversation(self.app.db, self.conversation_id)
-                self.notify(f"Deleted “{title}”.")
-                self.open_conversation(None)
-                self.refresh_sidebar()
-
-        self.app.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"), answered)
+    @shows_errors
+    def _delete_answered(self, yes: bool | None) -> None:
+        if yes and self.conversation_id is not None:
+            title = convs.get_conversation(self.app.db, self.conversation_id)["title"]
+            convs.delete_conversation(self.app.db, self.conversation_id)
+            self.notify(f"Deleted “{title}”.")
+            self.open_conversation(None)
+            self.refresh_sidebar()
 
     def action_copy_last_reply(self) -> None:
         replies = [v for v in self.query(MessageView) if v.role == "assistant" and v.content]

@@ -9,6 +9,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 
+from assistant.tui.errors import shows_errors
 from storage import conversations as convs
 
 
@@ -24,6 +25,7 @@ class SearchScreen(ModalScreen[int | None]):
             yield OptionList(id="search-results")
             yield Label("Enter opens, Esc closes", classes="dialog-help", id="search-help")
 
+    @shows_errors
     def on_input_changed(self, event: Input.Changed) -> None:
         hits = convs.search_messages(self.app.db, event.value, limit=50)
         results = self.query_one(OptionList)
