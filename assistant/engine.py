@@ -6,6 +6,7 @@ status line and the log report, and `Engine.llm` is the one loaded model everyth
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 import time
 from pathlib import Path
@@ -155,8 +156,11 @@ class Engine:
         """Start a reply to `messages`; iterate the result for text as it is produced.
 
         Setting `cancel` stops generation after the current token; the text so far is kept.
+        `seed=None` draws a fresh seed, so that unseeded sampling varies from reply to reply.
         """
         tokens, stop, dropped = self.fit(messages, max_tokens)
+        if seed is None:
+            seed = random.randrange(2 ** 31)
         gen = Generation(pieces=iter(()), prompt_tokens=len(tokens), dropped_messages=dropped)
         gen.pieces = self._stream(gen, tokens, stop, max_tokens, temperature, top_p, seed, cancel)
         return gen

@@ -41,6 +41,16 @@ def test_seeded_sampling_is_repeatable(engine):
     assert len(texts) == 1
 
 
+def test_unseeded_sampling_varies(engine):
+    texts = set()
+    for _ in range(4):
+        gen = engine.generate([{"role": "user", "content": "Invent a name for a cat."}], max_tokens=12,
+                              temperature=1.0)
+        list(gen)
+        texts.add(gen.text)
+    assert len(texts) > 1
+
+
 def test_reply_ends_at_the_templates_end_of_turn(engine):
     gen = engine.generate([{"role": "user", "content": "Reply with just the word yes."}],
                           max_tokens=200, temperature=0.0)
