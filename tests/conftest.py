@@ -1,17 +1,20 @@
 """Shared fixtures: real SQLite files in tmp dirs, the real bundled model, the real `ember` command."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from assistant.config import Settings, bundled_model
 from assistant.engine import Engine
-from storage.db import open_db
+from storage.db import DB_NAME, open_db
 
 N_CTX = 2048
 
@@ -62,6 +65,18 @@ def ember(home):
         return result
 
     return run
+
+
+@contextlib.contextmanager
+def another_process_holds_the_lock(home: Path) -> Iterator[None]:
+    """Another connection holds an exclusive lock on the database for the duration."""
+    holder = sqlite3.connect(home / DB_NAME, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 def without_root_overrides() -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 import pytest
 
 from storage.db import DB_NAME, open_db
-from tests.conftest import assert_clean_error, without_root_overrides
+from tests.conftest import another_process_holds_the_lock, assert_clean_error, without_root_overrides
 
 GREEDY = ("--temperature", "0", "--seed", "1")
 
@@ -136,14 +135,9 @@ def test_a_prompt_longer_than_the_context_is_refused(ember, home):
 
 def test_a_locked_database_is_a_clear_error_and_loses_nothing(ember, home):
     assert ember("ask", "First question", "--max-tokens", "4", *GREEDY).returncode == 0
-    holder = sqlite3.connect(home / DB_NAME, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
+    with another_process_holds_the_lock(home):
         assert_clean_error(ember("ask", "Second question", "--max-tokens", "4", *GREEDY,
                                  env={"EMBER_BUSY_TIMEOUT_MS": "300"}), contains="locked")
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
     assert [m["content"] for m in open_db(home)["messages"].rows if m["role"] == "user"] == ["First question"]
 
 

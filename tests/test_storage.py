@@ -15,7 +15,7 @@ from storage import conversations as convs
 from storage.db import DB_NAME, integrity_ok, open_db, transaction
 from storage.errors import DatabaseCorrupt, DatabaseLocked, DataDirError, EmberError, NotFound
 from storage.migrations import MIGRATIONS, current_version, migrate
-from tests.conftest import without_root_overrides
+from tests.conftest import another_process_holds_the_lock, without_root_overrides
 
 
 def mode(path) -> int:
@@ -192,14 +192,9 @@ def test_forget_message_conversation_match_and_all(db):
 def test_a_write_while_another_process_holds_the_lock_is_a_clear_error(home):
     db = open_db(home, busy_timeout_ms=200)
     cid = convs.create_conversation(db)
-    other = sqlite3.connect(home / DB_NAME, isolation_level=None)
-    other.execute("BEGIN EXCLUSIVE")
-    try:
+    with another_process_holds_the_lock(home):
         with pytest.raises(DatabaseLocked, match="locked by another process"):
             convs.add_message(db, cid, "user", "hello")
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
     convs.add_message(db, cid, "user", "hello")
     assert [m["content"] for m in convs.messages(db, cid)] == ["hello"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import sqlite3
 import time
 
 from assistant.tui.app import EmberApp
@@ -15,7 +14,8 @@ from assistant.tui.widgets.message import MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
-from storage.db import DB_NAME, integrity_ok, open_db
+from storage.db import integrity_ok, open_db
+from tests.conftest import another_process_holds_the_lock
 from tests.tui_helpers import TerminalRun, seed_conversations, type_text, wait_until
 
 SIZE = (120, 40)
@@ -209,16 +209,11 @@ async def test_a_locked_database_during_rename_is_a_notification_not_a_crash(set
     picnic, _ = seed_conversations(db)
     app = EmberApp(dataclasses.replace(settings, busy_timeout_ms=100), engine=engine, conversation_id=picnic)
     async with app.run_test(size=SIZE) as pilot:
-        holder = sqlite3.connect(home / DB_NAME, isolation_level=None)
-        holder.execute("BEGIN EXCLUSIVE")
-        try:
+        with another_process_holds_the_lock(home):
             await pilot.press("ctrl+r")
             await type_text(pilot, " outdoors")
             await pilot.press("enter")
             await pilot.pause()
             assert any("locked" in n.message for n in app._notifications)
             assert isinstance(app.screen, ChatScreen) and app.is_running
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         assert convs.get_conversation(db, picnic)["title"] == "Ideas for a picnic in the park"
