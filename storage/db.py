@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 from pathlib import Path
 from typing import Iterator
 
 import sqlite_utils
 
+from storage.driver import sqlite3
 from storage.errors import DatabaseCorrupt, DatabaseLocked, DataDirError
 from storage.migrations import migrate
 

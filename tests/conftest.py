@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -69,14 +68,26 @@ def ember(home):
 
 @contextlib.contextmanager
 def another_process_holds_the_lock(home: Path) -> Iterator[None]:
-    """Another connection holds an exclusive lock on the database for the duration."""
-    holder = sqlite3.connect(home / DB_NAME, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
+    """Another process holds an exclusive lock on the database for the duration.
+
+    A real process, not a second connection here: two SQLite libraries in one process do not see
+    each other's POSIX locks.
+    """
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys\n"
+         "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "c.execute('BEGIN EXCLUSIVE')\n"
+         "print('locked', flush=True)\n"
+         "sys.stdin.read()\n"
+         "c.execute('ROLLBACK')\n", str(home / DB_NAME)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "locked"
         yield
     finally:
-        holder.execute("ROLLBACK")
-        holder.close()
+        holder.stdin.close()
+        holder.wait(timeout=10)
 
 
 def without_root_overrides() -> list[str]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import sqlite_utils
 
 from storage import conversations as convs
+from storage.driver import sqlite3
 from storage.db import DB_NAME, integrity_ok, open_db, transaction
 from storage.errors import DatabaseCorrupt, DatabaseLocked, DataDirError, EmberError, NotFound
 from storage.migrations import MIGRATIONS, current_version, migrate
