@@ -47,6 +47,7 @@ class Settings:
     seed: int | None = None
     system_prompt: str | None = None   # None: whatever the model's chat template says
     busy_timeout_ms: int = 3000
+    memory_k: int = 5                  # memories put in front of the model on the rag route
 
     @property
     def model_path(self) -> Path:
@@ -57,6 +58,11 @@ class Settings:
     def threads(self) -> int:
         """Generation threads to use."""
         return self.n_threads or default_threads()
+
+    @property
+    def cache_dir(self) -> Path:
+        """Derived files Ember can rebuild (the unpacked embedding model)."""
+        return self.home / "cache"
 
     @property
     def db_path(self) -> Path:

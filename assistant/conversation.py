@@ -11,7 +11,9 @@ import sqlite_utils
 from assistant.config import Settings
 from assistant.engine import Engine, Message
 from assistant.errors import InvalidInput, RouteUnavailable
+from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
 from storage import conversations as convs
+from storage import memory
 
 ROUTES = ("auto", "base", "rag", "adapter", "both")
 SAVE_EVERY_SECONDS = 0.5   # how much of a streaming reply a SIGKILL can lose, at most
@@ -29,14 +31,19 @@ def check_prompt(text: str) -> str:
 
 
 def resolve_route(route: str, engine: Engine) -> str:
-    """The route this request takes. Only the base model exists so far; asking for more says so."""
+    """The route this request takes. Adapters do not exist yet; asking for one says so.
+
+    `auto` answers from the base model until the router (which weighs memory against the adapter
+    per request) is built; `rag` puts retrieved memories in front of the model.
+    """
     if route not in ROUTES:
         raise InvalidInput(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
     if route in ("auto", "base"):
         return "base"
-    needs = {"rag": "a memory index", "adapter": "an active adapter", "both": "a memory index and an adapter"}
-    raise RouteUnavailable(f"route {route!r} needs {needs[route]}, which this Ember does not have yet; "
-                           "use --route base or auto")
+    if route == "rag":
+        return "rag"
+    raise RouteUnavailable(f"route {route!r} needs an active adapter, which this Ember does not have "
+                           "yet; use --route base, rag or auto")
 
 
 def history(db: sqlite_utils.Database, conversation_id: int) -> list[Message]:
@@ -61,19 +68,21 @@ class Exchange:
     status: str
     tokens_per_second: float | None
     dropped_messages: int
+    memories: list[Hit] = dataclasses.field(default_factory=list)
 
     def as_json(self) -> dict:
         return {"conversation_id": self.conversation_id, "message_id": self.message_id,
                 "text": self.text, "route": self.route, "adapter": self.adapter, "tokens": self.tokens,
                 "seconds": round(self.seconds, 3), "status": self.status,
                 "tokens_per_second": None if self.tokens_per_second is None
-                else round(self.tokens_per_second, 1)}
+                else round(self.tokens_per_second, 1),
+                "memories": [hit.as_json() for hit in self.memories]}
 
 
 def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text: str, *,
             log: bool = True, conversation_id: int | None = None, route: str = "auto", max_tokens: int | None = None,
             temperature: float | None = None, seed: int | None = None,
-            cancel: threading.Event | None = None,
+            cancel: threading.Event | None = None, retriever: Retriever | None = None,
             on_piece: Callable[[str], None] | None = None) -> Exchange:
     """Answer `text` in a conversation (a new one if None); with `log=False` nothing is stored.
 
@@ -82,15 +91,25 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     """
     check_prompt(text)
     chosen = resolve_route(route, engine)
+    max_tokens = max_tokens or settings.max_tokens
     context: list[Message] = []
-    if settings.system_prompt:
-        context.append({"role": "system", "content": settings.system_prompt})
+    memories: list[Hit] = []
+    if chosen == "rag":
+        if retriever is None:
+            raise RouteUnavailable("the rag route needs the memory index, which could not be opened")
+        retriever.refresh()
+        budget = (engine.n_ctx - max_tokens) // 2   # at most half the prompt goes to memories
+        memories = fit_memories(retriever.search(text, settings.memory_k), engine.count_tokens, budget)
+    system = "\n\n".join(part for part in (
+        settings.system_prompt, memory_message(memories)["content"] if memories else None) if part)
+    if system:
+        context.append({"role": "system", "content": system})
     if conversation_id is not None:
         convs.get_conversation(db, conversation_id)
         context += history(db, conversation_id)
     context.append({"role": "user", "content": text})
     gen = engine.generate(
-        context, max_tokens=max_tokens or settings.max_tokens,
+        context, max_tokens=max_tokens,
         temperature=settings.temperature if temperature is None else temperature,
         top_p=settings.top_p, seed=settings.seed if seed is None else seed, cancel=cancel)
 
@@ -101,6 +120,8 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
         user_id = convs.add_message(db, conversation_id, "user", text, model=engine.name)
         reply_id = convs.start_reply(db, conversation_id, model=engine.name, route=chosen,
                                      adapter_id=engine.adapter)
+        if memories:
+            memory.record_reply_memories(db, reply_id, [(hit.id, hit.score) for hit in memories])
     status = "interrupted"
     try:
         saved = time.monotonic()
@@ -115,7 +136,9 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
         if reply_id is not None:
             convs.finish_reply(db, reply_id, gen.text, status, tokens=gen.tokens,
                                seconds=round(gen.seconds, 3))
+    if log:
+        memory.sync_messages(db)   # the exchange becomes memory right away (BM25 now, vectors on use)
     return Exchange(conversation_id=conversation_id, message_id=reply_id, user_message_id=user_id,
                     text=gen.text, route=chosen, adapter=engine.adapter, tokens=gen.tokens,
                     seconds=gen.seconds, status=status, tokens_per_second=gen.tokens_per_second,
-                    dropped_messages=gen.dropped_messages)
+                    dropped_messages=gen.dropped_messages, memories=memories)

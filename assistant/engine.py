@@ -100,6 +100,10 @@ class Engine:
         """The context window in tokens."""
         return self.llm.n_ctx()
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` takes in this model."""
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
     def tokenize_chat(self, messages: Sequence[Message]) -> tuple[list[int], list[str]]:
         """The prompt tokens for `messages` in the model's own chat template, and its stop strings."""
         result = self._formatter(messages=list(messages))

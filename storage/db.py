@@ -55,6 +55,17 @@ def sqlite_errors(path: Path) -> Iterator[None]:
                               "will start a new one") from err
 
 
+def load_vector_extension(conn) -> None:
+    """Load sqlite-vec into `conn` (memory's vector index lives in a vec0 table)."""
+    import sqlite_vec
+
+    conn.enable_load_extension(True)
+    try:
+        sqlite_vec.load(conn)
+    finally:
+        conn.enable_load_extension(False)
+
+
 def open_db(data_dir: Path, *, busy_timeout_ms: int = 3000) -> sqlite_utils.Database:
     """Open (creating if needed) the database in `data_dir`, migrated to the latest schema."""
     ensure_private_dir(data_dir)
@@ -68,6 +79,7 @@ def open_db(data_dir: Path, *, busy_timeout_ms: int = 3000) -> sqlite_utils.Data
                            "or set EMBER_HOME to another directory") from err
     with sqlite_errors(path):
         conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, check_same_thread=False)
+        load_vector_extension(conn)
         db = sqlite_utils.Database(conn)
         db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         db.execute("PRAGMA foreign_keys = ON")

@@ -95,3 +95,69 @@ def m003_message_search(db: sqlite_utils.Database) -> None:
             INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
         END;
     """)
+
+
+@migration
+def m004_memory(db: sqlite_utils.Database) -> None:
+    """Memory: chunks of messages and imported notes, with a BM25 index and a vector index.
+
+    `embedding` holds the float32 vector (for exact re-scoring); `memory_vec` holds its sign bits,
+    which sqlite-vec scans by Hamming distance to find candidates fast. Deleting a message deletes
+    its chunks, and deleting a chunk deletes its index rows, inside the same statement.
+    """
+    db.executescript("""
+        CREATE TABLE memory_chunks (
+            id INTEGER PRIMARY KEY,
+            source TEXT NOT NULL CHECK (source IN ('message', 'import')),
+            source_id TEXT NOT NULL,
+            part INTEGER NOT NULL DEFAULT 0,
+            message_id INTEGER,
+            text TEXT NOT NULL,
+            time TEXT,
+            speaker TEXT,
+            session TEXT,
+            created TEXT NOT NULL,
+            embedding BLOB,
+            UNIQUE (source, source_id, part)
+        );
+        CREATE INDEX idx_memory_chunks_message_id ON memory_chunks (message_id);
+        CREATE INDEX idx_memory_chunks_time ON memory_chunks (time);
+        CREATE INDEX idx_memory_chunks_unembedded ON memory_chunks (id) WHERE embedding IS NULL;
+        CREATE VIRTUAL TABLE memory_fts USING fts5(
+            text, content='memory_chunks', content_rowid='id', tokenize='porter unicode61');
+        CREATE VIRTUAL TABLE memory_vec USING vec0(embedding bit[384]);
+        CREATE TRIGGER memory_chunks_ai AFTER INSERT ON memory_chunks BEGIN
+            INSERT INTO memory_fts(rowid, text) VALUES (new.id, new.text);
+        END;
+        CREATE TRIGGER memory_chunks_ad AFTER DELETE ON memory_chunks BEGIN
+            INSERT INTO memory_fts(memory_fts, rowid, text) VALUES ('delete', old.id, old.text);
+            DELETE FROM memory_vec WHERE rowid = old.id;
+        END;
+        CREATE TRIGGER messages_memory_ad AFTER DELETE ON messages BEGIN
+            DELETE FROM memory_chunks WHERE message_id = old.id;
+        END;
+        CREATE TRIGGER messages_memory_au AFTER UPDATE OF content ON messages BEGIN
+            DELETE FROM memory_chunks WHERE message_id = old.id;
+        END;
+    """)
+
+
+@migration
+def m005_reply_memories(db: sqlite_utils.Database) -> None:
+    """Which memories a reply was given, so the chat can show them later and forget cleans up."""
+    db.executescript("""
+        CREATE TABLE reply_memories (
+            message_id INTEGER NOT NULL,
+            chunk_id INTEGER NOT NULL,
+            rank INTEGER NOT NULL,
+            score REAL,
+            PRIMARY KEY (message_id, chunk_id)
+        );
+        CREATE INDEX idx_reply_memories_chunk ON reply_memories (chunk_id);
+        CREATE TRIGGER reply_memories_message_ad AFTER DELETE ON messages BEGIN
+            DELETE FROM reply_memories WHERE message_id = old.id;
+        END;
+        CREATE TRIGGER reply_memories_chunk_ad AFTER DELETE ON memory_chunks BEGIN
+            DELETE FROM reply_memories WHERE chunk_id = old.id;
+        END;
+    """)

@@ -107,3 +107,11 @@ def assert_clean_error(result, *, contains: str = "") -> None:
     assert len(lines) == 1, result.err
     assert "Traceback" not in result.err + result.out
     assert contains.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="session")
+def embedder(tmp_path_factory):
+    """The real all-MiniLM-L6-v2 from its wheel, loaded once (it takes seconds)."""
+    from assistant.embedder import Embedder
+
+    return Embedder(tmp_path_factory.mktemp("cache"))

@@ -12,7 +12,7 @@ import sqlite_utils
 
 from storage import conversations as convs
 from storage.driver import sqlite3
-from storage.db import DB_NAME, integrity_ok, open_db, transaction
+from storage.db import DB_NAME, integrity_ok, load_vector_extension, open_db, transaction
 from storage.errors import DatabaseCorrupt, DatabaseLocked, DataDirError, EmberError, NotFound
 from storage.migrations import MIGRATIONS, current_version, migrate
 from tests.conftest import another_process_holds_the_lock, without_root_overrides
@@ -87,19 +87,31 @@ def _fill(db: sqlite_utils.Database) -> None:
                            "content": "Book the train to Lyon", "created": "2026-01-01T00:00:00+00:00"})
 
 
+def _database(path) -> sqlite_utils.Database:
+    conn = sqlite3.connect(path)
+    load_vector_extension(conn)
+    return sqlite_utils.Database(conn)
+
+
+def _schema(db: sqlite_utils.Database) -> dict[str, str]:
+    """Every table's schema, leaving out the shadow tables virtual tables keep for themselves."""
+    virtual = [t.name for t in db.tables if t.schema.upper().startswith("CREATE VIRTUAL")]
+    return {t.name: t.schema for t in db.tables
+            if not any(t.name.startswith(v + "_") for v in virtual)}
+
+
 @pytest.mark.parametrize("start", range(1, len(MIGRATIONS)))
 def test_upgrade_from_every_earlier_version_keeps_data(tmp_path, start):
-    old = sqlite_utils.Database(tmp_path / "old.db")
+    old = _database(tmp_path / "old.db")
     assert migrate(old, target=start) == start
     _fill(old)
     old.close()
 
-    db = sqlite_utils.Database(tmp_path / "old.db")
+    db = _database(tmp_path / "old.db")
     assert migrate(db) == len(MIGRATIONS)
-    fresh = sqlite_utils.Database(memory=True)
+    fresh = _database(":memory:")
     migrate(fresh)
-    assert {t.name: t.schema for t in db.tables if not t.name.startswith("messages_fts")} == \
-        {t.name: t.schema for t in fresh.tables if not t.name.startswith("messages_fts")}
+    assert _schema(db) == _schema(fresh)
     row = db["messages"].get(1)
     assert row["content"] == "Book the train to Lyon" and row["status"] == "complete"
     assert [h["message_id"] for h in convs.search_messages(db, "lyon")] == [1]

@@ -46,9 +46,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from assistant.cli import ask, bench, chat, log, status
+    from assistant.cli import ask, bench, chat, log, memory, status
 
-    for module in (ask, chat, log, status, bench):
+    for module in (ask, chat, log, memory, status, bench):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -10,6 +10,7 @@ from assistant.cli.common import json_option, model_option, open_store, print_js
 from assistant.conversation import ROUTES, respond
 from assistant.engine import Engine
 from assistant.errors import InvalidInput
+from assistant.retrieval import retriever_for
 
 
 def read_stdin() -> str:
@@ -55,13 +56,15 @@ def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, m
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    exchange = respond(db, engine, settings, prompt, log=not no_log,
+    exchange = respond(db, engine, settings, prompt, log=not no_log, retriever=retriever_for(settings, db),
                        conversation_id=conversation_id, route=route, max_tokens=max_tokens,
                        temperature=temperature, seed=seed, on_piece=None if as_json else show)
     if as_json:
         print_json(exchange.as_json())
     else:
         sys.stdout.write("\n")
+        for i, hit in enumerate(exchange.memories, start=1):
+            click.echo(f"  [{i}] {(hit.time or '')[:10]} {' '.join(hit.text.split())[:100]}", err=True)
 
 
 COMMANDS = [ask]

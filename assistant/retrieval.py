@@ -1,0 +1,213 @@
+"""Hybrid retrieval over the user's memory, and prompt assembly that cites what it used.
+
+BM25 (SQLite FTS5) finds exact words and names; dense similarity (all-MiniLM-L6-v2 over sqlite-vec)
+finds paraphrases. Their rankings are fused by reciprocal rank fusion (Cormack et al., SIGIR 2009),
+with a third ranking when the question names a time ("last week", "on May 4th"): the chunks of that
+period, ordered by similarity.
+"""
+from __future__ import annotations
+
+import calendar
+import dataclasses
+import datetime as dt
+import re
+from typing import Any, Callable
+
+import numpy as np
+import sqlite_utils
+
+from assistant.embedder import Embedder
+from storage import memory
+
+RRF_K = 60
+POOL = 50            # candidates each ranking contributes before fusion
+MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_name) if name}
+MONTHS.update({name.lower(): i for i, name in enumerate(calendar.month_abbr) if name})
+WORD_NUMBERS = {"a": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+                "a couple of": 2, "a few": 4, "several": 5}
+
+
+@dataclasses.dataclass
+class Hit:
+    """One memory found for a question."""
+
+    id: int
+    text: str
+    score: float
+    time: str | None
+    speaker: str | None
+    source: str
+    source_id: str
+    message_id: int | None
+
+    @property
+    def public_id(self) -> str:
+        """The id a user knows: their imported record's id, or `message:<id>` for the chat log."""
+        return self.source_id if self.source == "import" else f"message:{self.message_id}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.public_id, "chunk_id": self.id, "text": self.text, "score": round(self.score, 5), "time": self.time,
+                "speaker": self.speaker, "source": self.source}
+
+
+def time_window(question: str, now: dt.date) -> tuple[str, str] | None:
+    """The period a question asks about, as [start, end) ISO dates, or None if it names none."""
+    q = question.lower()
+    day = dt.timedelta(days=1)
+
+    def span(start: dt.date, end: dt.date) -> tuple[str, str]:
+        return start.isoformat(), end.isoformat()
+
+    if m := re.search(r"\b(\d{4})-(\d{2})-(\d{2})\b", q):
+        d = dt.date(int(m[1]), int(m[2]), int(m[3]))
+        return span(d, d + day)
+    if "yesterday" in q:
+        return span(now - day, now)
+    if "today" in q or "this morning" in q or "tonight" in q:
+        return span(now, now + day)
+    number = "|".join(sorted((re.escape(w) for w in WORD_NUMBERS), key=len, reverse=True))
+    if m := re.search(rf"\b(\d+|{number}) days? ago\b", q):
+        n = int(m[1]) if m[1].isdigit() else WORD_NUMBERS[m[1]]
+        return span(now - (n + 2) * day, now - max(n - 2, 0) * day + day)
+    if m := re.search(rf"\b(\d+|{number}) weeks? ago\b", q):
+        n = int(m[1]) if m[1].isdigit() else WORD_NUMBERS[m[1]]
+        return span(now - (7 * n + 4) * day, now - (7 * n - 4) * day)
+    if re.search(r"\b(last|past) week\b", q) or "this week" in q or "recently" in q:
+        return span(now - 7 * day, now + day)
+    if re.search(r"\b(last|past) month\b", q):
+        return span(now - 31 * day, now + day)
+    months = "|".join(sorted(MONTHS, key=len, reverse=True))
+    date_forms = [rf"\b({months})\.? (\d{{1,2}})(?:st|nd|rd|th)?\b", rf"\b(\d{{1,2}})(?:st|nd|rd|th)? (?:of )?({months})\b"]
+    for i, form in enumerate(date_forms):
+        if m := re.search(form, q):
+            month, dom = (m[1], m[2]) if i == 0 else (m[2], m[1])
+            year = now.year if MONTHS[month] <= now.month else now.year - 1
+            try:
+                d = dt.date(year, MONTHS[month], int(dom))
+            except ValueError:
+                continue
+            return span(d, d + day)
+    if m := re.search(rf"\bin ({months})\b", q):
+        month = MONTHS[m[1]]
+        year = now.year if month <= now.month else now.year - 1
+        last = calendar.monthrange(year, month)[1]
+        return span(dt.date(year, month, 1), dt.date(year, month, last) + day)
+    return None
+
+
+def embed_pending(db: sqlite_utils.Database, embedder: Embedder, batch: int = 256) -> int:
+    """Embed every chunk that has no vector yet; return how many."""
+    done = 0
+    while pending := memory.unembedded(db, limit=batch):
+        ids, texts = zip(*pending)
+        memory.store_embeddings(db, list(ids), embedder.encode(list(texts)))
+        done += len(ids)
+    return done
+
+
+def _normalised(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def retriever_for(settings: Any, db: sqlite_utils.Database) -> "Retriever":
+    """A retriever on this user's memory; the embedding model loads on first use."""
+    return Retriever(db, lambda: Embedder(settings.cache_dir, threads=settings.threads))
+
+
+class Retriever:
+    """Search one user's memory: BM25, dense, or both fused. Keeps the memory index up to date."""
+
+    def __init__(self, db: sqlite_utils.Database, embedder: Embedder | Callable[[], Embedder]):
+        self.db = db
+        self._embedder = embedder
+
+    @property
+    def embedder(self) -> Embedder:
+        if not isinstance(self._embedder, Embedder):
+            self._embedder = self._embedder()     # loaded on first use, not before
+        return self._embedder
+
+    def refresh(self) -> None:
+        """Index new messages and embed every chunk without a vector."""
+        memory.sync_messages(self.db)
+        embed_pending(self.db, self.embedder)
+
+    def bm25(self, question: str, k: int) -> list[tuple[int, float]]:
+        return memory.bm25_search(self.db, question, k)
+
+    def dense(self, question: str, k: int, vector: np.ndarray | None = None) -> list[tuple[int, float]]:
+        vector = self.embedder.encode([question])[0] if vector is None else vector
+        return memory.vector_search(self.db, vector, k)
+
+    def _in_window(self, window: tuple[str, str], vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        ids = memory.in_time_range(self.db, *window)
+        if not ids:
+            return []
+        rows = self.db.execute(f"SELECT id, embedding FROM memory_chunks WHERE embedding IS NOT NULL "
+                               f"AND id IN ({','.join('?' * len(ids))})", ids).fetchall()
+        if not rows:
+            return []
+        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+        scores = matrix @ vector
+        order = np.argsort(-scores)[:k]
+        return [(rows[i][0], float(scores[i])) for i in order]
+
+    def search(self, question: str, k: int = 5, *, mode: str = "hybrid",
+               now: dt.date | None = None) -> list[Hit]:
+        """The `k` best memories for `question`, deduplicated, best first.
+
+        mode: hybrid (BM25 + dense + time, fused), bm25, or dense.
+        """
+        if mode == "bm25":
+            ranked = self.bm25(question, max(k * 3, POOL))
+        else:
+            vector = self.embedder.encode([question])[0]
+            dense = self.dense(question, POOL, vector)
+            if mode == "dense":
+                ranked = dense
+            else:
+                rankings = [self.bm25(question, POOL), dense]
+                window = time_window(question, now or dt.date.today())
+                if window:
+                    rankings.append(self._in_window(window, vector, POOL))
+                fused: dict[int, float] = {}
+                for ranking in rankings:
+                    for rank, (chunk_id, _score) in enumerate(ranking, start=1):
+                        fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank)
+                ranked = sorted(fused.items(), key=lambda item: -item[1])
+        rows = memory.chunks_by_id(self.db, [chunk_id for chunk_id, _ in ranked[: k * 4]])
+        hits, seen = [], {_normalised(question)}   # the question asked before is not an answer
+        for chunk_id, score in ranked:
+            row = rows.get(chunk_id)
+            if row is None:
+                continue
+            key = _normalised(row["text"])
+            if key in seen:       # the same words stored twice (re-imported, repeated) count once
+                continue
+            seen.add(key)
+            hits.append(Hit(id=chunk_id, text=row["text"], score=score, time=row["time"],
+                            speaker=row["speaker"], source=row["source"], source_id=row["source_id"],
+                            message_id=row["message_id"]))
+            if len(hits) == k:
+                break
+        return hits
+
+
+# Short on purpose: SmolLM2-135M follows this wording; longer instructions made it refuse to answer.
+MEMORY_PROMPT = ("You are Ember, the user's private assistant. Below are numbered notes from the "
+                 "user's own past conversations. Answer using them, cite like [1].\n\n{notes}")
+
+
+def memory_message(hits: list[Hit]) -> dict[str, str]:
+    """The system message that puts `hits` in front of the model, numbered for citation."""
+    notes = "\n".join(f"[{i}] ({(h.time or '')[:10] or 'undated'}{', ' + h.speaker if h.speaker else ''}) "
+                      f"{h.text}" for i, h in enumerate(hits, start=1))
+    return {"role": "system", "content": MEMORY_PROMPT.format(notes=notes)}
+
+
+def fit_memories(hits: list[Hit], count_tokens: Callable[[str], int], budget: int) -> list[Hit]:
+    """The best hits whose memory message fits in `budget` tokens (whole hits only, best first)."""
+    kept = list(hits)
+    while kept and count_tokens(memory_message(kept)["content"]) > budget:
+        kept.pop()
+    return kept

@@ -1,0 +1,215 @@
+"""Memory: what the user said and imported, as chunks with a BM25 index and a vector index.
+
+Chunks come from two sources: the chat log (every finished message, indexed incrementally by
+`sync_messages`) and imported records (`upsert_records`). Embeddings are computed by the caller
+(storage never loads a model) and stored twice: float32 in `memory_chunks.embedding` for exact
+re-scoring, and as sign bits in the sqlite-vec table `memory_vec` for a fast candidate scan.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import sqlite_utils
+
+from storage.conversations import now
+from storage.db import transaction
+from storage.errors import NotFound
+
+DIM = 384                 # all-MiniLM-L6-v2; the vec0 table is declared with this width
+CHUNK_WORDS = 160         # MiniLM reads 256 word pieces; ~160 words stays within them
+CHUNK_OVERLAP = 30
+RESCORE_FACTOR = 20       # binary scan returns k × this candidates for exact re-scoring
+
+STOPWORDS = frozenset("""
+a about above after again all am an and any are as at be because been before being below between
+both but by can could did do does doing down during each few for from further had has have having
+he her here hers herself him himself his how i if in into is it its itself just me more most my
+myself no nor not now of off on once only or other our ours ourselves out over own same she should
+so some such than that the their theirs them themselves then there these they this those through
+to too under until up very was we were what when where which while who whom why will with would
+you your yours yourself yourselves tell remember said say told mentioned recall did
+""".split())
+
+
+def chunk_text(text: str, words: int = CHUNK_WORDS, overlap: int = CHUNK_OVERLAP) -> list[str]:
+    """Split long text into overlapping windows of words; short text is one chunk."""
+    tokens = text.split()
+    if len(tokens) <= words:
+        return [" ".join(tokens)] if tokens else []
+    step = words - overlap
+    return [" ".join(tokens[i:i + words]) for i in range(0, max(1, len(tokens) - overlap), step)]
+
+
+def _insert_chunks(db: sqlite_utils.Database, source: str, source_id: str, text: str, *,
+                   message_id: int | None = None, time: str | None = None, speaker: str | None = None,
+                   session: str | None = None) -> int:
+    stamp = now()
+    rows = [{"source": source, "source_id": source_id, "part": part, "message_id": message_id,
+             "text": piece, "time": time, "speaker": speaker, "session": session, "created": stamp}
+            for part, piece in enumerate(chunk_text(text))]
+    if rows:
+        db["memory_chunks"].insert_all(rows)
+    return len(rows)
+
+
+def sync_messages(db: sqlite_utils.Database) -> int:
+    """Chunk every finished message not yet in memory (new ones, and edited ones); return how many."""
+    pending = list(db.query("""
+        SELECT m.id, m.role, m.content, m.created, m.conversation_id FROM messages m
+        WHERE m.status != 'generating' AND m.content != ''
+          AND NOT EXISTS (SELECT 1 FROM memory_chunks c WHERE c.message_id = m.id)
+        ORDER BY m.id"""))
+    if pending:
+        with transaction(db):
+            for m in pending:
+                _insert_chunks(db, "message", str(m["id"]), m["content"], message_id=m["id"],
+                               time=m["created"], speaker=m["role"], session=str(m["conversation_id"]))
+    return len(pending)
+
+
+def upsert_records(db: sqlite_utils.Database, records: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Import records ({id, text, time?, speaker?, session?}); an existing id is replaced in place.
+
+    All records go in one transaction: either every record is stored or none.
+    """
+    added = updated = chunks = 0
+    with transaction(db):
+        for record in records:
+            existing = db.execute("SELECT COUNT(*) FROM memory_chunks WHERE source = 'import' AND "
+                                  "source_id = ?", [record["id"]]).fetchone()[0]
+            if existing:
+                db.execute("DELETE FROM memory_chunks WHERE source = 'import' AND source_id = ?",
+                           [record["id"]])
+                updated += 1
+            else:
+                added += 1
+            chunks += _insert_chunks(db, "import", record["id"], record["text"], time=record.get("time"),
+                                     speaker=record.get("speaker"), session=record.get("session"))
+    return {"added": added, "updated": updated, "chunks": chunks}
+
+
+def unembedded(db: sqlite_utils.Database, limit: int = 10_000) -> list[tuple[int, str]]:
+    """Chunks still waiting for an embedding, oldest first."""
+    return [(row[0], row[1]) for row in db.execute(
+        "SELECT id, text FROM memory_chunks WHERE embedding IS NULL ORDER BY id LIMIT ?", [limit])]
+
+
+def store_embeddings(db: sqlite_utils.Database, ids: Sequence[int], vectors: np.ndarray) -> None:
+    """Store unit-length float32 vectors for chunks, and their sign bits in the vector index."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.shape != (len(ids), DIM):
+        raise ValueError(f"expected {len(ids)} vectors of {DIM} floats, got {vectors.shape}")
+    with transaction(db):
+        for chunk_id, vector in zip(ids, vectors):
+            blob = vector.tobytes()
+            db.execute("UPDATE memory_chunks SET embedding = ? WHERE id = ?", [blob, chunk_id])
+            db.execute("DELETE FROM memory_vec WHERE rowid = ?", [chunk_id])
+            db.execute("INSERT INTO memory_vec(rowid, embedding) VALUES (?, vec_quantize_binary(?))",
+                       [chunk_id, blob])
+
+
+def keywords(text: str) -> list[str]:
+    """The content words of a question, for BM25."""
+    return [w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS and len(w) > 1]
+
+
+def bm25_search(db: sqlite_utils.Database, text: str, k: int) -> list[tuple[int, float]]:
+    """(chunk id, score) for the best `k` BM25 matches of any content word; higher is better."""
+    words = keywords(text)
+    if not words:
+        return []
+    query = " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+    return [(row[0], -row[1]) for row in db.execute(
+        "SELECT rowid, bm25(memory_fts) FROM memory_fts WHERE memory_fts MATCH ? "
+        "ORDER BY bm25(memory_fts) LIMIT ?", [query, k])]
+
+
+def vector_search(db: sqlite_utils.Database, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """(chunk id, cosine similarity) of the `k` nearest chunks.
+
+    sqlite-vec scans the sign bits by Hamming distance for k × RESCORE_FACTOR candidates, which are
+    then ranked by exact cosine on their float vectors (binary quantisation with re-scoring).
+    """
+    vector = np.ascontiguousarray(vector, dtype=np.float32)
+    candidates = [row[0] for row in db.execute(
+        "SELECT rowid FROM memory_vec WHERE embedding MATCH vec_quantize_binary(?) AND k = ?",
+        [vector.tobytes(), k * RESCORE_FACTOR])]
+    if not candidates:
+        return []
+    rows = db.execute(f"SELECT id, embedding FROM memory_chunks WHERE id IN "
+                      f"({','.join('?' * len(candidates))})", candidates).fetchall()
+    ids = np.array([r[0] for r in rows])
+    matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), DIM)
+    scores = matrix @ vector
+    order = np.argsort(-scores)[:k]
+    return [(int(ids[i]), float(scores[i])) for i in order]
+
+
+def chunks_by_id(db: sqlite_utils.Database, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """Chunk rows (without embeddings) by id."""
+    ids = list(ids)
+    if not ids:
+        return {}
+    rows = db.query(f"SELECT id, source, source_id, part, message_id, text, time, speaker, session "
+                    f"FROM memory_chunks WHERE id IN ({','.join('?' * len(ids))})", ids)
+    return {row["id"]: row for row in rows}
+
+
+def in_time_range(db: sqlite_utils.Database, start: str, end: str, limit: int = 1000) -> list[int]:
+    """Chunks whose time falls in [start, end), newest first."""
+    return [row[0] for row in db.execute(
+        "SELECT id FROM memory_chunks WHERE time >= ? AND time < ? ORDER BY time DESC LIMIT ?",
+        [start, end, limit])]
+
+
+def list_chunks(db: sqlite_utils.Database, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+    """Chunks, newest first."""
+    return list(db.query(
+        "SELECT id, source, source_id, part, message_id, text, time, speaker, session, created, "
+        "embedding IS NOT NULL AS embedded FROM memory_chunks ORDER BY COALESCE(time, created) DESC, id DESC "
+        "LIMIT ? OFFSET ?", [limit, offset]))
+
+
+def stats(db: sqlite_utils.Database) -> dict[str, Any]:
+    """How much memory there is, by source, and how much of it is embedded."""
+    row = db.execute("""
+        SELECT COUNT(*), SUM(source = 'message'), SUM(source = 'import'), SUM(embedding IS NOT NULL),
+               COUNT(DISTINCT CASE WHEN source = 'import' THEN source_id END), MIN(time), MAX(time)
+        FROM memory_chunks""").fetchone()
+    return {"chunks": row[0], "from_messages": row[1] or 0, "from_imports": row[2] or 0,
+            "embedded": row[3] or 0, "imported_records": row[4], "oldest": row[5], "newest": row[6]}
+
+
+def delete_chunk(db: sqlite_utils.Database, chunk_id: int) -> dict[str, Any]:
+    """Forget a memory. An imported record goes whole; a chunk of a message forgets the message."""
+    found = chunks_by_id(db, [chunk_id]).get(chunk_id)
+    if found is None:
+        raise NotFound(f"no memory with id {chunk_id}; `ember memory list` shows them")
+    with transaction(db):
+        if found["source"] == "message":
+            from storage.conversations import forget_message
+
+            forget_message(db, found["message_id"])
+        else:
+            db.execute("DELETE FROM memory_chunks WHERE source = 'import' AND source_id = ?",
+                       [found["source_id"]])
+    return found
+
+
+def record_reply_memories(db: sqlite_utils.Database, message_id: int,
+                          used: Sequence[tuple[int, float]]) -> None:
+    """Remember which chunks (with their scores, best first) a reply was given."""
+    with transaction(db):
+        db["reply_memories"].insert_all(
+            [{"message_id": message_id, "chunk_id": chunk_id, "rank": rank, "score": score}
+             for rank, (chunk_id, score) in enumerate(used, start=1)], replace=True)
+
+
+def reply_memories(db: sqlite_utils.Database, message_id: int) -> list[dict[str, Any]]:
+    """The memories a reply was given, in the order it saw them (deleted ones are gone)."""
+    return list(db.query("""
+        SELECT c.id, c.source, c.source_id, c.message_id, c.text, c.time, c.speaker, r.score
+        FROM reply_memories r JOIN memory_chunks c ON c.id = r.chunk_id
+        WHERE r.message_id = ? ORDER BY r.rank""", [message_id]))
