@@ -109,9 +109,9 @@ def _normalised(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def retriever_for(settings: Any, db: sqlite_utils.Database) -> "Retriever":
+def retriever_for(settings: Any, db: sqlite_utils.Database, embedder: Embedder | None = None) -> "Retriever":
     """A retriever on this user's memory; the embedding model loads on first use."""
-    return Retriever(db, lambda: Embedder(settings.cache_dir, threads=settings.threads))
+    return Retriever(db, embedder or (lambda: Embedder(settings.cache_dir, threads=settings.threads)))
 
 
 class Retriever:

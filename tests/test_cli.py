@@ -103,7 +103,7 @@ def test_status_reports_model_and_log_without_loading_the_model(ember, model_pat
     (("ask", "hi", "--model", "/nonexistent/model.gguf"), "does not exist"),
     (("ask", "hi", "--model", "/tmp"), "is a directory"),
     (("ask", "   "), "empty"),
-    (("ask", "hi", "--route", "rag"), "needs a memory index"),
+    (("ask", "hi", "--route", "adapter"), "needs an active adapter"),
     (("ask", "hi", "--conversation", "999"), "no conversation with id 999"),
     (("forget",), "exactly one of"),
     (("forget", "--message", "42"), "no message with id 42"),

@@ -6,14 +6,17 @@ import os
 import signal
 import time
 
+from textual.widgets import Button, Collapsible
+
 from assistant.tui.app import EmberApp
 from assistant.tui.screens.chat import ACTIONS, ChatScreen
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
 from assistant.tui.screens.search import SearchScreen
-from assistant.tui.widgets.message import MessageView
+from assistant.tui.widgets.message import MemoryItem, MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
+from storage import memory
 from storage.db import integrity_ok, open_db
 from tests.conftest import another_process_holds_the_lock
 from tests.tui_helpers import TerminalRun, seed_conversations, type_text, wait_until
@@ -217,3 +220,30 @@ async def test_a_locked_database_during_rename_is_a_notification_not_a_crash(set
             assert any("locked" in n.message for n in app._notifications)
             assert isinstance(app.screen, ChatScreen) and app.is_running
         assert convs.get_conversation(db, picnic)["title"] == "Ideas for a picnic in the park"
+
+
+async def test_memory_route_shows_the_memories_used_and_forgets_one(settings, engine, embedder, db):
+    memory.upsert_records(db, [{"id": "wifi", "text": "The wifi password at the cabin is pinecone42."},
+                               {"id": "car", "text": "I parked on level four."}])
+    app = EmberApp(settings, engine=engine, embedder=embedder)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = chat(app)
+        await pilot.press("f3")
+        assert screen.route == "rag" and "memory: on" in str(app.screen.query_one(StatusLine).render())
+        await send(pilot, "What is the wifi password at the cabin?")
+        await wait_until(pilot, lambda: not screen.generating)
+        reply = app.screen.query(MessageView)[-1]
+        assert reply.route == "rag" and reply.memories[0]["text"].startswith("The wifi password")
+        panel = reply.query_one(Collapsible)
+        assert panel.collapsed and "Memories used" in panel.title
+        panel.collapsed = False
+        await pilot.pause()
+        await pilot.click(reply.query(MemoryItem)[0].query_one(Button))
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await pilot.pause()
+        assert [r["source_id"] for r in memory.list_chunks(db) if r["source"] == "import"] == ["car"]
+        # Reopened later, the reply still lists what it was given (minus what was forgotten).
+        app.screen.open_conversation(screen.conversation_id)
+        await pilot.pause()
+        assert all(m["source_id"] != "wifi" for m in app.screen.query(MessageView)[-1].memories)

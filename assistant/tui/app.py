@@ -10,21 +10,23 @@ from textual.app import App, SystemCommand
 from textual.screen import Screen
 
 from assistant.config import Settings
+from assistant.embedder import Embedder
 from assistant.engine import Engine
 from assistant.errors import EmberError
+from assistant.retrieval import retriever_for
 from assistant.tui.screens.chat import ACTIONS, ChatScreen
 from storage import conversations as convs
 from storage.db import open_db
 
 
 class EmberApp(App):
-    """Chat with the local model. `engine` may be passed in (tests share one loaded model)."""
+    """Chat with the local model. `engine` and `embedder` may be passed in (tests share them)."""
 
     CSS_PATH = "ember.tcss"
     TITLE = "Ember"
 
     def __init__(self, settings: Settings, *, conversation_id: int | None = None,
-                 engine: Engine | None = None) -> None:
+                 engine: Engine | None = None, embedder: Embedder | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.initial_conversation = conversation_id
@@ -39,6 +41,8 @@ class EmberApp(App):
             convs.get_conversation(self.db, conversation_id)   # fail before the screen opens
         # Replies stream from a worker thread; it writes through its own connection.
         self.reply_db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
+        # Memory search runs in the reply worker too; the embedding model loads on first use.
+        self.retriever = retriever_for(settings, self.reply_db, embedder)
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen(self.initial_conversation))

@@ -18,10 +18,11 @@ from assistant.tui.errors import shows_errors
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
 from assistant.tui.screens.search import SearchScreen
 from assistant.tui.widgets.conversation_list import ConversationItem, ConversationList
-from assistant.tui.widgets.message import MessageView
+from assistant.tui.widgets.message import ForgetMemory, MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
+from storage import memory
 
 PAINT_INTERVAL = 0.1   # seconds between repaints of a streaming reply
 
@@ -34,6 +35,7 @@ ACTIONS = [
     ("copy_last_reply", "Copy last reply", "Copy Ember's last reply to the clipboard"),
     ("search", "Search conversations", "Find words in every past conversation"),
     ("toggle_sidebar", "Toggle conversation list", "Show or hide the list of conversations"),
+    ("toggle_memory", "Answer from memory on/off", "Put memories from past conversations in front of the model"),
 ]
 
 
@@ -57,12 +59,14 @@ class ChatScreen(Screen):
         Binding("ctrl+y", "copy_last_reply", "Copy reply"),
         Binding("ctrl+f", "search", "Search"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar"),
+        Binding("f3", "toggle_memory", "Memory"),
     ]
 
     def __init__(self, conversation_id: int | None = None) -> None:
         super().__init__()
         self.conversation_id = conversation_id
         self.cancel: threading.Event | None = None
+        self.route = "base"   # F3 switches to "rag": answers with memories in the prompt
 
     # ---- layout and start-up -------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -103,7 +107,9 @@ class ChatScreen(Screen):
         if conversation_id is not None:
             title = convs.get_conversation(self.app.db, conversation_id)["title"]
             log.mount_all(MessageView(m["role"], m["content"], status=m["status"], message_id=m["id"],
-                                      route=m["route"])
+                                      route=m["route"],
+                                      memories=memory.reply_memories(self.app.db, m["id"])
+                                      if m["route"] == "rag" else None)
                           for m in convs.messages(self.app.db, conversation_id))
         self.query_one("#conversation-title", Label).update(title)
         log.scroll_end(animate=False)
@@ -167,8 +173,9 @@ class ChatScreen(Screen):
         try:
             if app.engine is None:
                 raise EmberError(app.engine_error or "the model is not loaded")
-            exchange = respond(app.reply_db, app.engine, app.settings, text,
-                               conversation_id=conversation_id, cancel=cancel, on_piece=on_piece)
+            exchange = respond(app.reply_db, app.engine, app.settings, text, route=self.route,
+                               retriever=app.retriever, conversation_id=conversation_id,
+                               cancel=cancel, on_piece=on_piece)
         except EmberError as err:
             app.call_from_thread(self._reply_failed, view, text, str(err))
         else:
@@ -187,6 +194,7 @@ class ChatScreen(Screen):
         if view.is_attached:
             await view.end_stream()
             view.set_status(exchange.status)
+            await view.show_memories([dict(h.as_json(), id=h.id) for h in exchange.memories])
         status = self.query_one(StatusLine)
         status.state = "ready" if exchange.status == "complete" else f"reply {exchange.status}"
         status.speed = exchange.tokens_per_second or status.speed
@@ -287,6 +295,31 @@ class ChatScreen(Screen):
                 self.switch_to(conversation_id)
 
         self.app.push_screen(SearchScreen(), chosen)
+
+    def action_toggle_memory(self) -> None:
+        """Switch between answering from the model alone and answering with memories."""
+        self.route = "base" if self.route == "rag" else "rag"
+        self.query_one(StatusLine).route = self.route
+        self.notify("Replies now use your memories (the first may take a few seconds to load them)."
+                    if self.route == "rag" else "Replies now come from the model alone.")
+
+    def on_forget_memory(self, message: ForgetMemory) -> None:
+        found = memory.chunks_by_id(self.app.db, [message.chunk_id]).get(message.chunk_id)
+        if found is None:
+            return
+        what = ("This memory is a message you sent; forgetting it deletes that message."
+                if found["source"] == "message" else "Forget this imported note?")
+        self._forgetting = message.chunk_id
+        self.app.push_screen(ConfirmScreen(f"{what}\n\n{' '.join(found['text'].split())[:200]}"),
+                             self._forget_answered)
+
+    @shows_errors
+    def _forget_answered(self, yes: bool | None) -> None:
+        if yes:
+            memory.delete_chunk(self.app.db, self._forgetting)
+            self.notify("Forgotten.")
+            self.open_conversation(self.conversation_id)
+            self.refresh_sidebar()
 
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one(ConversationList)

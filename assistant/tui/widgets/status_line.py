@@ -13,8 +13,11 @@ class StatusLine(Static):
     adapter: reactive[str | None] = reactive(None)
     speed: reactive[float | None] = reactive(None)
     state: reactive[str] = reactive("loading model…")
+    route: reactive[str] = reactive("base")
 
     def render(self) -> Text:
         speed = f"{self.speed:.1f} tok/s" if self.speed else "– tok/s"
         # Text, not markup: a model file name may contain brackets.
-        return Text(f"model: {self.model} │ adapter: {self.adapter or 'none'} │ {speed} │ {self.state}")
+        memory = "on" if self.route == "rag" else "off"
+        return Text(f"model: {self.model} │ adapter: {self.adapter or 'none'} │ memory: {memory} │ "
+                    f"{speed} │ {self.state}")
