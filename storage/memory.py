@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sqlite_utils
 
-from storage.conversations import now
+from storage.conversations import forget_message, now
 from storage.db import transaction
 from storage.errors import NotFound
 
@@ -189,8 +189,6 @@ def delete_chunk(db: sqlite_utils.Database, chunk_id: int) -> dict[str, Any]:
         raise NotFound(f"no memory with id {chunk_id}; `ember memory list` shows them")
     with transaction(db):
         if found["source"] == "message":
-            from storage.conversations import forget_message
-
             forget_message(db, found["message_id"])
         else:
             db.execute("DELETE FROM memory_chunks WHERE source = 'import' AND source_id = ?",

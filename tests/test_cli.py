@@ -96,7 +96,7 @@ def test_status_reports_model_and_log_without_loading_the_model(ember, model_pat
     assert status["model"]["path"] == str(model_path)
     assert status["adapter"] is None
     assert status["database"]["messages"] == 0 and status["database"]["schema_version"] >= 3
-    assert {"privacy", "memory", "daemon"} <= set(status)
+    assert {"privacy", "memory", "daemon"} <= set(status) and status["memory"]["chunks"] == 0
 
 
 @pytest.mark.parametrize("args, message", [

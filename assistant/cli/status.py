@@ -6,6 +6,7 @@ import click
 from assistant import __version__
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
 from assistant.engine import check_gguf
+from storage import memory
 from storage.migrations import current_version
 
 
@@ -18,6 +19,7 @@ def status(model, as_json):
     path = settings.model_path
     check_gguf(path)
     db = open_store(settings)
+    memory.sync_messages(db)
     report = {
         "version": __version__,
         "model": {"path": str(path), "name": path.stem, "bytes": path.stat().st_size,
@@ -27,9 +29,9 @@ def status(model, as_json):
         "database": {"path": str(settings.db_path), "bytes": settings.db_path.stat().st_size,
                      "schema_version": current_version(db),
                      "conversations": db["conversations"].count, "messages": db["messages"].count},
-        # Adaptation, memory and the daemon arrive in later versions; report their honest state now.
+        # Adaptation and the daemon arrive in later versions; report their honest state now.
         "privacy": {"epsilon_spent": 0.0, "epsilon_budget": None, "epsilon_left": None},
-        "memory": {"chunks": 0},
+        "memory": memory.stats(db),
         "daemon": {"state": "not installed"},
     }
     if as_json:
@@ -42,7 +44,7 @@ def status(model, as_json):
                f"log       {db_info['conversations']} conversations, {db_info['messages']} messages "
                f"(schema v{db_info['schema_version']})\n"
                f"privacy   no adaptation run yet: ε spent 0\n"
-               f"memory    0 chunks\n"
+               f"memory    {report['memory']['chunks']} chunks ({report['memory']['embedded']} embedded)\n"
                f"daemon    not installed")
     return None
 
