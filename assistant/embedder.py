@@ -66,7 +66,19 @@ class Embedder:
         hf_logging.disable_progress_bar()
         if threads:
             torch.set_num_threads(threads)
+        self._torch = torch
         self.model = SentenceTransformer(str(path), device="cpu")
+
+    def encode_query(self, text: str) -> np.ndarray:
+        """One question's vector, on one thread: a single short text gains nothing from more, and
+        the other core is left to BM25, which runs alongside."""
+        torch = self._torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self.encode([text])[0]
+        finally:
+            torch.set_num_threads(threads)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Vectors for `texts`, shape (len(texts), 384), float32, unit length."""

@@ -13,14 +13,18 @@ import datetime as dt
 import re
 from typing import Any, Callable
 
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import numpy as np
 import sqlite_utils
 
 from assistant.embedder import Embedder
 from storage import memory
+from storage.db import db_path, open_db
 
 RRF_K = 60
-POOL = 50            # candidates each ranking contributes before fusion
+POOL = 40            # candidates each ranking contributes before fusion
 MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_name) if name}
 MONTHS.update({name.lower(): i for i, name in enumerate(calendar.month_abbr) if name})
 WORD_NUMBERS = {"a": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
@@ -120,6 +124,15 @@ class Retriever:
     def __init__(self, db: sqlite_utils.Database, embedder: Embedder | Callable[[], Embedder]):
         self.db = db
         self._embedder = embedder
+        # BM25 runs on its own connection in a thread while the question is embedded: SQLite and
+        # torch both release the GIL, so the two overlap.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bm25")
+        self._reader: sqlite_utils.Database | None = None
+
+    def _bm25_reader(self, question: str, k: int) -> list[tuple[int, float]]:
+        if self._reader is None:
+            self._reader = open_db(Path(db_path(self.db)).parent)
+        return memory.bm25_search(self._reader, question, k)
 
     @property
     def embedder(self) -> Embedder:
@@ -136,7 +149,7 @@ class Retriever:
         return memory.bm25_search(self.db, question, k)
 
     def dense(self, question: str, k: int, vector: np.ndarray | None = None) -> list[tuple[int, float]]:
-        vector = self.embedder.encode([question])[0] if vector is None else vector
+        vector = self.embedder.encode_query(question) if vector is None else vector
         return memory.vector_search(self.db, vector, k)
 
     def _in_window(self, window: tuple[str, str], vector: np.ndarray, k: int) -> list[tuple[int, float]]:
@@ -161,12 +174,13 @@ class Retriever:
         if mode == "bm25":
             ranked = self.bm25(question, max(k * 3, POOL))
         else:
-            vector = self.embedder.encode([question])[0]
+            lexical = self._pool.submit(self._bm25_reader, question, POOL) if mode == "hybrid" else None
+            vector = self.embedder.encode_query(question)
             dense = self.dense(question, POOL, vector)
-            if mode == "dense":
+            if lexical is None:
                 ranked = dense
             else:
-                rankings = [self.bm25(question, POOL), dense]
+                rankings = [lexical.result(), dense]
                 window = time_window(question, now or dt.date.today())
                 if window:
                     rankings.append(self._in_window(window, vector, POOL))
