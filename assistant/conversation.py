@@ -79,9 +79,19 @@ class Exchange:
                 "memories": [hit.as_json() for hit in self.memories]}
 
 
+def recall(retriever: Retriever | None, engine: Engine, settings: Settings, text: str,
+           max_tokens: int) -> list[Hit]:
+    """The best memories for `text` that fit in half of what the prompt may take."""
+    if retriever is None:
+        raise RouteUnavailable("the rag route needs the memory index, which could not be opened")
+    retriever.refresh()
+    budget = (engine.n_ctx - max_tokens) // 2
+    return fit_memories(retriever.search(text, settings.memory_k), engine.count_tokens, budget)
+
+
 def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text: str, *,
-            log: bool = True, conversation_id: int | None = None, route: str = "auto", max_tokens: int | None = None,
-            temperature: float | None = None, seed: int | None = None,
+            log: bool = True, conversation_id: int | None = None, route: str = "auto",
+            max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
             cancel: threading.Event | None = None, retriever: Retriever | None = None,
             on_piece: Callable[[str], None] | None = None) -> Exchange:
     """Answer `text` in a conversation (a new one if None); with `log=False` nothing is stored.
@@ -93,13 +103,7 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     chosen = resolve_route(route, engine)
     max_tokens = max_tokens or settings.max_tokens
     context: list[Message] = []
-    memories: list[Hit] = []
-    if chosen == "rag":
-        if retriever is None:
-            raise RouteUnavailable("the rag route needs the memory index, which could not be opened")
-        retriever.refresh()
-        budget = (engine.n_ctx - max_tokens) // 2   # at most half the prompt goes to memories
-        memories = fit_memories(retriever.search(text, settings.memory_k), engine.count_tokens, budget)
+    memories = recall(retriever, engine, settings, text, max_tokens) if chosen == "rag" else []
     system = "\n\n".join(part for part in (
         settings.system_prompt, memory_message(memories)["content"] if memories else None) if part)
     if system:
