@@ -1,0 +1,22 @@
+"""`ember bench`: the benchmarks run end to end and write their JSON where asked."""
+from __future__ import annotations
+
+import json
+
+from tests.conftest import assert_clean_error
+
+
+def test_bench_lists_benchmarks_and_refuses_unknown_ones(ember):
+    listing = ember("bench").out
+    assert "engine" in listing and "memory" in listing and "recall" in listing
+    assert_clean_error(ember("bench", "nope"), contains="unknown benchmark")
+
+
+def test_engine_benchmark_compares_against_bare_llama_cpp(ember, tmp_path):
+    result = ember("bench", "engine", "--rounds", "1", "--output-dir", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.err
+    written = json.loads((tmp_path / "engine.json").read_text())
+    assert written["same_output"] is True     # same model, prompt and settings on both sides
+    assert written["ember"]["decode_tps_median"] > 0 and written["bare_llama_cpp"]["decode_tps_median"] > 0
+    assert written["ratio"]["decode_speed"] > 0 and written["chat_ready_to_type_s"] > 0
+    assert written["machine"]["versions"]["llama-cpp-python"]
