@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant.config import Settings
+from assistant.errors import EmberError
 from assistant.embedder import Embedder
 from assistant.retrieval import Retriever
 from storage import memory
@@ -73,7 +74,9 @@ def evaluate(embedder: Embedder, workdir: Path) -> dict[str, Any]:
 def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
     """The whole evaluation (rounds is ignored: retrieval is deterministic)."""
     if not DATA.is_dir():
-        raise FileNotFoundError(f"{DATA} is missing: the MemoryBank data lives in ../shared/data")
+        raise EmberError(f"{DATA} is missing: the MemoryBank data lives in ../shared/data")
+    if not GOLD.is_file():
+        raise EmberError(f"the gold evidence labels {GOLD} are not written yet; see benchmarks/recall.py")
     embedder = Embedder(settings.cache_dir, threads=settings.threads)
     with tempfile.TemporaryDirectory() as tmp:
         result = evaluate(embedder, Path(tmp))
