@@ -153,17 +153,7 @@ class Retriever:
         return memory.vector_search(self.db, vector, k)
 
     def _in_window(self, window: tuple[str, str], vector: np.ndarray, k: int) -> list[tuple[int, float]]:
-        ids = memory.in_time_range(self.db, *window)
-        if not ids:
-            return []
-        rows = self.db.execute(f"SELECT id, embedding FROM memory_chunks WHERE embedding IS NOT NULL "
-                               f"AND id IN ({','.join('?' * len(ids))})", ids).fetchall()
-        if not rows:
-            return []
-        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
-        scores = matrix @ vector
-        order = np.argsort(-scores)[:k]
-        return [(rows[i][0], float(scores[i])) for i in order]
+        return memory.rescore(self.db, memory.in_time_range(self.db, *window), vector, k)
 
     def search(self, question: str, k: int = 5, *, mode: str = "hybrid",
                now: dt.date | None = None) -> list[Hit]:

@@ -137,15 +137,22 @@ def vector_search(db: sqlite_utils.Database, vector: np.ndarray, k: int) -> list
     candidates = [row[0] for row in db.execute(
         "SELECT rowid FROM memory_vec WHERE embedding MATCH vec_quantize_binary(?) AND k = ?",
         [vector.tobytes(), max(64, k * RESCORE_FACTOR)])]
-    if not candidates:
+    return rescore(db, candidates, vector, k)
+
+
+def rescore(db: sqlite_utils.Database, ids: Sequence[int], vector: np.ndarray,
+            k: int) -> list[tuple[int, float]]:
+    """(chunk id, cosine similarity) of the `k` chunks among `ids` nearest to `vector`, exactly."""
+    if not ids:
         return []
-    rows = db.execute(f"SELECT id, embedding FROM memory_chunks WHERE id IN "
-                      f"({','.join('?' * len(candidates))})", candidates).fetchall()
-    ids = np.array([r[0] for r in rows])
+    rows = db.execute(f"SELECT id, embedding FROM memory_chunks WHERE embedding IS NOT NULL AND id IN "
+                      f"({','.join('?' * len(ids))})", list(ids)).fetchall()
+    if not rows:
+        return []
     matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), DIM)
-    scores = matrix @ vector
+    scores = matrix @ np.asarray(vector, dtype=np.float32)
     order = np.argsort(-scores)[:k]
-    return [(int(ids[i]), float(scores[i])) for i in order]
+    return [(int(rows[i][0]), float(scores[i])) for i in order]
 
 
 def chunks_by_id(db: sqlite_utils.Database, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
