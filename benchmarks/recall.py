@@ -4,7 +4,8 @@ Data: ../shared/data/memorybank (MIT): 15 simulated users' dated chat histories 
 questions each. The gold evidence turns and answers in benchmarks/data/memorybank_gold.jsonl were
 written for Ember by reading the histories (they are not part of the dataset). Each user's turns are
 imported into their own fresh memory, as a user of Ember would have them, and each answerable
-question is searched with `now` = the day after that user's last conversation.
+question is searched with `now` = the day after that user's last conversation. (Some user names in
+the dataset carry stray spaces; the gold file uses them stripped.)
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def evaluate(embedder: Embedder, workdir: Path) -> dict[str, Any]:
     hits_any: dict[str, dict[int, list[float]]] = {m: {k: [] for k in KS} for m in MODES}
     per_question = []
     for name, user in users.items():
-        questions = [g for g in gold if g["user"] == name and g["answerable"] and g["evidence"]]
+        questions = [g for g in gold if g["user"] == name.strip() and g["answerable"] and g["evidence"]]
         if not questions:
             continue
         db = open_db(workdir / name)
