@@ -1,6 +1,7 @@
 """The main screen: conversations on the left, the chat on the right, status and keys below."""
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -103,17 +104,21 @@ class ChatScreen(Screen):
         self.conversation_id = conversation_id
         log = self.query_one("#log", VerticalScroll)
         log.remove_children()
-        title = "New conversation"
+        self.show_title()   # also raises NotFound for an id that does not exist
         if conversation_id is not None:
-            title = convs.get_conversation(self.app.db, conversation_id)["title"]
             log.mount_all(MessageView(m["role"], m["content"], status=m["status"], message_id=m["id"],
                                       route=m["route"],
                                       memories=memory.reply_memories(self.app.db, m["id"])
                                       if m["route"] == "rag" else None)
                           for m in convs.messages(self.app.db, conversation_id))
-        self.query_one("#conversation-title", Label).update(title)
         log.scroll_end(animate=False)
         log.anchor()
+
+    def show_title(self) -> None:
+        """Show the open conversation's title as stored (titles change on the first message)."""
+        title = ("New conversation" if self.conversation_id is None
+                 else convs.get_conversation(self.app.db, self.conversation_id)["title"])
+        self.query_one("#conversation-title", Label).update(title)
 
     def model_ready(self) -> None:
         """Called by the app when the model has loaded."""
@@ -200,8 +205,7 @@ class ChatScreen(Screen):
         status.speed = exchange.tokens_per_second or status.speed
         status.adapter = exchange.adapter
         if exchange.conversation_id == self.conversation_id:
-            title = convs.get_conversation(self.app.db, self.conversation_id)["title"]
-            self.query_one("#conversation-title", Label).update(title)
+            self.show_title()
         self.refresh_sidebar()
 
     async def _reply_failed(self, view: MessageView, text: str, error: str) -> None:
@@ -258,8 +262,7 @@ class ChatScreen(Screen):
     def _renamed(self, title: str | None) -> None:
         if title and self.conversation_id is not None:
             convs.rename_conversation(self.app.db, self.conversation_id, title)
-            self.query_one("#conversation-title", Label).update(
-                convs.get_conversation(self.app.db, self.conversation_id)["title"])
+            self.show_title()
             self.refresh_sidebar()
 
     @shows_errors
@@ -309,14 +312,13 @@ class ChatScreen(Screen):
             return
         what = ("This memory is a message you sent; forgetting it deletes that message."
                 if found["source"] == "message" else "Forget this imported note?")
-        self._forgetting = message.chunk_id
         self.app.push_screen(ConfirmScreen(f"{what}\n\n{' '.join(found['text'].split())[:200]}"),
-                             self._forget_answered)
+                             functools.partial(self._forget_answered, message.chunk_id))
 
     @shows_errors
-    def _forget_answered(self, yes: bool | None) -> None:
+    def _forget_answered(self, chunk_id: int, yes: bool | None) -> None:
         if yes:
-            memory.delete_chunk(self.app.db, self._forgetting)
+            memory.delete_chunk(self.app.db, chunk_id)
             self.notify("Forgotten.")
             self.open_conversation(self.conversation_id)
             self.refresh_sidebar()
