@@ -113,7 +113,8 @@ def finish_reply(db: sqlite_utils.Database, message_id: int, content: str, statu
                                            "tokens": tokens, "seconds": seconds})
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -126,7 +127,7 @@ def _alive(pid: int) -> bool:
 def recover_interrupted(db: sqlite_utils.Database) -> int:
     """Mark replies whose writing process died mid-stream as `interrupted`; return how many."""
     stale = [row["id"] for row in db["messages"].rows_where("status = 'generating'")
-             if not row["writer_pid"] or row["writer_pid"] == os.getpid() or not _alive(row["writer_pid"])]
+             if not row["writer_pid"] or row["writer_pid"] == os.getpid() or not process_alive(row["writer_pid"])]
     if stale:
         with transaction(db):
             for message_id in stale:
@@ -159,9 +160,13 @@ def search_messages(db: sqlite_utils.Database, text: str, limit: int = 50) -> li
 
 
 def _delete(db: sqlite_utils.Database, message_ids: Iterable[int]) -> dict[str, int]:
-    """Delete messages, then any conversation left empty; one transaction."""
+    """Delete messages, then any conversation left empty; one transaction.
+
+    Adapters trained on a deleted message are tainted by a trigger; the count says how many.
+    """
     ids = list(message_ids)
     with transaction(db):
+        tainted = _tainted(db)
         touched = {row["conversation_id"] for row in db.query(
             f"SELECT DISTINCT conversation_id FROM messages WHERE id IN ({','.join('?' * len(ids))})", ids)}
         for message_id in ids:
@@ -170,7 +175,12 @@ def _delete(db: sqlite_utils.Database, message_ids: Iterable[int]) -> dict[str, 
                    if not db.execute("SELECT 1 FROM messages WHERE conversation_id = ?", [cid]).fetchone()]
         for cid in emptied:
             db["conversations"].delete(cid)
-    return {"messages": len(ids), "conversations": len(emptied)}
+        tainted = _tainted(db) - tainted
+    return {"messages": len(ids), "conversations": len(emptied), "adapters_tainted": tainted}
+
+
+def _tainted(db: sqlite_utils.Database) -> int:
+    return db.execute("SELECT COUNT(*) FROM adapters WHERE status = 'tainted'").fetchone()[0]
 
 
 def forget_message(db: sqlite_utils.Database, message_id: int) -> dict[str, int]:
@@ -186,7 +196,7 @@ def delete_conversation(db: sqlite_utils.Database, conversation_id: int) -> dict
     ids = [row["id"] for row in db.query("SELECT id FROM messages WHERE conversation_id = ?",
                                          [conversation_id])]
     with transaction(db):
-        result = _delete(db, ids) if ids else {"messages": 0, "conversations": 0}
+        result = _delete(db, ids) if ids else {"messages": 0, "conversations": 0, "adapters_tainted": 0}
         if db["conversations"].count_where("id = ?", [conversation_id]):
             db["conversations"].delete(conversation_id)
             result["conversations"] += 1
@@ -198,15 +208,17 @@ def forget_matching(db: sqlite_utils.Database, text: str) -> dict[str, int]:
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     ids = [row["id"] for row in db.query(
         "SELECT id FROM messages WHERE content LIKE ? ESCAPE '\\'", [f"%{escaped}%"])]
-    return _delete(db, ids) if ids else {"messages": 0, "conversations": 0}
+    return _delete(db, ids) if ids else {"messages": 0, "conversations": 0, "adapters_tainted": 0}
 
 
 def forget_all(db: sqlite_utils.Database) -> dict[str, int]:
     """Delete every conversation and message."""
     with transaction(db):
+        tainted = _tainted(db)
         counts = {"messages": db["messages"].count, "conversations": db["conversations"].count}
         db.execute("DELETE FROM messages")
         db.execute("DELETE FROM conversations")
+        counts["adapters_tainted"] = _tainted(db) - tainted
     return counts
 
 

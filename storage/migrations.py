@@ -161,3 +161,100 @@ def m005_reply_memories(db: sqlite_utils.Database) -> None:
             DELETE FROM reply_memories WHERE chunk_id = old.id;
         END;
     """)
+
+
+@migration
+def m006_feedback(db: sqlite_utils.Database) -> None:
+    """What the user told us about replies and conversations: the signal adaptation learns from.
+
+    Rows are events (latest wins), so a change of mind is kept in order and nothing is overwritten.
+    """
+    db.executescript("""
+        CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL,
+            message_id INTEGER,
+            kind TEXT NOT NULL CHECK (kind IN ('up', 'down', 'clear', 'edit', 'exclude', 'include')),
+            content TEXT,
+            created TEXT NOT NULL
+        );
+        CREATE INDEX idx_feedback_message ON feedback (message_id);
+        CREATE INDEX idx_feedback_conversation ON feedback (conversation_id);
+        CREATE TRIGGER feedback_message_ad AFTER DELETE ON messages BEGIN
+            DELETE FROM feedback WHERE message_id = old.id;
+        END;
+        CREATE TRIGGER feedback_conversation_ad AFTER DELETE ON conversations BEGIN
+            DELETE FROM feedback WHERE conversation_id = old.id;
+        END;
+    """)
+
+
+@migration
+def m007_adapters(db: sqlite_utils.Database) -> None:
+    """The adapter registry, its lineage, the privacy ledger and adaptation runs.
+
+    Forgetting a message taints (withdraws) every adapter trained on it, in the same statement, so no
+    code path that deletes messages can forget to.
+    """
+    db.executescript("""
+        CREATE TABLE adapters (
+            id TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            method TEXT NOT NULL,
+            base_sha256 TEXT NOT NULL,
+            base_name TEXT,
+            params TEXT NOT NULL DEFAULT '{}',
+            eval TEXT NOT NULL DEFAULT '{}',
+            status TEXT NOT NULL CHECK (status IN ('active', 'inactive', 'rejected', 'tainted')),
+            reason TEXT,
+            epsilon REAL,
+            delta REAL,
+            examples INTEGER NOT NULL DEFAULT 0,
+            created TEXT NOT NULL,
+            activated INTEGER  -- order in which adapters were put in use (rollback walks it back)
+        );
+        CREATE TABLE adapter_sources (
+            adapter_id TEXT NOT NULL,
+            message_id INTEGER NOT NULL,
+            split TEXT NOT NULL CHECK (split IN ('train', 'heldout')),
+            PRIMARY KEY (adapter_id, message_id)
+        );
+        CREATE INDEX idx_adapter_sources_message ON adapter_sources (message_id);
+        CREATE TRIGGER adapters_taint_bd BEFORE DELETE ON messages BEGIN
+            UPDATE adapters SET status = 'tainted', activated = NULL,
+                   reason = 'trained on message ' || old.id || ', since forgotten'
+            WHERE status != 'tainted'
+              AND id IN (SELECT adapter_id FROM adapter_sources WHERE message_id = old.id);
+        END;
+        CREATE TABLE privacy_ledger (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL UNIQUE,
+            method TEXT NOT NULL,
+            dp INTEGER NOT NULL,
+            epsilon REAL,
+            delta REAL,
+            sigma REAL,
+            clip REAL,
+            sample_rate REAL,
+            steps INTEGER,
+            examples INTEGER,
+            created TEXT NOT NULL
+        );
+        CREATE TABLE adapt_runs (
+            id TEXT PRIMARY KEY,
+            method TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
+            pid INTEGER,
+            started TEXT NOT NULL,
+            updated TEXT NOT NULL,
+            step INTEGER NOT NULL DEFAULT 0,
+            steps INTEGER NOT NULL DEFAULT 0,
+            loss REAL,
+            epsilon_spent REAL,
+            eta_seconds REAL,
+            message TEXT,
+            fingerprint TEXT,
+            adapter_id TEXT
+        );
+    """)

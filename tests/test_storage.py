@@ -183,20 +183,20 @@ def test_forget_message_conversation_match_and_all(db):
     c = convs.create_conversation(db)
     convs.add_message(db, c, "user", "keep me")
 
-    assert convs.forget_message(db, m1) == {"messages": 1, "conversations": 0}
+    assert convs.forget_message(db, m1) == {"messages": 1, "conversations": 0, "adapters_tainted": 0}
     assert convs.search_messages(db, "4111") == []            # gone from the index too
-    assert convs.forget_message(db, m2) == {"messages": 1, "conversations": 1}
+    assert convs.forget_message(db, m2) == {"messages": 1, "conversations": 1, "adapters_tainted": 0}
     with pytest.raises(NotFound):
         convs.get_conversation(db, a)
     # LIKE wildcards in the user's text are literal.
-    assert convs.forget_matching(db, "0% SURE about the_") == {"messages": 1, "conversations": 1}
-    assert convs.forget_matching(db, "_") == {"messages": 0, "conversations": 0}
-    assert convs.delete_conversation(db, c) == {"messages": 1, "conversations": 1}
+    assert convs.forget_matching(db, "0% SURE about the_") == {"messages": 1, "conversations": 1, "adapters_tainted": 0}
+    assert convs.forget_matching(db, "_") == {"messages": 0, "conversations": 0, "adapters_tainted": 0}
+    assert convs.delete_conversation(db, c) == {"messages": 1, "conversations": 1, "adapters_tainted": 0}
     with pytest.raises(NotFound):
         convs.forget_message(db, 12345)
     d = convs.create_conversation(db)
     convs.add_message(db, d, "user", "x")
-    assert convs.forget_all(db) == {"messages": 1, "conversations": 1}
+    assert convs.forget_all(db) == {"messages": 1, "conversations": 1, "adapters_tainted": 0}
     assert db.execute("SELECT count(*) FROM messages_fts").fetchone()[0] == 0
     assert integrity_ok(db)
 

@@ -106,7 +106,7 @@ def export(fmt, output, model, as_json):
 @model_option
 @json_option
 def forget(message_id, conversation_id, text, everything, yes, model, as_json):
-    """Delete messages for good (and, once adapters exist, taint the ones trained on them)."""
+    """Delete messages for good, and withdraw (taint) the adapters trained on them."""
     chosen = [x for x in (message_id, conversation_id, text, everything or None) if x is not None]
     if len(chosen) != 1:
         raise InvalidInput("say what to forget: exactly one of --message ID, --conversation ID, "
@@ -127,7 +127,9 @@ def forget(message_id, conversation_id, text, everything, yes, model, as_json):
     if as_json:
         print_json({"deleted": counts})
     else:
-        click.echo(f"Forgot {counts['messages']} messages; removed {counts['conversations']} conversations.")
+        click.echo(f"Forgot {counts['messages']} messages; removed {counts['conversations']} conversations"
+                   + (f"; withdrew {counts['adapters_tainted']} adapters trained on them."
+                      if counts["adapters_tainted"] else "."))
 
 
 COMMANDS = [history, export, forget]

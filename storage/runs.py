@@ -1,0 +1,64 @@
+"""Adaptation runs in progress, shared through the database so the chat and `ember status` can show them."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import sqlite_utils
+
+from storage.conversations import process_alive, now
+from storage.db import transaction
+
+FIELDS = ("step", "steps", "loss", "epsilon_spent", "eta_seconds", "message", "adapter_id", "status")
+
+
+def start(db: sqlite_utils.Database, run_id: str, *, method: str, steps: int, fingerprint: str) -> None:
+    """Record a run as running in this process (a resumed run takes its row over)."""
+    stamp = now()
+    with transaction(db):
+        db["adapt_runs"].upsert({"id": run_id, "method": method, "status": "running", "pid": os.getpid(),
+                                 "started": stamp, "updated": stamp, "steps": steps,
+                                 "fingerprint": fingerprint}, pk="id")
+
+
+def update(db: sqlite_utils.Database, run_id: str, **fields: Any) -> None:
+    """Report progress (step, loss, ε spent, ETA, message) or the final status."""
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown run fields {sorted(unknown)}")
+    with transaction(db):
+        db["adapt_runs"].update(run_id, {**fields, "updated": now()})
+
+
+def get(db: sqlite_utils.Database, run_id: str) -> dict[str, Any] | None:
+    """One run's row, or None."""
+    rows = list(db["adapt_runs"].rows_where("id = ?", [run_id]))
+    return rows[0] if rows else None
+
+
+def current(db: sqlite_utils.Database) -> dict[str, Any] | None:
+    """The run in progress (its process alive), or None."""
+    for row in db["adapt_runs"].rows_where("status = 'running'", order_by="started DESC"):
+        if row["pid"] and process_alive(row["pid"]):
+            return row
+    return None
+
+
+def resumable(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    """Runs that stopped before finishing (paused, killed, crashed), newest first.
+
+    A run still marked running whose process is gone is marked interrupted first.
+    """
+    stale = [row for row in db["adapt_runs"].rows_where("status = 'running'")
+             if not row["pid"] or row["pid"] == os.getpid() or not process_alive(row["pid"])]
+    if stale:
+        with transaction(db):
+            for row in stale:
+                db["adapt_runs"].update(row["id"], {"status": "interrupted", "pid": None})
+    return list(db["adapt_runs"].rows_where("status = 'interrupted'", order_by="started DESC"))
+
+
+def latest(db: sqlite_utils.Database) -> dict[str, Any] | None:
+    """The most recent run of any status."""
+    rows = list(db["adapt_runs"].rows_where(order_by="started DESC", limit=1))
+    return rows[0] if rows else None
