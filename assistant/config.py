@@ -39,6 +39,7 @@ class Settings:
 
     home: Path
     model: Path | None = None          # None: the bundled model, resolved lazily
+    cache: Path | None = None          # None: <home>/cache
     n_ctx: int = 4096
     n_threads: int = 0                 # 0: all physical cores
     max_tokens: int = 512
@@ -48,6 +49,8 @@ class Settings:
     system_prompt: str | None = None   # None: whatever the model's chat template says
     busy_timeout_ms: int = 3000
     memory_k: int = 5                  # memories put in front of the model on the rag route
+    privacy_budget: float = 32.0       # total ε all adapters together may spend (basic composition)
+    adapt_epsilon: float = 8.0         # ε of one adaptation run, unless --epsilon says otherwise
 
     @property
     def model_path(self) -> Path:
@@ -61,8 +64,13 @@ class Settings:
 
     @property
     def cache_dir(self) -> Path:
-        """Derived files Ember can rebuild (the unpacked embedding model)."""
-        return self.home / "cache"
+        """Derived files Ember can rebuild (embedding model, dequantized base, checkpoints)."""
+        return self.cache if self.cache is not None else self.home / "cache"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Adapter files (GGUF)."""
+        return self.home / "adapters"
 
     @property
     def db_path(self) -> Path:
@@ -70,7 +78,7 @@ class Settings:
         return self.home / "ember.db"
 
 
-ENV_VARS = {"EMBER_MODEL": "model", "EMBER_N_CTX": "n_ctx", "EMBER_THREADS": "n_threads",
+ENV_VARS = {"EMBER_MODEL": "model", "EMBER_CACHE": "cache", "EMBER_N_CTX": "n_ctx", "EMBER_THREADS": "n_threads",
             "EMBER_BUSY_TIMEOUT_MS": "busy_timeout_ms"}
 
 
@@ -90,7 +98,7 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if value is None:
             return None
-        if name == "model":
+        if name in ("model", "cache"):
             return Path(str(value)).expanduser()
         if kind.startswith("int"):
             return int(value)

@@ -4,16 +4,18 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import sqlite_utils
 
+from adapters.errors import AdapterInvalid, AdapterMismatch
 from assistant.config import Settings
 from assistant.engine import Engine, Message
 from assistant.errors import InvalidInput, RouteUnavailable
 from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
 from storage import conversations as convs
-from storage import memory
+from storage import memory, registry
 
 ROUTES = ("auto", "base", "rag", "adapter", "both")
 SAVE_EVERY_SECONDS = 0.5   # how much of a streaming reply a SIGKILL can lose, at most
@@ -31,19 +33,39 @@ def check_prompt(text: str) -> str:
 
 
 def resolve_route(route: str, engine: Engine) -> str:
-    """The route this request takes. Adapters do not exist yet; asking for one says so.
+    """The route this request takes, given what exists (a loaded adapter, the memory index).
 
-    `auto` answers from the base model until the router (which weighs memory against the adapter
-    per request) is built; `rag` puts retrieved memories in front of the model.
+    `auto` uses the personal adapter when one is active and the base model otherwise, until the router
+    (which weighs memory against the adapter per request) is built; `rag` and `both` put retrieved
+    memories in front of the model; `base` and `rag` leave the adapter out.
     """
     if route not in ROUTES:
         raise InvalidInput(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
-    if route in ("auto", "base"):
-        return "base"
-    if route == "rag":
-        return "rag"
-    raise RouteUnavailable(f"route {route!r} needs an active adapter, which this Ember does not have "
-                           "yet; use --route base, rag or auto")
+    if route == "auto":
+        return "adapter" if engine.loaded_adapter else "base"
+    if route in ("adapter", "both") and not engine.loaded_adapter:
+        raise RouteUnavailable(f"route {route!r} needs an active adapter and none is in use; run "
+                               "`ember adapt` to train one, or use --route base or rag")
+    return route
+
+
+def sync_adapter(db: sqlite_utils.Database, engine: Engine) -> str | None:
+    """Load the registry's active adapter into the engine if it changed (hot-swap).
+
+    Returns a one-line warning when the active adapter's file is refused (corrupt, another model):
+    the engine then keeps the adapter it had, and the same file is not retried.
+    """
+    active = registry.active(db)
+    wanted = active["id"] if active else None
+    if wanted == engine.loaded_adapter or (wanted is not None and wanted == engine.refused_adapter):
+        return None
+    try:
+        engine.load_adapter(Path(active["path"]) if active else None, wanted)
+    except (AdapterInvalid, AdapterMismatch) as err:
+        engine.refused_adapter = wanted
+        kept = f"still using {engine.loaded_adapter}" if engine.loaded_adapter else "using the base model"
+        return f"adapter {wanted} not used ({err}); {kept}"
+    return None
 
 
 def history(db: sqlite_utils.Database, conversation_id: int) -> list[Message]:
@@ -101,9 +123,10 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     """
     check_prompt(text)
     chosen = resolve_route(route, engine)
+    engine.use_adapter(chosen in ("adapter", "both"))
     max_tokens = max_tokens or settings.max_tokens
     context: list[Message] = []
-    memories = recall(retriever, engine, settings, text, max_tokens) if chosen == "rag" else []
+    memories = recall(retriever, engine, settings, text, max_tokens) if chosen in ("rag", "both") else []
     system = "\n\n".join(part for part in (
         settings.system_prompt, memory_message(memories)["content"] if memories else None) if part)
     if system:

@@ -1,7 +1,8 @@
 """A thin layer over llama-cpp-python: load a GGUF, apply its chat template, fit the context, stream.
 
-Adapters attach here later (llama.cpp's adapter API on the loaded model): `Engine.adapter` is what the
-status line and the log report, and `Engine.llm` is the one loaded model everything shares.
+Adapters are hot-swapped on the loaded model (llama.cpp's adapter API, `adapters.runtime`): one is
+loaded at a time (the registry's active adapter) and applied or not per request; `Engine.adapter` is
+the id applied to the next reply, which the status line and the log report.
 """
 from __future__ import annotations
 
@@ -12,15 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from adapters.template import ChatTemplate, Message
 from assistant.errors import InvalidInput, ModelInvalid, ModelNotFound, PromptTooLong
 
 GGUF_MAGIC = b"GGUF"
-# Used only when a GGUF carries no `tokenizer.chat_template` (llama.cpp's server does the same).
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-          " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
-
-Message = dict[str, str]
 
 
 def check_gguf(path: Path) -> Path:
@@ -68,7 +64,8 @@ class Generation:
 class Engine:
     """The loaded chat model. Not thread-safe: one generation at a time."""
 
-    def __init__(self, model_path: Path, *, n_ctx: int = 4096, n_threads: int = 2, seed: int = 0):
+    def __init__(self, model_path: Path, *, n_ctx: int = 4096, n_threads: int = 2, seed: int = 0,
+                 cache_dir: Path | None = None):
         path = check_gguf(model_path)
         import llama_cpp  # lazy: keeps `ember --help` and the TUI's first paint fast
 
@@ -80,20 +77,51 @@ class Engine:
             raise ModelInvalid(f"llama.cpp could not load {path} (truncated, corrupt or unsupported "
                                "GGUF); pass another --model") from err
         self.path = path
-        self.adapter: str | None = None
+        self.cache_dir = cache_dir
+        self.adapter: str | None = None          # applied to the next generation
+        self.loaded_adapter: str | None = None   # loaded, ready to apply
+        self.refused_adapter: str | None = None  # an active adapter whose file was refused
+        self._loaded: Any = None
+        self._sha256: str | None = None
         self.name = self.llm.metadata.get("general.name") or path.stem
-        self._formatter = self._chat_formatter()
+        self.template = ChatTemplate(self.llm)
 
-    def _chat_formatter(self) -> Any:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    @property
+    def sha256(self) -> str:
+        """The model file's SHA-256 (adapters record which base they were trained on)."""
+        if self._sha256 is None:
+            from adapters.base import file_sha256
 
-        model = self.llm._model
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
-        return Jinja2ChatFormatter(
-            template=self.llm.metadata.get("tokenizer.chat_template") or CHATML,
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "",
-            stop_token_ids=[eos])
+            self._sha256 = file_sha256(self.path, self.cache_dir)
+        return self._sha256
+
+    def load_adapter(self, path: Path | None, adapter_id: str | None) -> None:
+        """Hot-swap the loaded adapter (None: none) and apply it; on error the previous one stays."""
+        from adapters import runtime
+
+        if path is None:
+            runtime.apply(self.llm, None)
+            runtime.free(self._loaded)
+            self._loaded, self.loaded_adapter, self.adapter = None, None, None
+            return
+        new = runtime.load(self.llm, Path(path), base_sha256=self.sha256)
+        try:
+            runtime.apply(self.llm, new)
+        except Exception:
+            runtime.free(new)
+            runtime.apply(self.llm, self._loaded if self.adapter else None)
+            raise
+        runtime.free(self._loaded)
+        self._loaded, self.loaded_adapter, self.adapter = new, adapter_id, adapter_id
+
+    def use_adapter(self, on: bool) -> None:
+        """Generate the next replies with the loaded adapter, or with the base model alone."""
+        from adapters import runtime
+
+        want = self.loaded_adapter if on else None
+        if want != self.adapter:
+            runtime.apply(self.llm, self._loaded if want else None)
+            self.adapter = want
 
     @property
     def n_ctx(self) -> int:
@@ -106,11 +134,7 @@ class Engine:
 
     def tokenize_chat(self, messages: Sequence[Message]) -> tuple[list[int], list[str]]:
         """The prompt tokens for `messages` in the model's own chat template, and its stop strings."""
-        result = self._formatter(messages=list(messages))
-        tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special,
-                                   special=True)
-        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
-        return tokens, stop
+        return self.template.prompt(messages)
 
     def fit(self, messages: Sequence[Message], max_tokens: int) -> tuple[list[int], list[str], int]:
         """Drop the oldest turns until the prompt plus `max_tokens` fits the context.
@@ -213,3 +237,4 @@ class Engine:
     def close(self) -> None:
         """Free the model and its context."""
         self.llm.close()
+        self._loaded = None

@@ -115,3 +115,17 @@ def embedder(tmp_path_factory):
     from assistant.embedder import Embedder
 
     return Embedder(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def template(model_path):
+    """The bundled model's chat template and tokenizer (vocabulary only, no weights)."""
+    from adapters.template import ChatTemplate
+
+    return ChatTemplate.from_gguf(str(model_path))
+
+
+@pytest.fixture(scope="session")
+def training_cache(tmp_path_factory) -> Path:
+    """One cache dir for the session, so the GGUF is dequantized into torch once (~16 s)."""
+    return tmp_path_factory.mktemp("training-cache")

@@ -46,9 +46,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from assistant.cli import ask, bench, chat, log, memory, status
+    from assistant.cli import adapt, ask, bench, chat, feedback, log, memory, status
 
-    for module in (ask, chat, log, memory, status, bench):
+    for module in (ask, chat, log, memory, feedback, adapt, status, bench):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -7,7 +7,7 @@ import sys
 import click
 
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
-from assistant.conversation import ROUTES, respond
+from assistant.conversation import ROUTES, respond, sync_adapter
 from assistant.engine import Engine
 from assistant.errors import InvalidInput
 from assistant.retrieval import retriever_for
@@ -49,7 +49,10 @@ def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, m
     settings = settings_from(model=model)
     db = open_store(settings)
     engine = Engine(settings.model_path, n_ctx=settings.n_ctx, n_threads=settings.threads,
-                    seed=settings.seed or 0)
+                    seed=settings.seed or 0, cache_dir=settings.cache_dir)
+    warning = sync_adapter(db, engine)
+    if warning:
+        click.echo(f"ember: warning: {warning}", err=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill still marks the reply
 
     def show(piece: str) -> None:

@@ -6,7 +6,7 @@ import click
 from assistant import __version__
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
 from assistant.engine import check_gguf
-from storage import memory
+from storage import ledger, memory, registry, runs
 from storage.migrations import current_version
 
 
@@ -20,30 +20,51 @@ def status(model, as_json):
     check_gguf(path)
     db = open_store(settings)
     memory.sync_messages(db)
+    active = registry.active(db)
+    spent = ledger.spent(db)
+    running = runs.current(db)
     report = {
         "version": __version__,
         "model": {"path": str(path), "name": path.stem, "bytes": path.stat().st_size,
                   "n_ctx": settings.n_ctx, "threads": settings.threads},
-        "adapter": None,
+        "adapter": None if active is None else {
+            "id": active["id"], "method": active["method"], "epsilon": active["epsilon"],
+            "created": active["created"], "heldout_loss": active["eval"].get("heldout_loss")},
+        "adapters": {"total": db["adapters"].count, "tainted": registry.tainted_count(db)},
         "data_dir": str(settings.home),
         "database": {"path": str(settings.db_path), "bytes": settings.db_path.stat().st_size,
                      "schema_version": current_version(db),
                      "conversations": db["conversations"].count, "messages": db["messages"].count},
-        # Adaptation and the daemon arrive in later versions; report their honest state now.
-        "privacy": {"epsilon_spent": 0.0, "epsilon_budget": None, "epsilon_left": None},
+        "privacy": {"epsilon_spent": spent["epsilon"], "epsilon_budget": settings.privacy_budget,
+                    "epsilon_left": max(0.0, settings.privacy_budget - spent["epsilon"]),
+                    "delta_spent": spent["delta"], "dp_runs": spent["dp_runs"],
+                    "non_dp_runs": spent["non_dp_runs"]},
+        "adapting": None if running is None else {
+            k: running[k] for k in ("id", "method", "step", "steps", "loss", "epsilon_spent", "eta_seconds")},
         "memory": memory.stats(db),
+        # The idle-time daemon arrives in a later version; report its honest state now.
         "daemon": {"state": "not installed"},
     }
     if as_json:
         return print_json(report)
     db_info = report["database"]
+    privacy = report["privacy"]
+    adapter = ("none" if active is None else
+               f"{active['id']} ({active['method']}, "
+               + ("no DP" if active["epsilon"] is None else f"ε={active['epsilon']:g}") + ")")
+    privacy_line = (f"ε spent {privacy['epsilon_spent']:.2f} of {privacy['epsilon_budget']:g}, "
+                    f"{privacy['epsilon_left']:.2f} left ({privacy['dp_runs']} DP runs"
+                    + (f", {privacy['non_dp_runs']} WITHOUT DP" if privacy["non_dp_runs"] else "") + ")")
+    if running is not None:
+        privacy_line += (f"\nadapting  step {running['step']}/{running['steps']}"
+                         + (f", loss {running['loss']:.3f}" if running["loss"] is not None else ""))
     click.echo(f"model     {path.name} ({path.stat().st_size / 1e6:.0f} MB, context {settings.n_ctx}, "
                f"{settings.threads} threads)\n"
-               f"adapter   none\n"
+               f"adapter   {adapter}\n"
                f"data      {settings.home}\n"
                f"log       {db_info['conversations']} conversations, {db_info['messages']} messages "
                f"(schema v{db_info['schema_version']})\n"
-               f"privacy   no adaptation run yet: ε spent 0\n"
+               f"privacy   {privacy_line}\n"
                f"memory    {report['memory']['chunks']} chunks ({report['memory']['embedded']} embedded)\n"
                f"daemon    not installed")
     return None

@@ -1,0 +1,25 @@
+"""Failures of adaptation a user can cause or act on; each message is one line saying what to do next."""
+from storage.errors import EmberError, InvalidInput
+
+__all__ = ["AdapterInvalid", "AdapterMismatch", "BudgetExhausted", "NotEnoughData", "TrainingUnavailable",
+           "InvalidInput"]
+
+
+class AdapterInvalid(EmberError):
+    """A file that is not an adapter llama.cpp can apply (missing, corrupt, wrong kind)."""
+
+
+class AdapterMismatch(EmberError):
+    """An adapter trained for another architecture or another base model."""
+
+
+class BudgetExhausted(EmberError):
+    """A run would spend more privacy budget (ε) than the user allows."""
+
+
+class NotEnoughData(EmberError):
+    """The log holds too little the user wrote or approved to learn from."""
+
+
+class TrainingUnavailable(EmberError):
+    """A training method or its libraries are not available on this machine."""

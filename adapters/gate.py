@@ -1,0 +1,150 @@
+"""The evaluation gate: an adapter is promoted only if it beats both the base model and the adapter in
+use on the held-out examples, and still behaves on a few fixed prompts.
+
+Everything is measured on what the chat will actually run: the quantized GGUF in llama.cpp with the
+exported adapter file applied, not the float torch model it was trained in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from adapters import runtime
+from adapters.dataset import Example
+from adapters.template import ChatTemplate
+
+# General requests any assistant must keep handling; an adapter that breaks them is rejected.
+BEHAVIOUR_PROMPTS = (
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three colours.",
+)
+BEHAVIOUR_TOKENS = 32
+MIN_DISTINCT = 0.3      # a reply whose tokens are mostly repeats has degenerated
+
+
+@dataclasses.dataclass
+class Verdict:
+    """The gate's decision and the figures behind it."""
+
+    promote: bool
+    reason: str
+    heldout_loss: float
+    base_loss: float
+    current_loss: float | None
+    behaviour: list[dict[str, Any]]
+
+    def as_json(self) -> dict[str, Any]:
+        """The figures, as stored in the registry and printed by `ember adapt --json`."""
+        return {"heldout_loss": round(self.heldout_loss, 4), "base_loss": round(self.base_loss, 4),
+                "current_loss": None if self.current_loss is None else round(self.current_loss, 4),
+                "heldout_perplexity": round(math.exp(self.heldout_loss), 3),
+                "base_perplexity": round(math.exp(self.base_loss), 3),
+                "behaviour": self.behaviour, "promoted": self.promote, "reason": self.reason}
+
+
+class Evaluator:
+    """A llama.cpp instance with all logits kept, to score sequences with and without an adapter."""
+
+    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, base_sha256: str | None):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                                   logits_all=True, n_threads=threads, n_threads_batch=threads,
+                                   seed=0, verbose=False)
+        self.template = ChatTemplate(self.llm)
+        self.base_sha256 = base_sha256
+        self.loaded: runtime.Loaded | None = None
+
+    def use(self, adapter: Path | None) -> None:
+        """Score with this adapter from now on (None: the base model)."""
+        new = runtime.load(self.llm, adapter, base_sha256=self.base_sha256) if adapter else None
+        runtime.apply(self.llm, new)
+        runtime.free(self.loaded)
+        self.loaded = new
+
+    def sequence_loss(self, tokens: Sequence[int], loss_from: int) -> float:
+        """Mean negative log-likelihood of `tokens[loss_from:]` given what comes before."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(list(tokens))
+        logits = np.asarray(self.llm.scores[loss_from - 1:len(tokens) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        targets = np.asarray(tokens[loss_from:])
+        return float(-log_probs[np.arange(len(targets)), targets].mean())
+
+    def continuation_logprobs(self, prefix: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        """Total log-probability of each continuation after `prefix` (the prefix is evaluated once)."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(list(prefix))
+        out = []
+        for tokens in continuations:
+            self.llm.n_tokens = len(prefix)       # drop the previous continuation, keep the prefix
+            self.llm.eval(list(tokens))
+            logits = np.asarray(self.llm.scores[len(prefix) - 1:len(prefix) + len(tokens) - 1],
+                                dtype=np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            out.append(float(log_probs[np.arange(len(tokens)), np.asarray(tokens)].sum()))
+        return out
+
+    def loss(self, examples: Sequence[Example]) -> float:
+        """Mean per-example loss, as in training."""
+        return sum(self.sequence_loss(e.tokens, e.loss_from) for e in examples) / len(examples)
+
+    def reply(self, prompt: str, max_tokens: int = BEHAVIOUR_TOKENS) -> tuple[str, list[int]]:
+        """Greedy reply to a one-message conversation."""
+        tokens, stop = self.template.prompt([{"role": "user", "content": prompt}])
+        self.llm.reset()
+        out = self.llm.create_completion(prompt=tokens, max_tokens=max_tokens, temperature=0.0,
+                                         stop=stop, seed=0)
+        text = out["choices"][0]["text"]
+        return text, self.llm.tokenize(text.encode(), add_bos=False) if text else []
+
+    def behaviour(self) -> list[dict[str, Any]]:
+        """The fixed prompts' replies, with whether each still looks like an answer."""
+        results = []
+        for prompt in BEHAVIOUR_PROMPTS:
+            text, tokens = self.reply(prompt)
+            distinct = len(set(tokens)) / len(tokens) if tokens else 0.0
+            results.append({"prompt": prompt, "reply": text.strip(), "ok": bool(text.strip())
+                            and (len(tokens) < 8 or distinct >= MIN_DISTINCT)})
+        return results
+
+    def close(self) -> None:
+        """Free the model."""
+        self.llm.close()
+
+
+def judge(evaluator: Evaluator, heldout: Sequence[Example], candidate: Path,
+          current: Path | None) -> Verdict:
+    """Score base, current and candidate on the held-out examples and decide."""
+    evaluator.use(None)
+    base_loss = evaluator.loss(heldout)
+    current_loss = None
+    if current is not None:
+        evaluator.use(current)
+        current_loss = evaluator.loss(heldout)
+    evaluator.use(candidate)
+    loss = evaluator.loss(heldout)
+    behaviour = evaluator.behaviour()
+    evaluator.use(None)
+    broken = [b["prompt"] for b in behaviour if not b["ok"]]
+    if loss >= base_loss:
+        promote, reason = False, (f"held-out loss {loss:.3f} is not below the base model's "
+                                  f"{base_loss:.3f}")
+    elif current_loss is not None and loss >= current_loss:
+        promote, reason = False, (f"held-out loss {loss:.3f} is not below the current adapter's "
+                                  f"{current_loss:.3f}")
+    elif broken:
+        promote, reason = False, f"replies degenerate on behaviour prompts: {'; '.join(broken)}"
+    else:
+        promote, reason = True, (f"held-out loss {loss:.3f} < base {base_loss:.3f}"
+                                 + (f", current {current_loss:.3f}" if current_loss is not None else ""))
+    return Verdict(promote, reason, loss, base_loss, current_loss, behaviour)

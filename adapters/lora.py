@@ -1,0 +1,298 @@
+"""DP-SGD LoRA training on the frozen, dequantized base (peft + Opacus).
+
+Only the top `layers` decoder layers carry LoRA (EDGE-LLM's adaptive layer tuning, arXiv 2406.15758):
+the layers below are frozen and see no adapter, so their output for each example is computed once and
+training runs the top layers alone. That makes a CPU step several times cheaper, and keeps the number of
+DP-trained parameters, and with it the norm of the privacy noise, small.
+
+DP-SGD (Abadi et al., arXiv 1607.00133): Poisson-sampled batches, per-example gradient clipping to norm
+C and Gaussian noise σ·C, all done by Opacus at its seams (PrivacyEngine.make_private); σ is calibrated
+from the target (ε, δ) by `adapters.privacy`. Noise and sampling come from torch generators seeded with
+63 bits from the OS (`secrets`), fresh for every run and every resume. That is not Opacus' secure_mode
+(a CSPRNG, via torchcsprng, which has no build for current torch): the floating-point and PRNG caveats
+of Mironov (CCS 2012) apply, as they do to most DP-SGD deployments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import secrets
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from adapters import privacy
+from adapters.base import import_torch, load_base, write_private
+from adapters.dataset import Dataset, Example
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Everything that shapes a LoRA run; saved with the checkpoint and the adapter."""
+
+    # Small on purpose: DP noise grows with √(trainable parameters), so under ε=8 a rank-2 adapter on
+    # two layers learns where rank 8 on four layers drowns (measured on the synthetic habit user).
+    rank: int = 2
+    alpha: float = 16.0
+    layers: int = 2                 # adapt the top N decoder layers
+    modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj")
+    mlp: bool = False               # also adapt the MLP projections
+    train_a: bool | None = None     # None: train A only without DP (FFA-LoRA freezes it under DP)
+    lr: float = 1e-2
+    batch_size: int = 32
+    epochs: float = 8.0             # expected passes over the training set (steps = epochs / q)
+    steps: int | None = None        # overrides epochs
+    clip: float = 1.0               # C: per-example gradient norm bound
+    epsilon: float | None = 8.0     # None: no differential privacy
+    delta: float | None = None      # None: min(1/n², 1e-6)
+    seed: int = 0
+    threads: int = 0
+    checkpoint_every: int = 10
+
+
+@dataclasses.dataclass
+class Progress:
+    """One step's report: shown by the CLI's progress bar and, through the database, by the chat."""
+
+    step: int
+    steps: int
+    loss: float
+    epsilon: float | None
+    eta_seconds: float
+
+
+@dataclasses.dataclass
+class Trained:
+    """A finished run: the LoRA weights by module name, and what it cost."""
+
+    weights: dict[str, tuple[Any, Any]]
+    plan: privacy.Plan | None
+    losses: list[float]
+    seconds: float
+    n_head: int
+    n_head_kv: int
+    n_layers: int
+
+
+def steps_for(config: LoraConfig, n_train: int) -> int:
+    """Optimizer steps: `config.steps`, else enough for `epochs` expected passes."""
+    if config.steps is not None:
+        return config.steps
+    rate = min(1.0, config.batch_size / n_train)
+    return max(1, math.ceil(config.epochs / rate))
+
+
+def plan_for(config: LoraConfig, n_train: int) -> privacy.Plan | None:
+    """The DP plan (σ calibrated to ε) for this run, or None without DP."""
+    if config.epsilon is None:
+        return None
+    return privacy.plan(n_train, epsilon=config.epsilon, delta=config.delta,
+                        batch_size=config.batch_size, steps=steps_for(config, n_train), clip=config.clip)
+
+
+def _tensors(torch: Any, examples: list[Example], length: int) -> tuple[Any, Any, Any]:
+    """Right-padded token ids, attention mask and labels (-100 where no loss falls)."""
+    ids = torch.zeros((len(examples), length), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, ex in enumerate(examples):
+        n = len(ex.tokens)
+        ids[i, :n] = torch.tensor(ex.tokens)
+        mask[i, :n] = 1
+        labels[i, ex.loss_from:n] = ids[i, ex.loss_from:n]
+    return ids, mask, labels
+
+
+def _frozen_hidden(torch: Any, model: Any, ids: Any, mask: Any, first: int, batch: int = 8) -> Any:
+    """The input to decoder layer `first` for every sequence (the frozen layers below run once)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch):
+            states = model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch],
+                           output_hidden_states=True, use_cache=False).hidden_states
+            out.append(states[first])
+    return torch.cat(out)
+
+
+def sequence_losses(torch: Any, lm_head: Any, hidden: Any, labels: Any) -> Any:
+    """Mean next-token loss of each sequence over its labelled tokens (logits only where needed)."""
+    target = labels[:, 1:]
+    where = target != -100
+    logits = lm_head(hidden[:, :-1][where])
+    token_loss = torch.nn.functional.cross_entropy(logits.float(), target[where], reduction="none")
+    rows = where.nonzero()[:, 0]
+    total = torch.zeros(len(labels), dtype=token_loss.dtype).index_add(0, rows, token_loss)
+    return total / where.sum(1).clamp(min=1)
+
+
+def _top_layers(torch: Any) -> Any:
+    class TopLayers(torch.nn.Module):
+        """The adapted top of the model: decoder layers from `first` on, then the final norm."""
+
+        def __init__(self, inner: Any, first: int):
+            super().__init__()
+            self.inner = inner
+            self.inner.layers = torch.nn.ModuleList(list(inner.layers)[first:])
+
+        def forward(self, hidden: Any, mask: Any) -> Any:
+            return self.inner(inputs_embeds=hidden, attention_mask=mask, use_cache=False).last_hidden_state
+
+    return TopLayers
+
+
+def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, *,
+          checkpoint: Path | None = None, on_step: Callable[[Progress], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> Trained | None:
+    """Train LoRA on `data.train`; resume from `checkpoint` if it exists. None when stopped early.
+
+    The checkpoint (written atomically every `checkpoint_every` steps and on stop) holds the step, the
+    LoRA weights, the optimizer state and the losses, so a killed run continues where it was.
+    """
+    torch = import_torch()
+    from peft import LoraConfig as PeftConfig, get_peft_model
+
+    # Library chatter that says nothing to the user: peft calls a renamed transformers method, and
+    # Opacus' hooks note that the frozen hidden states need no gradient (true, by design).
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+    torch.manual_seed(config.seed)
+    base = load_base(model_path, cache_dir, threads=config.threads or None)
+    n_layers = base.config.num_hidden_layers
+    first = max(0, n_layers - config.layers)
+    modules = list(config.modules + (MLP if config.mlp else ()))
+    model = get_peft_model(base, PeftConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=modules,
+        layers_to_transform=list(range(first, n_layers))))
+    if not (config.train_a if config.train_a is not None else config.epsilon is None):
+        # FFA-LoRA (arXiv 2403.12313): with A frozen at its random init, only B learns; DP noise then
+        # covers half the parameters, and the update stays linear in what is noised.
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+    examples = data.train
+    length = max(len(e.tokens) for e in examples)
+    ids, mask, labels = _tensors(torch, examples, length)
+    hidden = _frozen_hidden(torch, base, ids, mask, first)
+    lm_head = base.lm_head
+    full_layers = base.model.layers
+    net = _top_layers(torch)(base.model, first)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    steps = steps_for(config, len(examples))
+    plan = plan_for(config, len(examples))
+    # The privacy noise and the Poisson sampling must be unpredictable: they draw from generators seeded
+    # by the OS, never from `config.seed` (which only fixes the LoRA init and the non-DP data order).
+    sampling = torch.Generator()
+    sampling.manual_seed(secrets.randbits(63) if plan is not None else config.seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(hidden, mask, labels),
+                                         batch_size=min(config.batch_size, len(examples)), shuffle=True,
+                                         generator=sampling)
+    if plan is not None:
+        from opacus import PrivacyEngine
+
+        with warnings.catch_warnings():
+            # Opacus' secure_mode needs torchcsprng, which has no build for current torch; the noise
+            # generator below is seeded from the OS instead (see the module docstring).
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp")
+        noise = torch.Generator()
+        noise.manual_seed(secrets.randbits(63))
+        net, optimizer, loader = engine.make_private(
+            module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.sigma,
+            max_grad_norm=plan.clip, poisson_sampling=True, noise_generator=noise)
+    state = {"step": 0, "losses": []}
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        _load_trainable(net, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+    started, done_at_start = time.perf_counter(), state["step"]
+    net.train()
+    try:
+        while state["step"] < steps:
+            for batch_hidden, batch_mask, batch_labels in loader:
+                if state["step"] >= steps:
+                    break
+                loss = _step(torch, net, optimizer, lm_head, batch_hidden, batch_mask, batch_labels)
+                state["step"] += 1
+                state["losses"].append(loss)
+                if on_step is not None:
+                    elapsed = time.perf_counter() - started
+                    per_step = elapsed / (state["step"] - done_at_start)
+                    eps = (privacy.epsilon_spent(plan.sigma, plan.sample_rate, state["step"], plan.delta)
+                           if plan is not None else None)
+                    on_step(Progress(state["step"], steps, loss, eps, per_step * (steps - state["step"])))
+                stop = should_stop is not None and should_stop()
+                if checkpoint is not None and (stop or state["step"] % config.checkpoint_every == 0):
+                    _save(torch, checkpoint, net, optimizer, state)
+                if stop:
+                    return None
+        weights = _lora_weights(net, first)
+    finally:
+        base.model.layers = full_layers
+    return Trained(weights, plan, state["losses"], time.perf_counter() - started,
+                   base.config.num_attention_heads, base.config.num_key_value_heads, n_layers)
+
+
+def _step(torch: Any, net: Any, optimizer: Any, lm_head: Any, hidden: Any, mask: Any, labels: Any) -> float:
+    """One optimizer step: mean loss of the batch's sequences, backward, (clip, noise,) update."""
+    optimizer.zero_grad(set_to_none=True)
+    if len(hidden) == 0:
+        # A Poisson batch can be empty; DP-SGD still takes the step (noise only), as the accountant assumes.
+        for p in (p for p in net.parameters() if p.requires_grad):
+            p.grad_sample = torch.zeros((0, *p.shape))
+        optimizer.step()
+        return float("nan")
+    loss = sequence_losses(torch, lm_head, net(hidden, mask), labels).mean()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _trainable(net: Any) -> dict[str, Any]:
+    return {name: p for name, p in net.named_parameters() if p.requires_grad}
+
+
+def _lora(net: Any) -> dict[str, Any]:
+    return {name: p for name, p in net.named_parameters() if ".lora_" in name}
+
+
+def _load_trainable(net: Any, saved: dict[str, Any]) -> None:
+    params = _lora(net)
+    if set(params) != set(saved):
+        raise ValueError("the checkpoint was written for another LoRA configuration")
+    with import_torch().no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def _save(torch: Any, path: Path, net: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Checkpoint atomically: a kill mid-write leaves the previous checkpoint intact."""
+    buffer = io.BytesIO()
+    torch.save({**state, "lora": {k: v.detach().clone() for k, v in _lora(net).items()},
+                "optimizer": optimizer.state_dict()}, buffer)
+    write_private(path, buffer.getvalue())
+
+
+def _lora_weights(net: Any, first: int) -> dict[str, tuple[Any, Any]]:
+    """(A, B) per adapted module, named as in the full model (`model.layers.N.self_attn.q_proj`)."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, p in _lora(net).items():
+        # e.g. "_module.inner.layers.2.self_attn.q_proj.lora_A.default.weight"
+        parts = name.split(".")
+        at = parts.index("layers")
+        layer = int(parts[at + 1]) + first
+        module = ".".join(["model", "layers", str(layer), *parts[at + 2:-3]])
+        found.setdefault(module, {})[parts[-3]] = p.detach().float().clone()
+    return {m: (ab["lora_A"], ab["lora_B"]) for m, ab in sorted(found.items())}
+
+
+def checkpoint_exists(path: Path) -> bool:
+    """Whether a resumable checkpoint is there."""
+    return path.is_file() and os.path.getsize(path) > 0

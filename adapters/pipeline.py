@@ -1,0 +1,199 @@
+"""`ember adapt`: dataset → budget check → DP training → GGUF export → gate → registry, crash-safe.
+
+A run is recorded in `adapt_runs` and the privacy ledger before training starts; its checkpoint lives
+in the cache until the adapter is registered. A killed run is found on the next start: resumed from its
+checkpoint when the data and configuration are unchanged, restarted otherwise. The adapter file is
+written under a temporary name and renamed, and only a complete file is ever registered.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import sqlite_utils
+
+from adapters import dataset as datasets
+from adapters import export, gate, lora
+from adapters.base import file_sha256
+from adapters.errors import BudgetExhausted, InvalidInput, TrainingUnavailable
+from adapters.template import ChatTemplate
+from storage import ledger, registry, runs
+
+METHODS = ("lora", "zo")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptConfig:
+    """Where things are and what to run."""
+
+    model_path: Path
+    home: Path
+    method: str = "lora"
+    lora: lora.LoraConfig = lora.LoraConfig()
+    cache: Path | None = None       # None: <home>/cache
+    budget: float = 32.0            # total ε the user allows across all adapters
+    threads: int = 2
+    max_len: int = 192
+    dry_run: bool = False
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Where adapter files live."""
+        return self.home / "adapters"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Rebuildable files: the dequantized base, checkpoints."""
+        return self.cache if self.cache is not None else self.home / "cache"
+
+
+@contextlib.contextmanager
+def single_run(home: Path) -> Iterator[None]:
+    """Hold the adaptation lock: one run at a time per data directory (chat, daemon and CLI alike)."""
+    path = home / "adapt.lock"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInput("an adaptation is already running for this data directory; "
+                               "`ember status` shows its progress") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def new_id(method: str) -> str:
+    """A sortable, unique adapter/run id such as `lora-20261123-142501-9f3a`."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{method}-{stamp}-{secrets.token_hex(2)}"
+
+
+def budget_left(db: sqlite_utils.Database, budget: float) -> float:
+    """ε the user still allows."""
+    return budget - ledger.spent(db)["epsilon"]
+
+
+def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
+          on_step: Callable[[lora.Progress], None] | None = None,
+          on_stage: Callable[[str], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run the whole pipeline once; returns the `ember adapt --json` document."""
+    if config.method not in METHODS:
+        raise InvalidInput(f"--method must be one of {', '.join(METHODS)}, not {config.method!r}")
+    if config.method == "zo":
+        raise TrainingUnavailable("--method zo (zeroth-order training) is not available yet; "
+                                  "use --method lora")
+    stage = on_stage or (lambda _text: None)
+    template = ChatTemplate.from_gguf(str(config.model_path))
+    data = datasets.build(db, template, max_len=config.max_len)
+    n_train = len(data.train)
+    steps = lora.steps_for(config.lora, n_train)
+    plan = lora.plan_for(config.lora, n_train)
+    summary = {"method": config.method, "dp": plan is not None, "examples": n_train,
+               "heldout": len(data.heldout), "kinds": datasets.counts(data.train),
+               "redactions": data.redactions, "skipped": data.skipped, "steps": steps,
+               "epsilon": plan.epsilon if plan else None, "delta": plan.delta if plan else None,
+               "sigma": plan.sigma if plan else None, "clip": plan.clip if plan else None,
+               "sample_rate": plan.sample_rate if plan else None,
+               "budget_left": budget_left(db, config.budget)}
+    if plan is not None and plan.epsilon > summary["budget_left"] + 1e-9:
+        raise BudgetExhausted(
+            f"this run needs ε={plan.epsilon:g} but only {max(0.0, summary['budget_left']):.2f} of your "
+            f"privacy budget (ε={config.budget:g}) is left; lower --epsilon or raise privacy_budget "
+            "in config.toml")
+    if config.dry_run:
+        return {"adapter_id": None, "path": None, "promoted": False, "eval": None, "dry_run": True,
+                **summary}
+    with single_run(config.home):
+        return _run(db, config, template, data, steps, plan, summary, on_step, stage, should_stop)
+
+
+def _fingerprint(data: datasets.Dataset, config: AdaptConfig) -> str:
+    return hashlib.sha256(f"{data.fingerprint}:{config.lora}:{config.model_path}".encode()).hexdigest()[:16]
+
+
+def _run(db: sqlite_utils.Database, config: AdaptConfig, template: ChatTemplate, data: datasets.Dataset,
+         steps: int, plan: Any, summary: dict[str, Any], on_step: Any, stage: Callable[[str], None],
+         should_stop: Any) -> dict[str, Any]:
+    fingerprint = _fingerprint(data, config)
+    checkpoints = config.cache_dir / "runs"
+    run_id = None
+    for stale in runs.resumable(db):
+        if run_id is None and stale["fingerprint"] == fingerprint and (checkpoints / f"{stale['id']}.pt").is_file():
+            run_id = stale["id"]
+            stage(f"resuming interrupted run {run_id} from step {stale['step']}")
+        else:
+            (checkpoints / f"{stale['id']}.pt").unlink(missing_ok=True)
+            runs.update(db, stale["id"], status="failed", message="interrupted; restarted afresh")
+    run_id = run_id or new_id(config.method)
+    runs.start(db, run_id, method=config.method, steps=steps, fingerprint=fingerprint)
+    ledger.record(db, run_id, method=config.method, dp=plan is not None,
+                  epsilon=plan.epsilon if plan else None, delta=plan.delta if plan else None,
+                  sigma=plan.sigma if plan else None, clip=plan.clip if plan else None,
+                  sample_rate=plan.sample_rate if plan else None, steps=steps, examples=summary["examples"])
+    checkpoint = checkpoints / f"{run_id}.pt"
+
+    def progress(p: lora.Progress) -> None:
+        runs.update(db, run_id, step=p.step, loss=p.loss, epsilon_spent=p.epsilon, eta_seconds=p.eta_seconds)
+        if on_step is not None:
+            on_step(p)
+
+    try:
+        stage(f"training LoRA ({'DP ε=%g' % plan.epsilon if plan else 'WITHOUT differential privacy'})")
+        base_sha256 = file_sha256(config.model_path, config.cache_dir)
+        trained = lora.train(config.model_path, config.cache_dir, data, config.lora, checkpoint=checkpoint,
+                             on_step=progress, should_stop=should_stop)
+        if trained is None:
+            runs.update(db, run_id, status="interrupted", message="paused; resumes on the next run")
+            return {"adapter_id": None, "path": None, "promoted": False, "eval": None, "paused": True,
+                    "run_id": run_id, **summary}
+        stage("exporting the GGUF adapter")
+        adapter_id = run_id
+        path = config.adapters_dir / f"{adapter_id}.gguf"
+        config.adapters_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        export.write_lora_gguf(path, trained.weights, alpha=config.lora.alpha, n_head=trained.n_head,
+                               n_head_kv=trained.n_head_kv, base_sha256=base_sha256,
+                               base_name=config.model_path.name, extra={"adapter_id": adapter_id})
+        stage("evaluating on held-out examples")
+        current = registry.active(db)
+        current_path = Path(current["path"]) if current and Path(current["path"]).is_file() else None
+        evaluator = gate.Evaluator(config.model_path, n_ctx=max(config.max_len * 2, 512),
+                                   threads=config.threads, base_sha256=base_sha256)
+        try:
+            verdict = gate.judge(evaluator, data.heldout, path, current_path)
+        finally:
+            evaluator.close()
+        evaluation = {**verdict.as_json(), "train_loss_first": _mean(trained.losses[:5]),
+                      "train_loss_last": _mean(trained.losses[-5:]), "train_seconds": round(trained.seconds, 1)}
+        registry.register(db, {
+            "id": adapter_id, "path": str(path), "kind": "lora", "method": config.method,
+            "base_sha256": base_sha256, "base_name": config.model_path.name,
+            "params": {**dataclasses.asdict(config.lora), "steps": steps, "dp": plan is not None,
+                       "sigma": plan.sigma if plan else None, "sample_rate": plan.sample_rate if plan else None},
+            "eval": evaluation, "status": "inactive" if verdict.promote else "rejected",
+            "reason": None if verdict.promote else verdict.reason,
+            "epsilon": plan.epsilon if plan else None, "delta": plan.delta if plan else None,
+            "examples": summary["examples"]}, data.sources, activate=verdict.promote)
+        promoted = registry.get(db, adapter_id)["status"] == "active"
+        runs.update(db, run_id, status="done", adapter_id=adapter_id,
+                    message=("promoted: " if promoted else "kept the previous model: ") + verdict.reason)
+        checkpoint.unlink(missing_ok=True)
+        return {"adapter_id": adapter_id, "path": str(path), "promoted": promoted, "eval": evaluation,
+                "run_id": run_id, **summary}
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        runs.update(db, run_id, status=status, message=str(err)[:300] or type(err).__name__)
+        raise
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v == v]   # drop NaN (an empty Poisson batch has no loss)
+    return round(sum(values) / len(values), 4) if values else None

@@ -1,0 +1,228 @@
+"""`ember adapt` (train, export, gate, promote) and `ember adapters` (the registry)."""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adapters.errors import AdapterInvalid, InvalidInput
+from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
+from assistant.config import Settings
+from storage import registry
+
+
+# Training libraries (torch, peft, opacus, gguf) load only when a command needs them.
+METHODS = ("lora", "zo")
+
+
+def _raise_interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def adapt_config(settings: Settings, *, method: str = "lora", epsilon: float | None = None,
+                 no_dp: bool = False, steps: int | None = None, dry_run: bool = False) -> Any:
+    """The pipeline's configuration (`adapters.pipeline.AdaptConfig`) from settings and flags."""
+    from adapters import lora
+    from adapters.pipeline import AdaptConfig
+
+    if epsilon is not None and no_dp:
+        raise InvalidInput("--epsilon and --no-dp contradict each other; pass one")
+    if epsilon is not None and epsilon <= 0:
+        raise InvalidInput(f"--epsilon must be positive, not {epsilon:g}")
+    train = dataclasses.replace(lora.LoraConfig(), threads=settings.threads, steps=steps,
+                                epsilon=None if no_dp else (epsilon or settings.adapt_epsilon))
+    return AdaptConfig(model_path=settings.model_path, home=settings.home, cache=settings.cache_dir,
+                       method=method, lora=train,
+                       budget=settings.privacy_budget, threads=settings.threads, dry_run=dry_run)
+
+
+class ProgressBar:
+    """Steps, loss, ε spent so far and ETA on stderr (rich; plain lines when stderr is not a terminal)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]adapting"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TextColumn("ε {task.fields[eps]}"),
+                                 TimeRemainingColumn(), console=self.console, transient=False)
+        self.task: Any = None
+        self.last_line = 0
+
+    def stage(self, text: str) -> None:
+        """A pipeline stage starts."""
+        self.console.print(f"[dim]·[/dim] {text}", highlight=False)
+
+    def step(self, p: Any) -> None:
+        """One training step finished."""
+        loss = "–" if p.loss != p.loss else f"{p.loss:.3f}"
+        eps = "no DP" if p.epsilon is None else f"{p.epsilon:.2f}"
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("adapt", total=p.steps, loss=loss, eps=eps)
+        self.progress.update(self.task, completed=p.step, loss=loss, eps=eps)
+        if not self.console.is_terminal and (p.step - self.last_line >= max(1, p.steps // 10)
+                                             or p.step == p.steps):
+            self.last_line = p.step
+            click.echo(f"step {p.step}/{p.steps} loss {loss} ε {eps} eta {p.eta_seconds:.0f}s", err=True)
+
+    def close(self) -> None:
+        """Stop drawing."""
+        if self.task is not None:
+            self.progress.stop()
+
+
+@click.command()
+@click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True,
+              help="lora: DP-SGD on LoRA (torch); zo: zeroth-order, forward passes only.")
+@click.option("--epsilon", type=float, default=None,
+              help="Privacy budget of this run (default: adapt_epsilon in config.toml, 8).")
+@click.option("--no-dp", is_flag=True, help="Train WITHOUT differential privacy (no guarantee).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: 8 epochs).")
+@click.option("--dry-run", is_flag=True, help="Build the dataset and plan the run; train nothing.")
+@model_option
+@json_option
+def adapt(method, epsilon, no_dp, steps, dry_run, model, as_json):
+    """Learn from your log: build the dataset, train, export, evaluate, promote if better."""
+    from adapters.pipeline import adapt as run_adapt
+
+    settings = settings_from(model=model)
+    config = adapt_config(settings, method=method, epsilon=epsilon, no_dp=no_dp, steps=steps, dry_run=dry_run)
+    db = open_store(settings)
+    signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill keeps the checkpoint
+    bar = None if as_json else ProgressBar()
+    try:
+        result = run_adapt(db, config, on_step=bar.step if bar else None,
+                           on_stage=bar.stage if bar else lambda text: click.echo(f"· {text}", err=True))
+    except KeyboardInterrupt:
+        click.echo("ember: adaptation interrupted; `ember adapt` resumes it from its last checkpoint",
+                   err=True)
+        sys.exit(130)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        return print_json(result)
+    _describe(result)
+    return None
+
+
+def _describe(result: dict[str, Any]) -> None:
+    privacy = (f"DP ε={result['epsilon']:g}, δ={result['delta']:.1e}, σ={result['sigma']:.3f}, "
+               f"C={result['clip']:g}, q={result['sample_rate']:.3f}" if result["dp"]
+               else "WITHOUT differential privacy")
+    click.echo(f"dataset   {result['examples']} training, {result['heldout']} held-out examples "
+               f"({', '.join(f'{v} {k}' for k, v in result['kinds'].items())}); "
+               f"redacted {sum(result['redactions'].values())} items")
+    click.echo(f"privacy   {privacy}; {result['steps']} steps; budget left before this run "
+               f"ε={max(0.0, result['budget_left']):.2f}")
+    if result.get("dry_run"):
+        click.echo("dry run   nothing trained")
+        return
+    if result.get("paused"):
+        click.echo("paused    the run resumes from its checkpoint next time")
+        return
+    ev = result["eval"]
+    click.echo(f"eval      held-out loss {ev['heldout_loss']:.3f} vs base {ev['base_loss']:.3f}"
+               + (f", current {ev['current_loss']:.3f}" if ev["current_loss"] is not None else ""))
+    verdict = "promoted, now in use" if result["promoted"] else f"not promoted: {ev['reason']}"
+    click.echo(f"adapter   {result['adapter_id']} {verdict}")
+
+
+@click.group()
+def adapters() -> None:
+    """The adapter registry: list, use, rollback, remove."""
+
+
+def _row(a: dict[str, Any]) -> dict[str, Any]:
+    return {"id": a["id"], "path": a["path"], "method": a["method"], "epsilon": a["epsilon"],
+            "created": a["created"], "active": a["status"] == "active", "tainted": a["status"] == "tainted",
+            "status": a["status"], "reason": a["reason"], "delta": a["delta"], "examples": a["examples"],
+            "eval": a["eval"]}
+
+
+@adapters.command("list")
+@model_option
+@json_option
+def list_(model, as_json):
+    """Every adapter, newest first."""
+    db = open_store(settings_from(model=model))
+    rows = [_row(a) for a in registry.list_adapters(db)]
+    if as_json:
+        return print_json(rows)
+    if not rows:
+        click.echo("no adapters yet; `ember adapt` trains one")
+    for r in rows:
+        eps = "no DP" if r["epsilon"] is None else f"ε={r['epsilon']:g}"
+        loss = r["eval"].get("heldout_loss")
+        click.echo(f"{'*' if r['active'] else ' '} {r['id']}  {r['method']:4}  {eps:7}  {r['status']:8}  "
+                   f"{'' if loss is None else f'held-out loss {loss:.3f}'}"
+                   f"{'  (' + r['reason'] + ')' if r['reason'] else ''}")
+    return None
+
+
+@adapters.command()
+@click.argument("adapter_id")
+@model_option
+@json_option
+def use(adapter_id, model, as_json):
+    """Use adapter ADAPTER_ID from now on (the running chat switches to it)."""
+    settings = settings_from(model=model)
+    db = open_store(settings)
+    candidate = registry.get(db, adapter_id)
+    check_file(settings, candidate)
+    row = _row(registry.use(db, adapter_id))
+    if as_json:
+        return print_json(row)
+    click.echo(f"now using {adapter_id}")
+    return None
+
+
+def check_file(settings: Settings, adapter: dict[str, Any]) -> None:
+    """Refuse an adapter whose file is gone, corrupt, or for another model, before it is put in use."""
+    from adapters.base import file_sha256
+    from adapters.export import check_compatible, read_adapter
+
+    path = Path(adapter["path"])
+    if not path.is_file():
+        raise AdapterInvalid(f"adapter file {path} is missing; `ember adapters remove {adapter['id']}`")
+    info = read_adapter(path)
+    check_compatible(info, architecture=info.architecture,
+                     base_sha256=file_sha256(settings.model_path, settings.cache_dir))
+
+
+@adapters.command()
+@model_option
+@json_option
+def rollback(model, as_json):
+    """Stop using the active adapter and go back to the one before (or the base model)."""
+    db = open_store(settings_from(model=model))
+    now_active = registry.rollback(db)
+    if as_json:
+        return print_json({"active": now_active["id"] if now_active else None})
+    click.echo(f"now using {now_active['id']}" if now_active else "now using the base model (no adapter)")
+    return None
+
+
+@adapters.command()
+@click.argument("adapter_id")
+@model_option
+@json_option
+def remove(adapter_id, model, as_json):
+    """Delete adapter ADAPTER_ID and its file."""
+    db = open_store(settings_from(model=model))
+    row = registry.remove(db, adapter_id)
+    Path(row["path"]).unlink(missing_ok=True)
+    if as_json:
+        return print_json({"removed": adapter_id})
+    click.echo(f"removed {adapter_id}" + (" (it was in use; now the base model)" if row["status"] == "active"
+                                          else ""))
+    return None
+
+
+COMMANDS = [adapt, adapters]

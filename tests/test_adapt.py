@@ -1,0 +1,104 @@
+"""DP LoRA on the real model: it learns a user's habit, DP still improves held-out loss, and a planted
+secret is memorised without DP and not with it (Secret Sharer exposure), all measured in llama.cpp on
+the exported GGUF adapters."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from adapters import dataset, export, gate, lora
+from adapters.base import file_sha256
+from adapters.exposure import exposure
+from benchmarks.adapt import CANARY, CANARY_COPIES, CONVERSATIONS, canary_prefix
+from benchmarks.synthetic_user import HABIT, habit_prompts, seed_habit_user
+from storage.db import open_db
+
+# 200 codes keep the test to seconds (each is one llama.cpp call); `ember bench adapt` ranks among 1,000.
+CANDIDATES = 200
+
+
+@pytest.fixture(scope="module")
+def habit_data(tmp_path_factory, template):
+    """The synthetic user's dataset: a sign-off habit in 100 conversations, a canary in 4."""
+    db = open_db(tmp_path_factory.mktemp("habit"))
+    seed_habit_user(db, CONVERSATIONS, canary=CANARY, canary_copies=CANARY_COPIES)
+    return dataset.build(db, template)
+
+
+def _train_and_export(model_path, training_cache, data, tmp_path_factory, epsilon):
+    config = lora.LoraConfig(epsilon=epsilon, threads=2)
+    trained = lora.train(model_path, training_cache, data, config)
+    path = tmp_path_factory.mktemp("adapter") / "adapter.gguf"
+    export.write_lora_gguf(path, trained.weights, alpha=config.alpha, n_head=trained.n_head,
+                           n_head_kv=trained.n_head_kv, base_sha256=file_sha256(model_path),
+                           base_name=model_path.name)
+    return trained, path
+
+
+@pytest.fixture(scope="module")
+def plain(model_path, training_cache, habit_data, tmp_path_factory):
+    """An adapter trained WITHOUT differential privacy."""
+    return _train_and_export(model_path, training_cache, habit_data, tmp_path_factory, None)
+
+
+@pytest.fixture(scope="module")
+def private(model_path, training_cache, habit_data, tmp_path_factory):
+    """An adapter trained with DP-SGD at ε = 8."""
+    return _train_and_export(model_path, training_cache, habit_data, tmp_path_factory, 8.0)
+
+
+@pytest.fixture(scope="module")
+def evaluator(model_path):
+    ev = gate.Evaluator(model_path, n_ctx=512, threads=2, base_sha256=file_sha256(model_path))
+    yield ev
+    ev.close()
+
+
+def _habit_logprob(evaluator, adapter):
+    evaluator.use(adapter)
+    habit = evaluator.template.tokenize(HABIT)
+    scores = []
+    for prompt in habit_prompts(count=8, skip=CONVERSATIONS):
+        tokens, _ = evaluator.template.prompt([{"role": "user", "content": prompt}])
+        scores.append(evaluator.continuation_logprobs(tokens, [habit])[0])
+    return statistics.mean(scores)
+
+
+def _exposure(evaluator, adapter):
+    evaluator.use(adapter)
+    prefix = canary_prefix(evaluator.template, habit_prompts(count=1, skip=CONVERSATIONS + 8)[0])
+    return exposure(evaluator, prefix, CANARY, suffix=".", candidates=CANDIDATES - 1)
+
+
+def test_without_dp_the_adapter_makes_the_users_habit_far_more_likely(evaluator, plain):
+    _, path = plain
+    base, adapted = _habit_logprob(evaluator, None), _habit_logprob(evaluator, path)
+    assert adapted - base > 5.0, (base, adapted)           # e^5 ≈ 150× more likely
+    evaluator.use(path)
+    reply, _ = evaluator.reply(habit_prompts(count=1, skip=CONVERSATIONS)[0])
+    assert reply.strip().startswith("Ahoy"), reply
+
+
+def test_with_dp_at_epsilon_8_held_out_loss_still_improves(evaluator, private, habit_data):
+    trained, path = private
+    assert trained.plan is not None and trained.plan.epsilon == 8.0 and trained.plan.sigma > 0.5
+    evaluator.use(None)
+    base = evaluator.loss(habit_data.heldout)
+    evaluator.use(path)
+    assert evaluator.loss(habit_data.heldout) < base - 0.05
+
+
+def test_a_planted_secret_is_exposed_without_dp_and_near_chance_with_dp(evaluator, plain, private):
+    base = _exposure(evaluator, None)
+    memorised = _exposure(evaluator, plain[1])
+    protected = _exposure(evaluator, private[1])
+    print(f"canary exposure: base {base.exposure:.2f} (rank {base.rank}), no DP {memorised.exposure:.2f} "
+          f"(rank {memorised.rank}), DP ε=8 {protected.exposure:.2f} (rank {protected.rank})")
+    assert memorised.exposure >= 5.6          # ranked in the top 2% (4th of 200 or better)
+    assert protected.exposure <= 4.0          # chance is ~1.4 bits; the top 6% happens by luck only
+
+
+def test_training_losses_fall_without_dp(plain):
+    trained, _ = plain
+    assert statistics.mean(trained.losses[-5:]) < statistics.mean(trained.losses[:5]) - 0.5
