@@ -6,20 +6,24 @@ import os
 import signal
 import time
 
-from textual.widgets import Button, Collapsible
+import pytest
+from textual.widgets import Button, Collapsible, Markdown, TextArea
 
 from assistant.tui.app import EmberApp
 from assistant.tui.screens.chat import ACTIONS, ChatScreen
+from assistant.tui.screens.edit_reply import EditReplyScreen
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
 from assistant.tui.screens.search import SearchScreen
+from assistant.tui.widgets.conversation_list import ConversationItem
 from assistant.tui.widgets.message import MemoryItem, MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
-from storage import memory
+from storage import feedback, memory, registry, runs
 from storage.db import integrity_ok, open_db
 from tests.conftest import another_process_holds_the_lock
-from tests.tui_helpers import TerminalRun, seed_conversations, type_text, wait_until
+from tests.tui_helpers import (TerminalRun, random_adapter, register_adapter, seed_conversations, type_text,
+                               wait_until)
 
 SIZE = (120, 40)
 
@@ -32,6 +36,39 @@ def chat(app) -> ChatScreen:
 async def send(pilot, text: str) -> None:
     await type_text(pilot, text)
     await pilot.press("enter")
+
+
+def header(view: MessageView) -> str:
+    return str(view.query_one(".message-header").render())
+
+
+def status(app) -> str:
+    return str(app.screen.query_one(StatusLine).render())
+
+
+def notified(app, text: str, severity: str | None = None) -> bool:
+    return any(text in n.message and severity in (None, n.severity) for n in app._notifications)
+
+
+def record_notifications(app) -> list[str]:
+    """Every notification's message, also after it has left the screen."""
+    said: list[str] = []
+    notify = app.notify
+
+    def recording(message: str, **kwargs) -> None:
+        said.append(message)
+        notify(message, **kwargs)
+
+    app.notify = recording
+    return said
+
+
+@pytest.fixture
+def swappable(engine):
+    """The session's engine, left without an adapter for the next test."""
+    yield engine
+    engine.load_adapter(None, None)
+    engine.refused_adapter = None
 
 
 async def test_the_prompt_is_ready_before_the_model_has_loaded(settings):
@@ -247,3 +284,184 @@ async def test_memory_route_shows_the_memories_used_and_forgets_one(settings, en
         app.screen.open_conversation(screen.conversation_id)
         await pilot.pause()
         assert all(m["source_id"] != "wifi" for m in app.screen.query(MessageView)[-1].memories)
+
+
+async def test_rating_the_last_reply_is_stored_shown_and_toggled(settings, engine, db):
+    _picnic, pancakes = seed_conversations(db)
+    reply_id = convs.messages(db, pancakes)[1]["id"]
+    app = EmberApp(settings, engine=engine, conversation_id=pancakes)
+    async with app.run_test(size=SIZE) as pilot:
+        view = app.screen.query(MessageView)[-1]
+        await pilot.press("f5")
+        assert feedback.state(db, pancakes) == {reply_id: {"rating": "up", "edit": None}}
+        assert "👍" in header(view)
+        await pilot.press("f5")                 # up again: the rating is withdrawn
+        assert feedback.state(db, pancakes)[reply_id]["rating"] is None
+        assert "👍" not in header(view)
+        await pilot.press("f6")
+        assert feedback.state(db, pancakes)[reply_id]["rating"] == "down" and "👎" in header(view)
+        assert [r["kind"] for r in db["feedback"].rows_where(order_by="id")] == ["up", "clear", "down"]
+
+
+async def test_feedback_with_no_finished_reply_is_a_clear_notification(settings, engine, db):
+    app = EmberApp(settings, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f5", "f7", "f4")
+        await pilot.pause()
+        assert notified(app, "no finished reply", "warning") and notified(app, "Send a message first")
+        assert isinstance(app.screen, ChatScreen) and db["feedback"].count == 0
+
+
+async def test_editing_the_last_reply_stores_the_edit_and_shows_it(settings, engine, db):
+    _picnic, pancakes = seed_conversations(db)
+    reply_id = convs.messages(db, pancakes)[1]["id"]
+    app = EmberApp(settings, engine=engine, conversation_id=pancakes)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f7")
+        assert isinstance(app.screen, EditReplyScreen)
+        area = app.screen.query_one(TextArea)
+        assert area.text.startswith("Mix flour, eggs and milk") and area.has_focus
+        await pilot.press("escape")             # cancelled: nothing stored
+        assert isinstance(app.screen, ChatScreen) and db["feedback"].count == 0
+
+        await pilot.press("f7", "f7")           # F7 in the editor selects all; typing replaces it
+        await type_text(pilot, "Whisk flour, eggs and milk; fry in butter.")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, ChatScreen)
+        assert feedback.state(db, pancakes)[reply_id]["edit"] == "Whisk flour, eggs and milk; fry in butter."
+        assert convs.messages(db, pancakes)[1]["content"].startswith("Mix flour")   # the original stays
+        view = app.screen.query(MessageView)[-1]
+        assert "✎ edited" in header(view) and view.has_class("edited")
+        assert view.query_one(Markdown).source == "Whisk flour, eggs and milk; fry in butter."
+        await pilot.press("ctrl+y")
+        assert app.clipboard == "Whisk flour, eggs and milk; fry in butter."
+        await pilot.press("f7")                 # the editor opens on the edit, not the original
+        assert app.screen.query_one(TextArea).text == "Whisk flour, eggs and milk; fry in butter."
+
+
+async def test_a_reopened_conversation_shows_its_ratings_and_edits(settings, engine, db):
+    picnic, pancakes = seed_conversations(db)
+    question, reply = (m["id"] for m in convs.messages(db, picnic))
+    feedback.rate(db, reply, "down")
+    feedback.edit(db, reply, "Bring sandwiches and a **kite**.")
+    app = EmberApp(settings, engine=engine, conversation_id=pancakes)
+    async with app.run_test(size=SIZE) as pilot:
+        assert "👎" not in header(app.screen.query(MessageView)[-1])
+        app.screen.query_one("#sidebar").focus()
+        await pilot.press("down", "enter")      # picnic is below pancakes
+        await pilot.pause()
+        assert chat(app).conversation_id == picnic
+        view = app.screen.query(MessageView)[-1]
+        assert view.message_id == reply and view.rating == "down" and view.content.startswith("Bring **sand")
+        assert "👎" in header(view) and "✎ edited" in header(view)
+        assert view.query_one(Markdown).source == "Bring sandwiches and a **kite**."
+
+
+async def test_excluding_a_conversation_from_learning_toggles_and_is_marked(settings, engine, db):
+    picnic, _pancakes = seed_conversations(db)
+    app = EmberApp(settings, engine=engine, conversation_id=picnic)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f4")
+        assert feedback.is_excluded(db, picnic)
+        assert "not used for learning" in str(app.screen.query_one("#conversation-title").render())
+        item = next(i for i in app.screen.query(ConversationItem) if i.conversation_id == picnic)
+        assert item.excluded and str(item.query_one("Label").render()).startswith("⊘")
+        await pilot.press("f4")
+        assert not feedback.is_excluded(db, picnic)
+        assert "learning" not in str(app.screen.query_one("#conversation-title").render())
+
+
+async def test_a_reply_is_rated_once_written_even_when_cut_short(settings, engine, db):
+    app = EmberApp(dataclasses.replace(settings, max_tokens=600), engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Write a very long story about a lighthouse keeper.")
+        await wait_until(pilot, lambda: len(app.screen.query(MessageView)[-1].content) > 10)
+        await pilot.press("f6")                 # still being written: not the reply before it, nor this one
+        assert notified(app, "still replying", "warning") and db["feedback"].count == 0
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not chat(app).generating)
+        await pilot.press("f6")
+        reply = convs.messages(db, chat(app).conversation_id)[-1]
+        assert reply["status"] == "cancelled" and feedback.state(db)[reply["id"]]["rating"] == "down"
+        assert "👎" in header(app.screen.query(MessageView)[-1])
+
+
+async def test_a_new_adapter_is_swapped_in_while_the_chat_runs(settings, swappable, db, tmp_path):
+    picnic, _ = seed_conversations(db)
+    app = EmberApp(settings, engine=swappable, conversation_id=picnic)
+    async with app.run_test(size=SIZE) as pilot:
+        assert "adapter: none" in status(app) and "route: base" in status(app)
+        path = random_adapter(tmp_path / "tui-swap.gguf", settings.model_path, settings.cache_dir)
+        register_adapter(db, "lora-20260601-120000-ab12", path, [m["id"] for m in convs.messages(db, picnic)])
+        await wait_until(pilot, lambda: swappable.loaded_adapter == "lora-20260601-120000-ab12", timeout=10)
+        await pilot.pause()
+        assert "adapter: lora…ab12" in status(app) and "route: adapter" in status(app)
+        assert notified(app, "New adapter lora-20260601-120000-ab12 in use")
+
+        await send(pilot, "Hello again")
+        await wait_until(pilot, lambda: not chat(app).generating)
+        row = convs.messages(db, picnic)[-1]
+        assert row["route"] == "adapter" and row["adapter_id"] == "lora-20260601-120000-ab12"
+        assert "route: adapter (lora…ab12)" in header(app.screen.query(MessageView)[-1])
+
+        registry.rollback(db)                   # back to the base model, still without a restart
+        await wait_until(pilot, lambda: swappable.loaded_adapter is None, timeout=10)
+        await pilot.pause()
+        assert "adapter: none" in status(app) and notified(app, "replies come from the base model")
+
+
+async def test_memory_with_an_adapter_uses_both(settings, swappable, db, tmp_path):
+    picnic, _ = seed_conversations(db)
+    path = random_adapter(tmp_path / "tui-both.gguf", settings.model_path, settings.cache_dir)
+    register_adapter(db, "lora-both", path, [])
+    app = EmberApp(settings, engine=swappable, conversation_id=picnic)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: "adapter: lora-both" in status(app), timeout=10)
+        assert not notified(app, "New adapter")   # the adapter in use at start is no news
+        await pilot.press("f3")
+        assert chat(app).route == "both" and "route: both" in status(app)
+
+
+async def test_a_corrupt_adapter_is_a_warning_and_the_chat_keeps_working(settings, swappable, db, tmp_path):
+    path = tmp_path / "broken.gguf"
+    good = random_adapter(tmp_path / "good.gguf", settings.model_path, settings.cache_dir).read_bytes()
+    path.write_bytes(good[: len(good) // 3])   # cut short, as by a full disk
+    app = EmberApp(dataclasses.replace(settings, max_tokens=8), engine=swappable)
+    said = record_notifications(app)   # shown ones expire; this keeps them all
+    async with app.run_test(size=SIZE) as pilot:
+        register_adapter(db, "lora-broken", path, [])
+        await wait_until(pilot, lambda: notified(app, "adapter lora-broken not used", "warning"), timeout=10)
+        assert swappable.loaded_adapter is None and "adapter: none" in status(app)
+        await send(pilot, "Say hello.")
+        await wait_until(pilot, lambda: not chat(app).generating)
+        view = app.screen.query(MessageView)[-1]
+        assert view.status == "complete" and view.content and view.route == "base"
+        assert sum("lora-broken" in message for message in said) == 1   # said once, not at every check
+
+
+async def test_an_adaptation_in_progress_shows_in_the_status_line(settings, engine, db):
+    app = EmberApp(settings, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        runs.start(db, "lora-run", method="lora", steps=80, fingerprint="f")   # this process: alive
+        runs.update(db, "lora-run", step=12, loss=2.3141, epsilon_spent=3.07, eta_seconds=130)
+        await wait_until(pilot, lambda: "adapting" in status(app), timeout=10)
+        assert "adapting (lora) 12/80 · loss 2.31 · ε 3.1 · 2m left" in status(app)
+        runs.update(db, "lora-run", status="done", message="kept the previous model: no better on held-out")
+        await wait_until(pilot, lambda: "adapting" not in status(app), timeout=10)
+        assert notified(app, "Adaptation finished: kept the previous model")
+
+
+async def test_no_adapter_is_swapped_in_while_a_reply_is_being_written(settings, swappable, db, tmp_path):
+    path = random_adapter(tmp_path / "tui-wait.gguf", settings.model_path, settings.cache_dir)
+    app = EmberApp(dataclasses.replace(settings, max_tokens=1000), engine=swappable)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "Write a very long story about a lighthouse keeper.")
+        await wait_until(pilot, lambda: len(app.screen.query(MessageView)[-1].content) > 10)
+        register_adapter(db, "lora-wait", path, [])
+        await pilot.pause(2.5)                  # a check of the registry passes meanwhile
+        assert chat(app).generating and swappable.loaded_adapter is None
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: swappable.loaded_adapter == "lora-wait", timeout=10)
+        row = convs.messages(db, chat(app).conversation_id)[-1]
+        assert row["status"] == "cancelled" and row["adapter_id"] is None

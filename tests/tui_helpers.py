@@ -10,9 +10,11 @@ import sys
 import termios
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from storage import conversations as convs
+from storage import registry
 
 
 async def wait_until(pilot, condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -41,6 +43,32 @@ def seed_conversations(db) -> list[int]:
         ids.append(cid)
     db.conn.commit()
     return ids
+
+
+def random_adapter(path: Path, model_path: Path, cache_dir: Path, *, seed: int = 0) -> Path:
+    """A small random LoRA adapter for the bundled SmolLM2-135M: r=2 on the last layer's q_proj and v_proj."""
+    import numpy as np
+
+    from adapters.base import file_sha256
+    from adapters.export import write_lora_gguf
+
+    rng = np.random.default_rng(seed)
+    hidden, kv_out, rank = 576, 192, 2   # 9 heads of 64; 3 key/value heads
+    weights = {"model.layers.29.self_attn.q_proj": (rng.standard_normal((rank, hidden)) / hidden ** 0.5,
+                                                    rng.standard_normal((hidden, rank)) * 0.05),
+               "model.layers.29.self_attn.v_proj": (rng.standard_normal((rank, hidden)) / hidden ** 0.5,
+                                                    rng.standard_normal((kv_out, rank)) * 0.05)}
+    return write_lora_gguf(path, weights, alpha=rank, n_head=9, n_head_kv=3,
+                           base_sha256=file_sha256(model_path, cache_dir), base_name=model_path.name)
+
+
+def register_adapter(db, adapter_id: str, path: Path, sources: list[int]) -> None:
+    """Register an adapter file as `ember adapt` would after promoting it: active at once."""
+    registry.register(db, {"id": adapter_id, "path": str(path), "kind": "lora", "method": "lora",
+                           "base_sha256": "recorded-by-adapt", "base_name": "SmolLM2-135M",
+                           "params": {"rank": 2}, "eval": {"heldout_loss": 1.0}, "status": "inactive",
+                           "epsilon": 8.0, "delta": 1e-6, "examples": len(sources)},
+                      [(m, "train") for m in sources], activate=True)
 
 
 async def type_text(pilot, text: str) -> None:

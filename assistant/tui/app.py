@@ -1,22 +1,34 @@
-"""EmberApp: the Textual application. The model loads in a background thread; the UI never waits."""
+"""EmberApp: the Textual application. The model loads in a background thread; the UI never waits.
+
+The app owns the engine, so it also watches the registry: a newly promoted adapter is hot-swapped into
+the running chat (between replies, never during one), and an adaptation in progress is reported.
+"""
 from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from textual import work
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
 from assistant.config import Settings
+from assistant.conversation import sync_adapter
 from assistant.embedder import Embedder
 from assistant.engine import Engine
 from assistant.errors import EmberError
 from assistant.retrieval import retriever_for
 from assistant.tui.screens.chat import ACTIONS, ChatScreen
+from assistant.tui.widgets.status_line import progress
 from storage import conversations as convs
+from storage import registry, runs
 from storage.db import open_db
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+WATCH_SECONDS = 2.0   # how often the registry and the adaptation run are checked
 
 
 class EmberApp(App):
@@ -33,6 +45,10 @@ class EmberApp(App):
         self.engine = engine
         self.engine_error: str | None = None
         self.engine_ready = threading.Event()
+        # llama.cpp is not thread-safe: a reply and an adapter swap each hold this while they use the engine.
+        self.engine_lock = threading.Lock()
+        self._swapping = False
+        self._run_seen: str | None = None   # the adaptation run last shown as in progress
         self._loading = False
         self.painted_at: float | None = None   # perf_counter() at the first paint, for `ember bench`
         self.db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
@@ -48,6 +64,13 @@ class EmberApp(App):
         self.push_screen(ChatScreen(self.initial_conversation))
         if self.engine is not None:
             self.engine_ready.set()
+            self.start_swap(announce=False)
+        self.set_interval(WATCH_SECONDS, self.poll_adaptation)
+
+    @property
+    def chat_screen(self) -> ChatScreen | None:
+        """The chat screen, also while a modal screen is above it."""
+        return next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
 
     def chat_painted(self) -> None:
         """The chat screen is on screen and ready to type in: now load the model.
@@ -65,7 +88,8 @@ class EmberApp(App):
         """Load the model off the UI thread."""
         s = self.settings
         try:
-            self.engine = Engine(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads, seed=s.seed or 0)
+            self.engine = Engine(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads, seed=s.seed or 0,
+                                 cache_dir=s.cache_dir)
         except EmberError as err:
             self.engine_error = str(err)
         finally:
@@ -77,18 +101,90 @@ class EmberApp(App):
             # Without a model there is no chat: leave, and `ember chat` prints the reason on stderr.
             self.exit(return_code=1)
             return
-        if isinstance(self.screen, ChatScreen):
-            self.screen.model_ready()
+        if self.chat_screen is not None:
+            self.chat_screen.model_ready()
+        self.start_swap(announce=False)   # the adapter in use comes with the model
+
+    # ---- adapters and adaptation ------------------------------------------------------------
+    def sync_adapter_locked(self, db: sqlite_utils.Database, *, announce: bool = True) -> None:
+        """Load the registry's active adapter if it changed; call from a worker holding `engine_lock`."""
+        before = self.engine.loaded_adapter
+        warning = sync_adapter(db, self.engine)
+        if warning or self.engine.loaded_adapter != before:
+            self.call_from_thread(self._adapter_changed, warning, announce)
+
+    def start_swap(self, *, announce: bool = True) -> None:
+        """Bring the engine in line with the registry, in a worker (one at a time)."""
+        self._swapping = True
+        self.swap_adapter(announce)
+
+    @work(thread=True, group="adapter")
+    def swap_adapter(self, announce: bool = True) -> None:
+        """Hot-swap the adapter off the UI thread, between replies (the lock waits for one to end).
+
+        Loading takes ~10 ms, but the first load hashes the model file to check the adapter's base.
+        """
+        try:
+            with self.engine_lock:
+                self.sync_adapter_locked(self.reply_db, announce=announce)
+        except EmberError as err:
+            self.call_from_thread(self.notify, str(err), severity="error", timeout=8)
+        finally:
+            self._swapping = False
+
+    def _adapter_changed(self, warning: str | None, announce: bool) -> None:
+        if warning:
+            self.notify(warning, severity="warning", timeout=10)
+        elif announce:
+            loaded = self.engine.loaded_adapter
+            self.notify(f"New adapter {loaded} in use." if loaded
+                        else "No adapter is active now; replies come from the base model.")
+        if self.chat_screen is not None:
+            self.chat_screen.show_engine_state()
+
+    def poll_adaptation(self) -> None:
+        """Every few seconds: show an adaptation in progress, and swap in a newly promoted adapter."""
+        try:
+            run = runs.current(self.db)
+            wanted = registry.active(self.db)
+        except EmberError as err:
+            # A database locked for a moment is checked again on the next tick, not reported every 2 s.
+            self.log.warning(f"adapter watch skipped: {err}")
+            return
+        self._show_run(run, wanted)
+        engine = self.engine
+        if engine is None or self._swapping or self.engine_lock.locked():
+            return   # no model yet, or a reply is using it: the reply syncs the adapter itself
+        wanted_id = wanted["id"] if wanted else None
+        refused = wanted_id is not None and wanted_id == engine.refused_adapter   # warned once already
+        if wanted_id != engine.loaded_adapter and not refused:
+            self.start_swap()
+
+    def _show_run(self, run: dict[str, Any] | None, active: dict[str, Any] | None) -> None:
+        chat = self.chat_screen
+        if chat is not None:
+            chat.show_adaptation(progress(run) if run else None)
+        if run is not None:
+            self._run_seen = run["id"]
+            return
+        if self._run_seen is None:
+            return
+        ended, self._run_seen = runs.get(self.db, self._run_seen), None
+        if ended is None or (ended["status"] == "done" and active and active["id"] == ended["adapter_id"]):
+            return   # promoted: the hot-swap says so
+        detail = f": {ended['message']}" if ended["message"] else ""
+        if ended["status"] == "done":
+            self.notify(f"Adaptation finished{detail}")
+        elif ended["status"] == "running":   # its process is gone without saying so
+            self.notify("Adaptation stopped (its process ended); `ember adapt` resumes it.",
+                        severity="warning", timeout=10)
+        else:
+            self.notify(f"Adaptation {ended['status']}{detail}",
+                        severity="error" if ended["status"] == "failed" else "warning", timeout=10)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+        chat = self.chat_screen
         if chat is not None:
             for action, title, help_text in ACTIONS:
                 yield SystemCommand(title, help_text, getattr(chat, f"action_{action}"))
-
-    def on_unmount(self) -> None:
-        # A reply still streaming is cancelled so its worker can mark it and finish.
-        chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
-        if chat is not None and chat.cancel is not None:
-            chat.cancel.set()

@@ -10,20 +10,20 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ListView
 
-from assistant.conversation import Exchange, check_prompt, respond
+from assistant.conversation import Exchange, check_prompt, resolve_route, respond
 from assistant.errors import EmberError
 from assistant.tui.errors import shows_errors
+from assistant.tui.screens.chat_feedback import FeedbackActions
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
 from assistant.tui.screens.search import SearchScreen
-from assistant.tui.widgets.conversation_list import ConversationItem, ConversationList
+from assistant.tui.widgets.conversation_list import EXCLUDED_MARK, ConversationItem, ConversationList
 from assistant.tui.widgets.message import ForgetMemory, MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
-from storage import memory
+from storage import feedback, memory
 
 PAINT_INTERVAL = 0.1   # seconds between repaints of a streaming reply
 
@@ -37,6 +37,11 @@ ACTIONS = [
     ("search", "Search conversations", "Find words in every past conversation"),
     ("toggle_sidebar", "Toggle conversation list", "Show or hide the list of conversations"),
     ("toggle_memory", "Answer from memory on/off", "Put memories from past conversations in front of the model"),
+    ("rate_up", "Rate last reply up", "Mark Ember's last reply as good (again: clear the rating)"),
+    ("rate_down", "Rate last reply down", "Mark Ember's last reply as bad (again: clear the rating)"),
+    ("edit_reply", "Edit last reply", "Correct Ember's last reply into what you wanted it to say"),
+    ("toggle_exclude", "Exclude conversation from learning on/off",
+     "Keep the open conversation out of what Ember learns from"),
 ]
 
 
@@ -49,25 +54,30 @@ class ReplyPiece(Message):
         self.piece = piece
 
 
-class ChatScreen(Screen):
-    """Chat with the model; every exchange is logged as it happens."""
+class ChatScreen(FeedbackActions):
+    """Chat with the model; every exchange is logged as it happens (feedback actions: `FeedbackActions`)."""
 
+    # Most used first: a narrow footer cuts off the last ones (all are in the palette, Ctrl+P).
     BINDINGS = [
         Binding("ctrl+n", "new_conversation", "New"),
+        Binding("escape", "cancel_reply", "Cancel reply"),   # shown while a reply is being written
+        Binding("f3", "toggle_memory", "Memory"),
+        Binding("f5", "rate_up", "Good", tooltip="Rate the last reply up (again: clear the rating)"),
+        Binding("f6", "rate_down", "Bad", tooltip="Rate the last reply down (again: clear the rating)"),
+        Binding("f7", "edit_reply", "Edit", tooltip="Edit the last reply into what you wanted"),
+        Binding("f4", "toggle_exclude", "Exclude", tooltip="Keep this conversation out of learning"),
+        Binding("ctrl+y", "copy_last_reply", "Copy"),
+        Binding("ctrl+f", "search", "Search"),
         Binding("ctrl+r", "rename_conversation", "Rename"),
         Binding("f8", "delete_conversation", "Delete"),
-        Binding("escape", "cancel_reply", "Cancel reply"),
-        Binding("ctrl+y", "copy_last_reply", "Copy reply"),
-        Binding("ctrl+f", "search", "Search"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar"),
-        Binding("f3", "toggle_memory", "Memory"),
     ]
 
     def __init__(self, conversation_id: int | None = None) -> None:
         super().__init__()
         self.conversation_id = conversation_id
         self.cancel: threading.Event | None = None
-        self.route = "base"   # F3 switches to "rag": answers with memories in the prompt
+        self.memory = False   # F3: answer with memories in the prompt
 
     # ---- layout and start-up -------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -78,25 +88,58 @@ class ChatScreen(Screen):
                 yield VerticalScroll(id="log")
                 yield PromptInput()
         yield StatusLine(id="status")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         status = self.query_one(StatusLine)
         status.model = self.app.settings.model_path.name
         status.state = "ready" if self.app.engine is not None else "loading model…"
+        self.show_engine_state()
         self.refresh_sidebar()
         self.open_conversation(self.conversation_id)
         self.query_one(PromptInput).focus()
         self.call_after_refresh(self.app.chat_painted)
 
+    def on_unmount(self) -> None:
+        # Leaving the app: a reply still streaming is cancelled so its worker can mark it and finish.
+        # (The app's own unmount comes after its screens are gone.)
+        if self.cancel is not None:
+            self.cancel.set()
+
     @property
     def generating(self) -> bool:
         return self.cancel is not None
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Esc (and its footer key) only means something while a reply is being written.
+        return self.generating if action == "cancel_reply" else True
+
+    @property
+    def route(self) -> str:
+        """The route asked for: the adapter whenever one is loaded, with memories when F3 turned them on."""
+        engine = self.app.engine
+        if not self.memory:
+            return "auto"
+        return "both" if engine is not None and engine.loaded_adapter else "rag"
+
+    def show_engine_state(self) -> None:
+        """Show the adapter in use and the route the next reply takes."""
+        engine = self.app.engine
+        status = self.query_one(StatusLine)
+        status.adapter = engine.loaded_adapter if engine is not None else None
+        status.memory = self.memory
+        status.route = (resolve_route(self.route, engine) if engine is not None
+                        else "rag" if self.memory else "base")
+
+    def show_adaptation(self, progress: str | None) -> None:
+        """Show an adaptation run's progress (None: none is running)."""
+        self.query_one(StatusLine).adapting = progress
+
     @shows_errors
     def refresh_sidebar(self) -> None:
         """Reload the conversation list from the database."""
-        self.query_one(ConversationList).show(convs.list_conversations(self.app.db), self.conversation_id)
+        self.query_one(ConversationList).show(convs.list_conversations(self.app.db), self.conversation_id,
+                                              feedback.excluded_conversations(self.app.db))
 
     @shows_errors
     def open_conversation(self, conversation_id: int | None) -> None:
@@ -106,19 +149,26 @@ class ChatScreen(Screen):
         log.remove_children()
         self.show_title()   # also raises NotFound for an id that does not exist
         if conversation_id is not None:
+            said = feedback.state(self.app.db, conversation_id)
             log.mount_all(MessageView(m["role"], m["content"], status=m["status"], message_id=m["id"],
-                                      route=m["route"],
+                                      route=m["route"], adapter=m["adapter_id"],
                                       memories=memory.reply_memories(self.app.db, m["id"])
-                                      if m["route"] == "rag" else None)
+                                      if m["route"] in ("rag", "both") else None,
+                                      rating=said.get(m["id"], {}).get("rating"),
+                                      edit=said.get(m["id"], {}).get("edit"))
                           for m in convs.messages(self.app.db, conversation_id))
         log.scroll_end(animate=False)
         log.anchor()
 
     def show_title(self) -> None:
-        """Show the open conversation's title as stored (titles change on the first message)."""
+        """Show the open conversation's title as stored (titles change on the first message), and
+        whether it is kept out of learning."""
         title = ("New conversation" if self.conversation_id is None
                  else convs.get_conversation(self.app.db, self.conversation_id)["title"])
-        self.query_one("#conversation-title", Label).update(title)
+        excluded = self.conversation_id is not None and feedback.is_excluded(self.app.db, self.conversation_id)
+        label = self.query_one("#conversation-title", Label)
+        label.update(f"{title}  {EXCLUDED_MARK} not used for learning" if excluded else title)
+        label.set_class(excluded, "excluded")
 
     def model_ready(self) -> None:
         """Called by the app when the model has loaded."""
@@ -150,6 +200,7 @@ class ChatScreen(Screen):
         log.mount_all([MessageView("user", text), reply])
         log.anchor()
         self.cancel = threading.Event()
+        self.refresh_bindings()
         self.query_one(StatusLine).state = "thinking…" if self.app.engine else "waiting for the model…"
         self.stream_reply(self.conversation_id, text, reply, self.cancel)
 
@@ -178,9 +229,11 @@ class ChatScreen(Screen):
         try:
             if app.engine is None:
                 raise EmberError(app.engine_error or "the model is not loaded")
-            exchange = respond(app.reply_db, app.engine, app.settings, text, route=self.route,
-                               retriever=app.retriever, conversation_id=conversation_id,
-                               cancel=cancel, on_piece=on_piece)
+            with app.engine_lock:   # no adapter swap while the model writes
+                app.sync_adapter_locked(app.reply_db)   # a newly promoted adapter answers this one
+                exchange = respond(app.reply_db, app.engine, app.settings, text, route=self.route,
+                                   retriever=app.retriever, conversation_id=conversation_id,
+                                   cancel=cancel, on_piece=on_piece)
         except EmberError as err:
             app.call_from_thread(self._reply_failed, view, text, str(err))
         else:
@@ -195,7 +248,8 @@ class ChatScreen(Screen):
     @shows_errors
     async def _reply_done(self, view: MessageView, exchange: Exchange) -> None:
         self.cancel = None
-        view.message_id, view.route = exchange.message_id, exchange.route
+        self.refresh_bindings()
+        view.message_id, view.route, view.adapter = exchange.message_id, exchange.route, exchange.adapter
         if view.is_attached:
             await view.end_stream()
             view.set_status(exchange.status)
@@ -203,13 +257,14 @@ class ChatScreen(Screen):
         status = self.query_one(StatusLine)
         status.state = "ready" if exchange.status == "complete" else f"reply {exchange.status}"
         status.speed = exchange.tokens_per_second or status.speed
-        status.adapter = exchange.adapter
+        self.show_engine_state()
         if exchange.conversation_id == self.conversation_id:
             self.show_title()
         self.refresh_sidebar()
 
     async def _reply_failed(self, view: MessageView, text: str, error: str) -> None:
         self.cancel = None
+        self.refresh_bindings()
         if view.is_attached:
             await view.remove()
         prompt = self.query_one(PromptInput)
@@ -285,11 +340,11 @@ class ChatScreen(Screen):
             self.refresh_sidebar()
 
     def action_copy_last_reply(self) -> None:
-        replies = [v for v in self.query(MessageView) if v.role == "assistant" and v.content]
+        replies = [v for v in self.query(MessageView) if v.role == "assistant" and v.text]
         if not replies:
             self.notify("No reply to copy yet.")
             return
-        self.app.copy_to_clipboard(replies[-1].content)
+        self.app.copy_to_clipboard(replies[-1].text)
         self.notify("Copied the last reply.")
 
     def action_search(self) -> None:
@@ -300,11 +355,11 @@ class ChatScreen(Screen):
         self.app.push_screen(SearchScreen(), chosen)
 
     def action_toggle_memory(self) -> None:
-        """Switch between answering from the model alone and answering with memories."""
-        self.route = "base" if self.route == "rag" else "rag"
-        self.query_one(StatusLine).route = self.route
+        """Switch between answering with and without memories of past conversations."""
+        self.memory = not self.memory
+        self.show_engine_state()
         self.notify("Replies now use your memories (the first may take a few seconds to load them)."
-                    if self.route == "rag" else "Replies now come from the model alone.")
+                    if self.memory else "Replies no longer use your memories.")
 
     def on_forget_memory(self, message: ForgetMemory) -> None:
         found = memory.chunks_by_id(self.app.db, [message.chunk_id]).get(message.chunk_id)

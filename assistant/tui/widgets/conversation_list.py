@@ -1,27 +1,32 @@
 """The sidebar: conversations, most recent first."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 from textual.widgets import Label, ListItem, ListView
 
+EXCLUDED_MARK = "⊘"   # kept out of learning
+
 
 class ConversationItem(ListItem):
-    """One conversation in the sidebar."""
+    """One conversation in the sidebar; a mark shows it is kept out of learning."""
 
-    def __init__(self, conversation: dict[str, Any]) -> None:
-        super().__init__(Label(conversation["title"], markup=False))
+    def __init__(self, conversation: dict[str, Any], *, excluded: bool = False) -> None:
+        title = f"{EXCLUDED_MARK} {conversation['title']}" if excluded else conversation["title"]
+        super().__init__(Label(title, markup=False))
         self.conversation_id: int = conversation["id"]
         self.title = conversation["title"]
+        self.excluded = excluded
 
 
 class ConversationList(ListView):
     """Conversations to switch between; selecting one opens it."""
 
-    def show(self, conversations: list[dict[str, Any]], current: int | None) -> None:
+    def show(self, conversations: list[dict[str, Any]], current: int | None,
+             excluded: Collection[int] = ()) -> None:
         """Replace the items, keeping the current conversation highlighted."""
         self.clear()
-        self.extend(ConversationItem(c) for c in conversations)
+        self.extend(ConversationItem(c, excluded=c["id"] in excluded) for c in conversations)
         ids = [c["id"] for c in conversations]
         if current in ids:
             self.index = ids.index(current)

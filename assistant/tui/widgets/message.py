@@ -1,4 +1,5 @@
-"""One message in the chat log: a header line (who, how it ended) and a Markdown body."""
+"""One message in the chat log: a header line (who, route, how it ended, the user's rating) and a
+Markdown body (the user's edit of a reply, when there is one)."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,7 +10,10 @@ from textual.message import Message
 from textual.widgets import Button, Collapsible, Label, Markdown
 from textual.widgets.markdown import MarkdownStream
 
+from assistant.tui.widgets.status_line import short_id
+
 MARKS = {"cancelled": "⏹ cancelled", "interrupted": "⚠ interrupted", "generating": "…"}
+RATING_MARKS = {"up": "👍", "down": "👎"}
 
 
 class ForgetMemory(Message):
@@ -43,20 +47,31 @@ class MessageView(Vertical):
     """A user or assistant message; assistant replies can be streamed into it."""
 
     def __init__(self, role: str, content: str = "", *, status: str = "complete",
-                 message_id: int | None = None, route: str | None = None,
-                 memories: list[dict[str, Any]] | None = None) -> None:
+                 message_id: int | None = None, route: str | None = None, adapter: str | None = None,
+                 memories: list[dict[str, Any]] | None = None, rating: str | None = None,
+                 edit: str | None = None) -> None:
         super().__init__(classes=f"message {role}")
         self.memories = memories or []
         self.role = role
-        self.content = content
+        self.content = content       # as generated (and logged)
         self.status = status
         self.message_id = message_id
         self.route = route
+        self.adapter = adapter
+        self.rating = rating         # up | down | None
+        self.edit = edit             # what the user wanted the reply to say, or None
         self._stream: MarkdownStream | None = None
+        self.set_class(status in ("cancelled", "interrupted"), "partial")
+        self.set_class(edit is not None, "edited")
+
+    @property
+    def text(self) -> str:
+        """What the message shows: the user's edit of a reply, or the reply itself."""
+        return self.content if self.edit is None else self.edit
 
     def compose(self) -> ComposeResult:
-        yield Label(self._header(), classes="message-header")
-        yield Markdown(self.content, classes="message-body")
+        yield Label(self._header(), classes="message-header", markup=False)
+        yield Markdown(self.text, classes="message-body")
         if self.memories:
             yield self._memories_panel()
 
@@ -77,16 +92,37 @@ class MessageView(Vertical):
         who = "You" if self.role == "user" else "Ember"
         parts = [who]
         if self.role == "assistant" and self.route:
-            parts.append(f"route: {self.route}")
+            uses_adapter = self.route in ("adapter", "both") and self.adapter
+            parts.append(f"route: {self.route}" + (f" ({short_id(self.adapter)})" if uses_adapter else ""))
         if self.status in MARKS:
             parts.append(MARKS[self.status])
+        if self.rating in RATING_MARKS:
+            parts.append(RATING_MARKS[self.rating])
+        if self.edit is not None:
+            parts.append("✎ edited")
         return " · ".join(parts)
+
+    def _update_header(self) -> None:
+        if self.is_mounted:
+            self.query_one(".message-header", Label).update(self._header())
 
     def set_status(self, status: str) -> None:
         """Show how the reply ended."""
         self.status = status
         self.set_class(status != "complete", "partial")
-        self.query_one(".message-header", Label).update(self._header())
+        self._update_header()
+
+    def set_rating(self, rating: str | None) -> None:
+        """Show the user's rating of this reply (None: not rated)."""
+        self.rating = rating
+        self._update_header()
+
+    async def set_edit(self, text: str) -> None:
+        """Show the user's edit in place of the reply, marked as edited."""
+        self.edit = text
+        self.add_class("edited")
+        self._update_header()
+        await self.query_one(Markdown).update(text)
 
     async def append(self, piece: str) -> None:
         """Add streamed text; bursts faster than the screen can paint are combined."""

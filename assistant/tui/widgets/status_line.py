@@ -1,23 +1,61 @@
-"""The status line: model, active adapter, speed of the last reply, and what Ember is doing."""
+"""The status line: model, adapter in use, memory, route, speed of the last reply, what Ember is doing,
+and, while one runs, the adaptation's progress on a second line."""
 from __future__ import annotations
+
+from typing import Any
 
 from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
 
+def short_id(adapter_id: str) -> str:
+    """`lora-20261123-142501-9f3a` → `lora…9f3a`: the method and the random tail tell adapters apart."""
+    head, _, tail = adapter_id.rpartition("-")
+    if len(adapter_id) <= 16 or not head:
+        return adapter_id
+    return f"{head.split('-')[0]}…{tail}"
+
+
+def duration(seconds: float) -> str:
+    """A rough, readable time left: `40s`, `12m`, `1h 05m`."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{round(seconds / 60)}m"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def progress(run: dict[str, Any]) -> str:
+    """An adaptation run's progress in one line, from its row in `adapt_runs`."""
+    parts = [f"adapting ({run['method']}) {run['step']}/{run['steps']}"]
+    if run.get("loss") is not None:
+        parts.append(f"loss {run['loss']:.2f}")
+    if run.get("epsilon_spent") is not None:
+        parts.append(f"ε {run['epsilon_spent']:.1f}")
+    if run.get("eta_seconds") is not None:
+        parts.append(f"{duration(run['eta_seconds'])} left")
+    return " · ".join(parts)
+
+
 class StatusLine(Static):
-    """One line at the bottom of the chat."""
+    """The line at the bottom of the chat (two lines while an adaptation runs)."""
 
     model: reactive[str] = reactive("")
     adapter: reactive[str | None] = reactive(None)
     speed: reactive[float | None] = reactive(None)
     state: reactive[str] = reactive("loading model…")
-    route: reactive[str] = reactive("base")
+    memory: reactive[bool] = reactive(False)
+    route: reactive[str] = reactive("base")     # the route the next reply takes
+    adapting: reactive[str | None] = reactive(None, layout=True)
 
     def render(self) -> Text:
         speed = f"{self.speed:.1f} tok/s" if self.speed else "– tok/s"
+        adapter = short_id(self.adapter) if self.adapter else "none"
         # Text, not markup: a model file name may contain brackets.
-        memory = "on" if self.route == "rag" else "off"
-        return Text(f"model: {self.model} │ adapter: {self.adapter or 'none'} │ memory: {memory} │ "
-                    f"{speed} │ {self.state}")
+        text = Text(f"model: {self.model} │ adapter: {adapter} │ memory: {'on' if self.memory else 'off'} │ "
+                    f"route: {self.route} │ {speed} │ {self.state}")
+        if self.adapting:
+            text.append(f"\n{self.adapting}", style="italic")
+        return text
