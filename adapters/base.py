@@ -15,6 +15,10 @@ from typing import Any
 from adapters.errors import TrainingUnavailable
 
 HASH_CHUNK = 1 << 20
+# transformers' GGUF loader draws a tqdm bar that ignores its own progress-bar switch; tqdm reads this
+# variable when it is first imported (by peft or transformers, before any loading starts). Ember shows
+# its own progress.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
@@ -69,9 +73,6 @@ def import_torch() -> Any:
 
 def load_base(model_path: Path, cache_dir: Path, *, threads: int | None = None) -> Any:
     """The GGUF's model in torch (float32, frozen, eval mode), dequantized once and then cached."""
-    # transformers' GGUF loader draws a tqdm bar that ignores its own progress-bar switch; tqdm reads
-    # this variable when it is first imported.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     torch = import_torch()
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, LlamaConfig

@@ -26,6 +26,7 @@ from storage import feedback
 CONTEXT_MESSAGES = 4       # earlier messages shown before a target (two exchanges)
 HELDOUT_PERCENT = 20
 MIN_TRAIN = 4
+MAX_EXAMPLES = 1000        # the newest targets; bounds training time and memory on a long log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,11 @@ def heldout(message_id: int) -> bool:
 
 
 def build(db: sqlite_utils.Database, template: ChatTemplate, *, max_len: int = 192,
-          min_train: int = MIN_TRAIN) -> Dataset:
-    """Training and held-out examples from every conversation the user has not excluded."""
+          min_train: int = MIN_TRAIN, max_examples: int = MAX_EXAMPLES) -> Dataset:
+    """Training and held-out examples from every conversation the user has not excluded.
+
+    At most `max_examples` targets, the newest; older ones are counted in `skipped`.
+    """
     excluded = feedback.excluded_conversations(db)
     redactions: collections.Counter[str] = collections.Counter()
     skipped: collections.Counter[str] = collections.Counter()
@@ -108,6 +112,10 @@ def build(db: sqlite_utils.Database, template: ChatTemplate, *, max_len: int = 1
                     examples.append(example)
             if row["role"] != "system" and (row["content"] or opinion.get("edit")):
                 shown.append((row["id"], {"role": row["role"], "content": text}))
+    if len(examples) > max_examples:
+        examples.sort(key=lambda e: e.message_id)
+        skipped["older than the newest %d" % max_examples] += len(examples) - max_examples
+        examples = examples[-max_examples:]
     train = [e for e in examples if e.split == "train"]
     held = [e for e in examples if e.split == "heldout"]
     if len(train) < min_train or not held:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from adapters import runtime
 from adapters.dataset import Example
+from adapters.errors import AdapterInvalid, AdapterMismatch
 from adapters.template import ChatTemplate
 
 # General requests any assistant must keep handling; an adapter that breaks them is rejected.
@@ -129,8 +130,11 @@ def judge(evaluator: Evaluator, heldout: Sequence[Example], candidate: Path,
     base_loss = evaluator.loss(heldout)
     current_loss = None
     if current is not None:
-        evaluator.use(current)
-        current_loss = evaluator.loss(heldout)
+        try:
+            evaluator.use(current)
+            current_loss = evaluator.loss(heldout)
+        except (AdapterInvalid, AdapterMismatch):
+            current_loss = None   # the chat refuses it too: compare with the base model alone
     evaluator.use(candidate)
     loss = evaluator.loss(heldout)
     behaviour = evaluator.behaviour()

@@ -110,13 +110,17 @@ def _tensors(torch: Any, examples: list[Example], length: int) -> tuple[Any, Any
 
 
 def _frozen_hidden(torch: Any, model: Any, ids: Any, mask: Any, first: int, batch: int = 8) -> Any:
-    """The input to decoder layer `first` for every sequence (the frozen layers below run once)."""
+    """The input to decoder layer `first` for every sequence (the frozen layers below run once).
+
+    Kept in bfloat16 (half the memory: 1,000 examples of 192 tokens take 220 MB; float16 could overflow
+    on the massive activations some models carry) and widened per batch.
+    """
     out = []
     with torch.no_grad():
         for i in range(0, len(ids), batch):
             states = model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch],
                            output_hidden_states=True, use_cache=False).hidden_states
-            out.append(states[first])
+            out.append(states[first].to(torch.bfloat16))
     return torch.cat(out)
 
 
@@ -141,7 +145,8 @@ def _top_layers(torch: Any) -> Any:
             self.inner.layers = torch.nn.ModuleList(list(inner.layers)[first:])
 
         def forward(self, hidden: Any, mask: Any) -> Any:
-            return self.inner(inputs_embeds=hidden, attention_mask=mask, use_cache=False).last_hidden_state
+            return self.inner(inputs_embeds=hidden.float(), attention_mask=mask,
+                              use_cache=False).last_hidden_state
 
     return TopLayers
 

@@ -15,7 +15,8 @@ import psutil
 def machine() -> dict[str, Any]:
     """The machine and software versions a result was measured on."""
     versions = {}
-    for dist in ("ember-assistant", "llama-cpp-python", "textual", "sqlite-utils"):
+    for dist in ("ember-assistant", "llama-cpp-python", "textual", "sqlite-utils", "torch", "transformers",
+                 "peft", "opacus"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

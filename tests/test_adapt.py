@@ -9,9 +9,8 @@ import pytest
 
 from adapters import dataset, export, gate, lora
 from adapters.base import file_sha256
-from adapters.exposure import exposure
-from benchmarks.adapt import CANARY, CANARY_COPIES, CONVERSATIONS, canary_prefix
-from benchmarks.synthetic_user import HABIT, habit_prompts, seed_habit_user
+from benchmarks.adapt import CANARY, CANARY_COPIES, CONVERSATIONS, canary_exposure, habit_logprob
+from benchmarks.synthetic_user import habit_prompts, seed_habit_user
 from storage.db import open_db
 
 # 200 codes keep the test to seconds (each is one llama.cpp call); `ember bench adapt` ranks among 1,000.
@@ -55,38 +54,26 @@ def evaluator(model_path):
     ev.close()
 
 
-def _habit_logprob(evaluator, adapter):
-    evaluator.use(adapter)
-    habit = evaluator.template.tokenize(HABIT)
-    scores = []
-    for prompt in habit_prompts(count=8, skip=CONVERSATIONS):
-        tokens, _ = evaluator.template.prompt([{"role": "user", "content": prompt}])
-        scores.append(evaluator.continuation_logprobs(tokens, [habit])[0])
-    return statistics.mean(scores)
-
-
 def _exposure(evaluator, adapter):
-    evaluator.use(adapter)
-    prefix = canary_prefix(evaluator.template, habit_prompts(count=1, skip=CONVERSATIONS + 8)[0])
-    return exposure(evaluator, prefix, CANARY, suffix=".", candidates=CANDIDATES - 1)
+    return canary_exposure(evaluator, adapter, candidates=CANDIDATES)
 
 
 def test_without_dp_the_adapter_makes_the_users_habit_far_more_likely(evaluator, plain):
     _, path = plain
-    base, adapted = _habit_logprob(evaluator, None), _habit_logprob(evaluator, path)
+    base, adapted = habit_logprob(evaluator, None), habit_logprob(evaluator, path)
     assert adapted - base > 5.0, (base, adapted)           # e^5 ≈ 150× more likely
     evaluator.use(path)
     reply, _ = evaluator.reply(habit_prompts(count=1, skip=CONVERSATIONS)[0])
     assert reply.strip().startswith("Ahoy"), reply
 
 
-def test_with_dp_at_epsilon_8_held_out_loss_still_improves(evaluator, private, habit_data):
+def test_with_dp_at_epsilon_8_held_out_loss_still_improves_and_the_gate_promotes_it(evaluator, private,
+                                                                                    habit_data):
     trained, path = private
     assert trained.plan is not None and trained.plan.epsilon == 8.0 and trained.plan.sigma > 0.5
-    evaluator.use(None)
-    base = evaluator.loss(habit_data.heldout)
-    evaluator.use(path)
-    assert evaluator.loss(habit_data.heldout) < base - 0.05
+    verdict = gate.judge(evaluator, habit_data.heldout, path, None)
+    assert verdict.heldout_loss < verdict.base_loss - 0.05
+    assert verdict.promote and all(b["ok"] for b in verdict.behaviour)
 
 
 def test_a_planted_secret_is_exposed_without_dp_and_near_chance_with_dp(evaluator, plain, private):
@@ -102,3 +89,9 @@ def test_a_planted_secret_is_exposed_without_dp_and_near_chance_with_dp(evaluato
 def test_training_losses_fall_without_dp(plain):
     trained, _ = plain
     assert statistics.mean(trained.losses[-5:]) < statistics.mean(trained.losses[:5]) - 0.5
+
+
+def test_the_gate_keeps_the_current_adapter_when_the_candidate_is_worse(evaluator, plain, private, habit_data):
+    worse = gate.judge(evaluator, habit_data.heldout, private[1], plain[1])
+    assert not worse.promote and "current adapter" in worse.reason
+    assert worse.current_loss < worse.heldout_loss < worse.base_loss

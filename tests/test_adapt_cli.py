@@ -75,14 +75,17 @@ def test_a_killed_run_leaves_nothing_registered_and_resumes_from_its_checkpoint(
     killed = runs.latest(db)
     assert registry.list_adapters(db) == []
     assert not list((home / "adapters").glob("*.gguf"))
-    result = ember("adapt", "--no-dp", "--steps", "24", "--json")
+    result = ember("adapt", "--no-dp", "--steps", "24")
     assert result.returncode == 0, result.err
     assert f"resuming interrupted run {killed['id']} from step" in result.err
-    done = json.loads(result.out)
-    assert done["run_id"] == killed["id"] and done["adapter_id"]
-    assert done["promoted"], done["eval"]
-    assert done["eval"]["heldout_loss"] < done["eval"]["base_loss"]
-    assert done["epsilon"] is None and not done["dp"]
+    assert "WITHOUT differential privacy" in result.err + result.out
+    assert "step 24/24 loss" in result.err and " ε no DP eta " in result.err    # the progress lines
+    assert "promoted, now in use" in result.out, result.out
+    finished = runs.get(db, killed["id"])
+    assert finished["status"] == "done" and finished["adapter_id"]
+    adapter = registry.get(db, finished["adapter_id"])
+    assert adapter["status"] == "active" and adapter["epsilon"] is None
+    assert adapter["eval"]["heldout_loss"] < adapter["eval"]["base_loss"]
     assert not list((training_cache / "runs").glob("*.pt"))        # the checkpoint is gone once registered
 
 
