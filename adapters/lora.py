@@ -167,8 +167,10 @@ def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
-    torch.manual_seed(config.seed)
     base = load_base(model_path, cache_dir, threads=config.threads or None)
+    # Seeded after loading: building the base from the cache draws from the global generator and
+    # dequantizing it the first time does not, and the LoRA init must not depend on which happened.
+    torch.manual_seed(config.seed)
     n_layers = base.config.num_hidden_layers
     first = max(0, n_layers - config.layers)
     modules = list(config.modules + (MLP if config.mlp else ()))
@@ -218,24 +220,33 @@ def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, 
         _load_trainable(net, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
     started, done_at_start = time.perf_counter(), state["step"]
+    per_epoch = len(loader)
     net.train()
     try:
         while state["step"] < steps:
-            for batch_hidden, batch_mask, batch_labels in loader:
+            epoch, done_in_epoch = divmod(state["step"], per_epoch)
+            if plan is None:
+                # Without DP the order is a function of (seed, epoch), so a resumed run takes exactly the
+                # batches an uninterrupted one would. DP batches are fresh Poisson draws every step.
+                sampling.manual_seed(config.seed * 100_003 + epoch)
+            for index, (batch_hidden, batch_mask, batch_labels) in enumerate(loader):
+                if plan is None and index < done_in_epoch:
+                    continue
                 if state["step"] >= steps:
                     break
                 loss = _step(torch, net, optimizer, lm_head, batch_hidden, batch_mask, batch_labels)
                 state["step"] += 1
                 state["losses"].append(loss)
+                stop = should_stop is not None and should_stop()
+                # Checkpoint before reporting the step, so a step others have seen is never lost to a kill.
+                if checkpoint is not None and (stop or state["step"] % config.checkpoint_every == 0):
+                    _save(torch, checkpoint, net, optimizer, state)
                 if on_step is not None:
                     elapsed = time.perf_counter() - started
                     per_step = elapsed / (state["step"] - done_at_start)
                     eps = (privacy.epsilon_spent(plan.sigma, plan.sample_rate, state["step"], plan.delta)
                            if plan is not None else None)
                     on_step(Progress(state["step"], steps, loss, eps, per_step * (steps - state["step"])))
-                stop = should_stop is not None and should_stop()
-                if checkpoint is not None and (stop or state["step"] % config.checkpoint_every == 0):
-                    _save(torch, checkpoint, net, optimizer, state)
                 if stop:
                     return None
         weights = _lora_weights(net, first)

@@ -1,8 +1,9 @@
 """`ember adapt`: dataset → budget check → DP training → GGUF export → gate → registry, crash-safe.
 
-A run is recorded in `adapt_runs` and the privacy ledger before training starts; its checkpoint lives
-in the cache until the adapter is registered. A killed run is found on the next start: resumed from its
-checkpoint when the data and configuration are unchanged, restarted otherwise. The adapter file is
+A run is recorded in `adapt_runs` and the privacy ledger before training starts; its checkpoint and its
+dataset live in the cache until the adapter is registered. A run that stopped (paused by the daemon,
+killed, crashed) is found on the next start and resumed from its checkpoint, on its own dataset, when the
+training configuration is unchanged; otherwise it is dropped and a new run starts. The adapter file is
 written under a temporary name and renamed, and only a complete file is ever registered.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
+import json
 import os
 import secrets
 from pathlib import Path
@@ -21,7 +23,7 @@ import sqlite_utils
 
 from adapters import dataset as datasets
 from adapters import export, gate, lora
-from adapters.base import file_sha256
+from adapters.base import file_sha256, write_private
 from adapters.errors import BudgetExhausted, InvalidInput, TrainingUnavailable
 from adapters.template import ChatTemplate
 from storage import ledger, registry, runs
@@ -93,7 +95,8 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
                                   "use --method lora")
     stage = on_stage or (lambda _text: None)
     template = ChatTemplate.from_gguf(str(config.model_path))
-    data = datasets.build(db, template, max_len=config.max_len)
+    resume = None if config.dry_run else _resumable(db, config)
+    data = _load_data(config, resume["id"]) if resume else datasets.build(db, template, max_len=config.max_len)
     n_train = len(data.train)
     steps = lora.steps_for(config.lora, n_train)
     plan = lora.plan_for(config.lora, n_train)
@@ -104,7 +107,8 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
                "sigma": plan.sigma if plan else None, "clip": plan.clip if plan else None,
                "sample_rate": plan.sample_rate if plan else None,
                "budget_left": budget_left(db, config.budget)}
-    if plan is not None and plan.epsilon > summary["budget_left"] + 1e-9:
+    # A resumed run's ε is already in the ledger; only a new run must fit in what is left.
+    if resume is None and plan is not None and plan.epsilon > summary["budget_left"] + 1e-9:
         raise BudgetExhausted(
             f"this run needs ε={plan.epsilon:g} but only {max(0.0, summary['budget_left']):.2f} of your "
             f"privacy budget (ε={config.budget:g}) is left; lower --epsilon or raise privacy_budget "
@@ -113,33 +117,70 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
         return {"adapter_id": None, "path": None, "promoted": False, "eval": None, "dry_run": True,
                 **summary}
     with single_run(config.home):
-        return _run(db, config, template, data, steps, plan, summary, on_step, stage, should_stop)
+        return _run(db, config, data, steps, plan, summary, resume, on_step, stage, should_stop)
 
 
-def _fingerprint(data: datasets.Dataset, config: AdaptConfig) -> str:
-    return hashlib.sha256(f"{data.fingerprint}:{config.lora}:{config.model_path}".encode()).hexdigest()[:16]
+def _config_fingerprint(config: AdaptConfig) -> str:
+    return hashlib.sha256(f"{config.lora}:{config.model_path}:{config.max_len}".encode()).hexdigest()[:16]
 
 
-def _run(db: sqlite_utils.Database, config: AdaptConfig, template: ChatTemplate, data: datasets.Dataset,
-         steps: int, plan: Any, summary: dict[str, Any], on_step: Any, stage: Callable[[str], None],
-         should_stop: Any) -> dict[str, Any]:
-    fingerprint = _fingerprint(data, config)
-    checkpoints = config.cache_dir / "runs"
-    run_id = None
+def _resumable(db: sqlite_utils.Database, config: AdaptConfig) -> dict[str, Any] | None:
+    """The newest stopped run with this configuration whose checkpoint and dataset are on disk.
+
+    The run continues on the dataset it started with (saved beside its checkpoint): messages written
+    since then wait for the next run, and a message forgotten since then taints the result.
+    """
+    fingerprint = _config_fingerprint(config)
     for stale in runs.resumable(db):
-        if run_id is None and stale["fingerprint"] == fingerprint and (checkpoints / f"{stale['id']}.pt").is_file():
-            run_id = stale["id"]
-            stage(f"resuming interrupted run {run_id} from step {stale['step']}")
-        else:
-            (checkpoints / f"{stale['id']}.pt").unlink(missing_ok=True)
-            runs.update(db, stale["id"], status="failed", message="interrupted; restarted afresh")
-    run_id = run_id or new_id(config.method)
-    runs.start(db, run_id, method=config.method, steps=steps, fingerprint=fingerprint)
+        files = _run_files(config, stale["id"])
+        if stale["fingerprint"] == fingerprint and all(f.is_file() for f in files):
+            return stale
+    return None
+
+
+def _run_files(config: AdaptConfig, run_id: str) -> tuple[Path, Path]:
+    folder = config.cache_dir / "runs"
+    return folder / f"{run_id}.pt", folder / f"{run_id}.data.json"
+
+
+def _save_data(config: AdaptConfig, run_id: str, data: datasets.Dataset) -> None:
+    document = {"train": [dataclasses.asdict(e) for e in data.train],
+                "heldout": [dataclasses.asdict(e) for e in data.heldout],
+                "redactions": data.redactions, "skipped": data.skipped}
+    write_private(_run_files(config, run_id)[1], json.dumps(document).encode())
+
+
+def _load_data(config: AdaptConfig, run_id: str) -> datasets.Dataset:
+    document = json.loads(_run_files(config, run_id)[1].read_text())
+
+    def examples(rows: list[dict[str, Any]]) -> list[datasets.Example]:
+        return [datasets.Example(**{**r, "tokens": tuple(r["tokens"]), "context_ids": tuple(r["context_ids"])})
+                for r in rows]
+
+    return datasets.Dataset(examples(document["train"]), examples(document["heldout"]),
+                            document["redactions"], document["skipped"])
+
+
+def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset, steps: int, plan: Any,
+         summary: dict[str, Any], resume: dict[str, Any] | None, on_step: Any, stage: Callable[[str], None],
+         should_stop: Any) -> dict[str, Any]:
+    for stale in runs.resumable(db):
+        if resume is None or stale["id"] != resume["id"]:
+            for f in _run_files(config, stale["id"]):
+                f.unlink(missing_ok=True)
+            runs.update(db, stale["id"], status="failed", message="stopped; a new run replaced it")
+    if resume is not None:
+        run_id = resume["id"]
+        stage(f"resuming interrupted run {run_id} from step {resume['step']}")
+    else:
+        run_id = new_id(config.method)
+        _save_data(config, run_id, data)
+    runs.start(db, run_id, method=config.method, steps=steps, fingerprint=_config_fingerprint(config))
     ledger.record(db, run_id, method=config.method, dp=plan is not None,
                   epsilon=plan.epsilon if plan else None, delta=plan.delta if plan else None,
                   sigma=plan.sigma if plan else None, clip=plan.clip if plan else None,
                   sample_rate=plan.sample_rate if plan else None, steps=steps, examples=summary["examples"])
-    checkpoint = checkpoints / f"{run_id}.pt"
+    checkpoint, data_file = _run_files(config, run_id)
 
     def progress(p: lora.Progress) -> None:
         runs.update(db, run_id, step=p.step, loss=p.loss, epsilon_spent=p.epsilon, eta_seconds=p.eta_seconds)
@@ -183,15 +224,25 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, template: ChatTemplate,
             "epsilon": plan.epsilon if plan else None, "delta": plan.delta if plan else None,
             "examples": summary["examples"]}, data.sources, activate=verdict.promote)
         promoted = registry.get(db, adapter_id)["status"] == "active"
-        runs.update(db, run_id, status="done", adapter_id=adapter_id,
+        runs.update(db, run_id, status="done", adapter_id=adapter_id, peak_rss_mb=_peak_rss_mb(),
                     message=("promoted: " if promoted else "kept the previous model: ") + verdict.reason)
         checkpoint.unlink(missing_ok=True)
+        data_file.unlink(missing_ok=True)
         return {"adapter_id": adapter_id, "path": str(path), "promoted": promoted, "eval": evaluation,
                 "run_id": run_id, **summary}
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         runs.update(db, run_id, status=status, message=str(err)[:300] or type(err).__name__)
         raise
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
 
 
 def _mean(values: list[float]) -> float | None:

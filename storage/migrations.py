@@ -258,3 +258,31 @@ def m007_adapters(db: sqlite_utils.Database) -> None:
             adapter_id TEXT
         );
     """)
+
+
+@migration
+def m008_activity_and_daemon(db: sqlite_utils.Database) -> None:
+    """When the user was last here (chat opened) and what the idle-time daemon is doing.
+
+    Messages carry their own time; opening the chat leaves a row here, so the daemon yields to a user
+    who has only just come back.
+    """
+    db.executescript("""
+        CREATE TABLE activity (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            created TEXT NOT NULL
+        );
+        CREATE TABLE daemon_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            pid INTEGER,
+            state TEXT NOT NULL,
+            reason TEXT,
+            updated TEXT NOT NULL,
+            last_run TEXT,
+            last_result TEXT,
+            next_check TEXT
+        );
+        -- what each run really needed, so the daemon can choose a method that fits in memory
+        ALTER TABLE adapt_runs ADD COLUMN peak_rss_mb REAL;
+    """)

@@ -9,7 +9,8 @@ import sqlite_utils
 from storage.conversations import process_alive, now
 from storage.db import transaction
 
-FIELDS = ("step", "steps", "loss", "epsilon_spent", "eta_seconds", "message", "adapter_id", "status")
+FIELDS = ("step", "steps", "loss", "epsilon_spent", "eta_seconds", "message", "adapter_id", "status",
+          "peak_rss_mb")
 
 
 def start(db: sqlite_utils.Database, run_id: str, *, method: str, steps: int, fingerprint: str) -> None:

@@ -95,3 +95,18 @@ def test_the_gate_keeps_the_current_adapter_when_the_candidate_is_worse(evaluato
     worse = gate.judge(evaluator, habit_data.heldout, private[1], plain[1])
     assert not worse.promote and "current adapter" in worse.reason
     assert worse.current_loss < worse.heldout_loss < worse.base_loss
+
+
+def test_a_run_stopped_and_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(
+        model_path, training_cache, habit_data, tmp_path):
+    config = lora.LoraConfig(epsilon=None, threads=2, steps=4, checkpoint_every=100)
+    whole = lora.train(model_path, training_cache, habit_data, config)
+    checkpoint = tmp_path / "run.pt"
+    stopped = lora.train(model_path, training_cache, habit_data, config, checkpoint=checkpoint,
+                         should_stop=lambda: True)                      # pauses after step 1
+    assert stopped is None and checkpoint.is_file()
+    resumed = lora.train(model_path, training_cache, habit_data, config, checkpoint=checkpoint)
+    assert resumed.losses == pytest.approx(whole.losses, abs=1e-5)
+    for module, (a, b) in whole.weights.items():
+        assert resumed.weights[module][0].allclose(a, atol=1e-6)
+        assert resumed.weights[module][1].allclose(b, atol=1e-6)

@@ -58,28 +58,28 @@ def test_dry_run_plans_the_private_run_without_training(ember, home):
 
 def test_a_killed_run_leaves_nothing_registered_and_resumes_from_its_checkpoint(ember, home, training_cache):
     env = dict(os.environ, EMBER_HOME=str(home), EMBER_CACHE=str(training_cache), EMBER_THREADS="2")
-    proc = subprocess.Popen([sys.executable, "-m", "assistant", "adapt", "--no-dp", "--steps", "24", "--json"],
+    proc = subprocess.Popen([sys.executable, "-m", "assistant", "adapt", "--no-dp", "--steps", "16", "--json"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = open_db(home)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         run = runs.latest(db)
-        if run and run["step"] >= 12:
+        if run and run["step"] >= 10:
             break
         time.sleep(0.3)
     else:
         proc.kill()
-        pytest.fail("the run never reached step 12")
+        pytest.fail("the run never reached step 10")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = runs.latest(db)
     assert registry.list_adapters(db) == []
     assert not list((home / "adapters").glob("*.gguf"))
-    result = ember("adapt", "--no-dp", "--steps", "24")
+    result = ember("adapt", "--no-dp", "--steps", "16")
     assert result.returncode == 0, result.err
     assert f"resuming interrupted run {killed['id']} from step" in result.err
     assert "WITHOUT differential privacy" in result.err + result.out
-    assert "step 24/24 loss" in result.err and " ε no DP eta " in result.err    # the progress lines
+    assert "step 16/16 loss" in result.err and " ε no DP eta " in result.err    # the progress lines
     assert "promoted, now in use" in result.out, result.out
     finished = runs.get(db, killed["id"])
     assert finished["status"] == "done" and finished["adapter_id"]
