@@ -13,15 +13,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from typing import Iterable
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Iterable
 
 from adapters.errors import NotEnoughData
 from adapters.redact import redact_counts
 from adapters.template import ChatTemplate, Message
 from storage import conversations as convs
 from storage import feedback
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 CONTEXT_MESSAGES = 4       # earlier messages shown before a target (two exchanges)
 HELDOUT_PERCENT = 20

@@ -17,16 +17,18 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from adapters import dataset as datasets
 from adapters import export, gate, lora
 from adapters.base import file_sha256, write_private
 from adapters.errors import BudgetExhausted, InvalidInput, TrainingUnavailable
 from adapters.template import ChatTemplate
+from storage import conversations as convs
 from storage import ledger, registry, runs
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 METHODS = ("lora", "zo")
 
@@ -131,6 +133,7 @@ def _resumable(db: sqlite_utils.Database, config: AdaptConfig) -> dict[str, Any]
     since then wait for the next run, and a message forgotten since then taints the result.
     """
     fingerprint = _config_fingerprint(config)
+    drop_runs_on_forgotten(db, config.cache_dir)
     for stale in runs.resumable(db):
         files = _run_files(config, stale["id"])
         if stale["fingerprint"] == fingerprint and all(f.is_file() for f in files):
@@ -139,15 +142,41 @@ def _resumable(db: sqlite_utils.Database, config: AdaptConfig) -> dict[str, Any]
 
 
 def _run_files(config: AdaptConfig, run_id: str) -> tuple[Path, Path]:
-    folder = config.cache_dir / "runs"
+    return _files_in(config.cache_dir, run_id)
+
+
+def _files_in(cache_dir: Path, run_id: str) -> tuple[Path, Path]:
+    folder = cache_dir / "runs"
     return folder / f"{run_id}.pt", folder / f"{run_id}.data.json"
 
 
-def _save_data(config: AdaptConfig, run_id: str, data: datasets.Dataset) -> None:
+def drop_runs_on_forgotten(db: sqlite_utils.Database, cache_dir: Path) -> int:
+    """Drop every stopped run whose saved dataset holds a message since forgotten, with its files.
+
+    A paused run keeps its examples and a checkpoint that learned from them; forgetting a message must
+    leave no copy of it there. Called by `ember forget` and before any run resumes. Returns how many.
+    """
+    dropped = 0
+    for stale in runs.resumable(db):
+        checkpoint, data_file = _files_in(cache_dir, stale["id"])
+        if not data_file.is_file():
+            continue
+        document = json.loads(data_file.read_text())
+        ids = {m for row in document["train"] + document["heldout"] for m in (row["message_id"], *row["context_ids"])}
+        if convs.existing_ids(db, ids) != ids:
+            checkpoint.unlink(missing_ok=True)
+            data_file.unlink(missing_ok=True)
+            runs.update(db, stale["id"], status="failed",
+                        message="dropped: it was training on a message since forgotten")
+            dropped += 1
+    return dropped
+
+
+def _save_data(cache_dir: Path, run_id: str, data: datasets.Dataset) -> None:
     document = {"train": [dataclasses.asdict(e) for e in data.train],
                 "heldout": [dataclasses.asdict(e) for e in data.heldout],
                 "redactions": data.redactions, "skipped": data.skipped}
-    write_private(_run_files(config, run_id)[1], json.dumps(document).encode())
+    write_private(_files_in(cache_dir, run_id)[1], json.dumps(document).encode())
 
 
 def _load_data(config: AdaptConfig, run_id: str) -> datasets.Dataset:
@@ -174,7 +203,7 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
         stage(f"resuming interrupted run {run_id} from step {resume['step']}")
     else:
         run_id = new_id(config.method)
-        _save_data(config, run_id, data)
+        _save_data(config.cache_dir, run_id, data)
     runs.start(db, run_id, method=config.method, steps=steps, fingerprint=_config_fingerprint(config))
     ledger.record(db, run_id, method=config.method, dp=plan is not None,
                   epsilon=plan.epsilon if plan else None, delta=plan.delta if plan else None,

@@ -51,6 +51,10 @@ class Settings:
     memory_k: int = 5                  # memories put in front of the model on the rag route
     privacy_budget: float = 32.0       # total ε all adapters together may spend (basic composition)
     adapt_epsilon: float = 8.0         # ε of one adaptation run, unless --epsilon says otherwise
+    daemon_idle_minutes: float = 30.0  # the daemon adapts after this long without chat activity
+    daemon_check_seconds: float = 60.0
+    daemon_min_new_messages: int = 20  # since the newest adapter
+    daemon_nightly: str | None = None  # e.g. "1-6": only between 01:00 and 06:00 local time
 
     @property
     def model_path(self) -> Path:

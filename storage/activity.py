@@ -42,3 +42,15 @@ def daemon(db: sqlite_utils.Database) -> dict[str, Any]:
         row["state"] = "stopped"
         row["reason"] = "its process is not running"
     return row
+
+
+def new_messages(db: sqlite_utils.Database) -> int:
+    """Messages written since the newest untainted adapter was created (all of them when there is none).
+
+    A tainted adapter does not count: the user forgot something it learned from, so it is withdrawn
+    and its material is due to be learned again without the forgotten messages.
+    """
+    newest = db.execute("SELECT MAX(created) FROM adapters WHERE status != 'tainted'").fetchone()[0]
+    if newest is None:
+        return db["messages"].count
+    return db["messages"].count_where("created > ?", [newest])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 from typing import Any, Iterable
@@ -122,6 +123,12 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def existing_ids(db: sqlite_utils.Database, message_ids: Iterable[int]) -> set[int]:
+    """Which of these message ids are still stored (the others were forgotten)."""
+    ids = json.dumps(sorted(set(message_ids)))
+    return {r[0] for r in db.execute("SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))", [ids])}
 
 
 def recover_interrupted(db: sqlite_utils.Database) -> int:

@@ -281,7 +281,8 @@ def m008_activity_and_daemon(db: sqlite_utils.Database) -> None:
             updated TEXT NOT NULL,
             last_run TEXT,
             last_result TEXT,
-            next_check TEXT
+            next_check TEXT,
+            eligible_at TEXT
         );
         -- what each run really needed, so the daemon can choose a method that fits in memory
         ALTER TABLE adapt_runs ADD COLUMN peak_rss_mb REAL;

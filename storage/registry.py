@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
-from storage.conversations import now
+from storage.conversations import existing_ids, now
 from storage.db import transaction
 from storage.errors import InvalidInput, NotFound
 
@@ -39,8 +39,7 @@ def register(db: sqlite_utils.Database, adapter: dict[str, Any], sources: Iterab
     sources = list(sources)
     with transaction(db):
         ids = [m for m, _ in sources]
-        present = {r[0] for r in db.execute(
-            "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(ids)])}
+        present = existing_ids(db, ids)
         missing = [m for m in ids if m not in present]
         if missing:
             row["status"], row["reason"] = "tainted", f"trained on message {missing[0]}, since forgotten"

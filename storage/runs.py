@@ -63,3 +63,9 @@ def latest(db: sqlite_utils.Database) -> dict[str, Any] | None:
     """The most recent run of any status."""
     rows = list(db["adapt_runs"].rows_where(order_by="started DESC", limit=1))
     return rows[0] if rows else None
+
+
+def peak_rss_mb(db: sqlite_utils.Database, method: str) -> float | None:
+    """The highest peak memory a finished run of this method needed on this machine, if any ran."""
+    return db.execute("SELECT MAX(peak_rss_mb) FROM adapt_runs WHERE method = ? AND status = 'done'",
+                      [method]).fetchone()[0]

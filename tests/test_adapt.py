@@ -3,6 +3,7 @@ secret is memorised without DP and not with it (Secret Sharer exposure), all mea
 the exported GGUF adapters."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
@@ -99,13 +100,15 @@ def test_the_gate_keeps_the_current_adapter_when_the_candidate_is_worse(evaluato
 
 def test_a_run_stopped_and_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(
         model_path, training_cache, habit_data, tmp_path):
-    config = lora.LoraConfig(epsilon=None, threads=2, steps=4, checkpoint_every=100)
-    whole = lora.train(model_path, training_cache, habit_data, config)
+    # 20 examples in batches of 8: 3 batches an epoch, so the 5 steps cross into a second epoch.
+    small = dataclasses.replace(habit_data, train=habit_data.train[:20])
+    config = lora.LoraConfig(epsilon=None, threads=2, steps=5, batch_size=8, checkpoint_every=100)
+    whole = lora.train(model_path, training_cache, small, config)
     checkpoint = tmp_path / "run.pt"
-    stopped = lora.train(model_path, training_cache, habit_data, config, checkpoint=checkpoint,
+    stopped = lora.train(model_path, training_cache, small, config, checkpoint=checkpoint,
                          should_stop=lambda: True)                      # pauses after step 1
     assert stopped is None and checkpoint.is_file()
-    resumed = lora.train(model_path, training_cache, habit_data, config, checkpoint=checkpoint)
+    resumed = lora.train(model_path, training_cache, small, config, checkpoint=checkpoint)
     assert resumed.losses == pytest.approx(whole.losses, abs=1e-5)
     for module, (a, b) in whole.weights.items():
         assert resumed.weights[module][0].allclose(a, atol=1e-6)

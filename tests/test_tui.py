@@ -179,6 +179,16 @@ async def test_search_finds_a_past_conversation_and_opens_it(settings, engine, d
         assert app.screen.query(MessageView)[1].content.startswith("Bring **sandwiches**")
 
 
+async def test_opening_the_chat_and_typing_count_as_the_user_being_here(settings, engine, db, monkeypatch):
+    monkeypatch.setattr("assistant.tui.app.PRESENCE_SECONDS", 0.0)
+    app = EmberApp(settings, engine=engine)
+    kinds = lambda: [r["kind"] for r in db["activity"].rows_where(order_by="id")]   # noqa: E731
+    async with app.run_test(size=SIZE) as pilot:
+        assert kinds() == ["chat_open"]             # the idle-time daemon pauses for this
+        await type_text(pilot, "half a thought")    # not sent: typing alone says the user is back
+        assert "typing" in kinds()
+
+
 async def test_copy_last_reply(settings, engine, db):
     _picnic, pancakes = seed_conversations(db)
     app = EmberApp(settings, engine=engine, conversation_id=pancakes)
@@ -450,6 +460,16 @@ async def test_an_adaptation_in_progress_shows_in_the_status_line(settings, engi
         runs.update(db, "lora-run", status="done", message="kept the previous model: no better on held-out")
         await wait_until(pilot, lambda: "adapting" not in status(app), timeout=10)
         assert notified(app, "Adaptation finished: kept the previous model")
+
+
+async def test_a_run_the_daemon_paused_for_the_user_is_announced_calmly(settings, engine, db):
+    app = EmberApp(settings, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        runs.start(db, "lora-idle", method="lora", steps=80, fingerprint="f")
+        await wait_until(pilot, lambda: "adapting" in status(app), timeout=10)
+        runs.update(db, "lora-idle", status="interrupted", message="paused; resumes on the next run")
+        await wait_until(pilot, lambda: "adapting" not in status(app), timeout=10)
+        assert notified(app, "Learning paused while you are here")
 
 
 async def test_no_adapter_is_swapped_in_while_a_reply_is_being_written(settings, swappable, db, tmp_path):

@@ -113,7 +113,8 @@ def forget(message_id, conversation_id, text, everything, yes, model, as_json):
                            "--match TEXT or --all")
     if text is not None and not text.strip():
         raise InvalidInput("--match needs some text")
-    db = open_store(settings_from(model=model))
+    settings = settings_from(model=model)
+    db = open_store(settings)
     if everything and not yes and sys.stdin.isatty():
         click.confirm("Delete every conversation and message?", abort=True, err=True)
     if message_id is not None:
@@ -124,12 +125,18 @@ def forget(message_id, conversation_id, text, everything, yes, model, as_json):
         counts = convs.forget_matching(db, text)
     else:
         counts = convs.forget_all(db)
+    # A paused adaptation run keeps copies of its examples; one that holds a forgotten message goes too.
+    from adapters.pipeline import drop_runs_on_forgotten
+
+    counts["runs_dropped"] = drop_runs_on_forgotten(db, settings.cache_dir)
     if as_json:
         print_json({"deleted": counts})
     else:
         click.echo(f"Forgot {counts['messages']} messages; removed {counts['conversations']} conversations"
-                   + (f"; withdrew {counts['adapters_tainted']} adapters trained on them."
-                      if counts["adapters_tainted"] else "."))
+                   + (f"; withdrew {counts['adapters_tainted']} adapters trained on them"
+                      if counts["adapters_tainted"] else "")
+                   + (f"; dropped {counts['runs_dropped']} paused adaptation runs that held them"
+                      if counts["runs_dropped"] else "") + ".")
 
 
 COMMANDS = [history, export, forget]

@@ -5,6 +5,7 @@ import click
 
 from assistant import __version__
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
+from assistant.cli.daemon import daemon_report
 from assistant.engine import check_gguf
 from storage import ledger, memory, registry, runs
 from storage.migrations import current_version
@@ -42,8 +43,7 @@ def status(model, as_json):
         "adapting": None if running is None else {
             k: running[k] for k in ("id", "method", "step", "steps", "loss", "epsilon_spent", "eta_seconds")},
         "memory": memory.stats(db),
-        # The idle-time daemon arrives in a later version; report its honest state now.
-        "daemon": {"state": "not installed"},
+        "daemon": daemon_report(settings, db),
     }
     if as_json:
         return print_json(report)
@@ -66,7 +66,8 @@ def status(model, as_json):
                f"(schema v{db_info['schema_version']})\n"
                f"privacy   {privacy_line}\n"
                f"memory    {report['memory']['chunks']} chunks ({report['memory']['embedded']} embedded)\n"
-               f"daemon    not installed")
+               f"daemon    {report['daemon']['state']}"
+               + (f" ({report['daemon']['reason']})" if report["daemon"].get("reason") else ""))
     return None
 
 

@@ -9,7 +9,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
-from textual import work
+from textual import events, work
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
@@ -21,14 +21,15 @@ from assistant.errors import EmberError
 from assistant.retrieval import retriever_for
 from assistant.tui.screens.chat import ACTIONS, ChatScreen
 from assistant.tui.widgets.status_line import progress
+from storage import activity, registry, runs
 from storage import conversations as convs
-from storage import registry, runs
 from storage.db import open_db
 
 if TYPE_CHECKING:
     import sqlite_utils
 
 WATCH_SECONDS = 2.0   # how often the registry and the adaptation run are checked
+PRESENCE_SECONDS = 20.0   # typing is recorded as presence at most this often
 
 
 class EmberApp(App):
@@ -50,15 +51,32 @@ class EmberApp(App):
         self._swapping = False
         self._run_seen: str | None = None   # the adaptation run last shown as in progress
         self._loading = False
+        self._present_at = time.monotonic()
         self.painted_at: float | None = None   # perf_counter() at the first paint, for `ember bench`
         self.db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
         convs.recover_interrupted(self.db)
+        activity.record(self.db, "chat_open")   # the idle-time daemon pauses when the user comes back
         if conversation_id is not None:
             convs.get_conversation(self.db, conversation_id)   # fail before the screen opens
         # Replies stream from a worker thread; it writes through its own connection.
         self.reply_db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
         # Memory search runs in the reply worker too; the embedding model loads on first use.
         self.retriever = retriever_for(settings, self.reply_db, embedder)
+
+    async def on_event(self, event: events.Event) -> None:
+        # Every key reaches the app here first, before the focused widget consumes it.
+        if isinstance(event, events.Key):
+            self.note_presence()
+        await super().on_event(event)
+
+    def note_presence(self) -> None:
+        """Typing counts as presence: the idle-time daemon pauses for a user writing a long message."""
+        if time.monotonic() - self._present_at >= PRESENCE_SECONDS:
+            self._present_at = time.monotonic()
+            try:
+                activity.record(self.db, "typing")
+            except EmberError as err:   # a locked database must never cost the user a keystroke
+                self.log.warning(f"presence not recorded: {err}")
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen(self.initial_conversation))
@@ -175,6 +193,8 @@ class EmberApp(App):
         detail = f": {ended['message']}" if ended["message"] else ""
         if ended["status"] == "done":
             self.notify(f"Adaptation finished{detail}")
+        elif ended["status"] == "interrupted" and (ended["message"] or "").startswith("paused"):
+            self.notify("Learning paused while you are here; it picks up where it stopped when you are away.")
         elif ended["status"] == "running":   # its process is gone without saying so
             self.notify("Adaptation stopped (its process ended); `ember adapt` resumes it.",
                         severity="warning", timeout=10)

@@ -1,0 +1,279 @@
+"""The idle-time adaptation daemon: learns while the user is away, yields the moment they return.
+
+Every `check_seconds` an APScheduler job asks `check()` whether now is a good time: the user has been
+idle for `idle_minutes` (no message, no chat opened), the CPU is quiet, memory is free for the method,
+the machine is on mains power (battery devices) and cool (where sensors exist), inside the nightly
+window if one is set, with enough new messages since the last adapter and privacy budget left. If so it
+runs `ember adapt`'s pipeline at low priority; after every training step the run asks whether the user
+came back and, if so, checkpoints and pauses within a step (about a second). The next idle window
+resumes it from that checkpoint. Sensors are the only part tests replace.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import fcntl
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from assistant.config import Settings
+from assistant.errors import EmberError, InvalidInput
+from storage import activity, ledger, registry, runs
+from storage.db import open_db
+
+LOG_NAME = "daemon.jsonl"
+# Measured peak RSS of a LoRA run on the default model (benchmarks/results/adapt.json: 1.94 GB with DP),
+# used until this machine has measured its own runs.
+LORA_MEMORY_MB = 2000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    """When adaptation may start."""
+
+    idle_minutes: float = 30.0
+    check_seconds: float = 60.0
+    max_load: float = 0.5              # 1-minute load average per core
+    min_new_messages: int = 20         # since the newest adapter
+    nightly: tuple[int, int] | None = None   # (start hour, end hour), local time; None: any time
+    max_temperature_c: float = 80.0
+    require_mains: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "DaemonConfig":
+        """The daemon's part of the user's settings."""
+        nightly = None
+        if settings.daemon_nightly:
+            try:
+                start, end = (int(h) for h in settings.daemon_nightly.split("-"))
+            except ValueError as err:
+                raise InvalidInput(f"daemon_nightly must look like \"1-6\" (hours), not "
+                                   f"{settings.daemon_nightly!r}") from err
+            nightly = (start, end)
+        return cls(idle_minutes=settings.daemon_idle_minutes, check_seconds=settings.daemon_check_seconds,
+                   min_new_messages=settings.daemon_min_new_messages, nightly=nightly)
+
+
+class Sensors:
+    """The machine's signals, through psutil (and Jetson thermal zones, which psutil reads too)."""
+
+    def load(self) -> float:
+        """1-minute load average per logical core."""
+        import psutil
+
+        return psutil.getloadavg()[0] / (psutil.cpu_count() or 1)
+
+    def available_mb(self) -> float:
+        """Memory available without swapping."""
+        import psutil
+
+        return psutil.virtual_memory().available / 2 ** 20
+
+    def on_battery(self) -> bool:
+        """True only on a battery-powered machine that is unplugged (desktops have no battery)."""
+        import psutil
+
+        battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
+        return battery is not None and not battery.power_plugged
+
+    def temperature_c(self) -> float | None:
+        """The hottest sensor's reading, or None where there are no sensors."""
+        import psutil
+
+        readings = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
+        values = [t.current for entries in readings.values() for t in entries if t.current]
+        return max(values) if values else None
+
+
+@dataclasses.dataclass
+class Decision:
+    """Whether to adapt now, and why (or why not)."""
+
+    start: bool
+    reason: str
+    method: str | None = None
+    eligible_at: dt.datetime | None = None   # when the idle condition will hold, if that is what waits
+
+
+def _parse(stamp: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(stamp) if stamp else None
+
+
+def memory_need_mb(db: Any, method: str) -> float:
+    """Peak memory of this method's runs measured on this machine, else the benchmark's figure."""
+    return runs.peak_rss_mb(db, method) or LORA_MEMORY_MB
+
+
+def check(db: Any, settings: Settings, config: DaemonConfig, sensors: Sensors, now: dt.datetime) -> Decision:
+    """Every condition for starting adaptation now, in order; the first that fails is the reason."""
+    seen = _parse(activity.last_seen(db))
+    if seen is not None and now - seen < dt.timedelta(minutes=config.idle_minutes):
+        left = dt.timedelta(minutes=config.idle_minutes) - (now - seen)
+        return Decision(False, f"user active {int((now - seen).total_seconds() // 60)} min ago; "
+                               f"waiting {int(left.total_seconds() // 60) + 1} more min of idle time",
+                        eligible_at=seen + dt.timedelta(minutes=config.idle_minutes))
+    if config.nightly is not None:
+        hour, (start, end) = now.astimezone().hour, config.nightly
+        inside = start <= hour < end if start <= end else (hour >= start or hour < end)
+        if not inside:
+            return Decision(False, f"outside the nightly window {start}:00-{end}:00")
+    if runs.current(db) is not None:
+        return Decision(False, "an adaptation is already running")
+    paused = runs.resumable(db)
+    if not paused:
+        fresh = activity.new_messages(db)
+        if fresh < config.min_new_messages:
+            return Decision(False, f"{fresh} new messages since the last adapter; "
+                                   f"waiting for {config.min_new_messages}")
+        left = settings.privacy_budget - ledger.spent(db)["epsilon"]
+        if left < settings.adapt_epsilon:
+            return Decision(False, f"privacy budget spent: ε {left:.2f} left, a run needs "
+                                   f"{settings.adapt_epsilon:g}; raise privacy_budget to learn more")
+    if sensors.on_battery() and config.require_mains:
+        return Decision(False, "on battery; waiting for mains power")
+    load = sensors.load()
+    if load > config.max_load:
+        return Decision(False, f"CPU busy (load {load:.2f} per core > {config.max_load})")
+    temperature = sensors.temperature_c()
+    if temperature is not None and temperature > config.max_temperature_c:
+        return Decision(False, f"too hot ({temperature:.0f} °C > {config.max_temperature_c:.0f} °C)")
+    need, free = memory_need_mb(db, "lora"), sensors.available_mb()
+    if free < need:
+        return Decision(False, f"not enough free memory for LoRA ({free:.0f} MB free, {need:.0f} MB "
+                               "needed); zeroth-order training, which needs less, arrives in a later version")
+    return Decision(True, "resuming a paused run" if paused else "idle, quiet and plugged in", "lora")
+
+
+class Daemon:
+    """One daemon per data directory: check on a schedule, adapt when allowed, pause when the user returns."""
+
+    def __init__(self, settings: Settings, config: DaemonConfig, *, sensors: Sensors | None = None,
+                 clock: Callable[[], dt.datetime] | None = None,
+                 adapt: Callable[..., dict[str, Any]] | None = None):
+        self.settings = settings
+        self.config = config
+        self.sensors = sensors or Sensors()
+        self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self._adapt = adapt
+        self.db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
+        self.stopping = threading.Event()
+        self.busy = threading.Lock()        # held by a check and the run it starts
+        self.seen_at_start: str | None = None
+        self.running = False
+        self.log_path = settings.home / LOG_NAME
+
+    def log(self, event: str, **fields: Any) -> None:
+        """One JSON line in the data dir's daemon log (0600)."""
+        line = json.dumps({"time": self.clock().isoformat(timespec="seconds"), "event": event, **fields})
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def user_returned(self) -> bool:
+        """Asked after every training step: the user wrote or opened the chat since the run started."""
+        return self.stopping.is_set() or (self.running and activity.last_seen(self.db) != self.seen_at_start)
+
+    def tick(self) -> Decision | None:
+        """One scheduled check; runs adaptation to completion or pause when allowed."""
+        with self.busy:
+            if self.stopping.is_set():
+                return None
+            return self._tick()
+
+    def _tick(self) -> Decision:
+        now = self.clock()
+        decision = check(self.db, self.settings, self.config, self.sensors, now)
+        next_check = (now + dt.timedelta(seconds=self.config.check_seconds)).isoformat(timespec="seconds")
+        if not decision.start:
+            eligible = decision.eligible_at.isoformat(timespec="seconds") if decision.eligible_at else None
+            activity.set_daemon(self.db, pid=os.getpid(), state="waiting", reason=decision.reason,
+                                next_check=next_check, eligible_at=eligible)
+            self.log("wait", reason=decision.reason)
+            return decision
+        self.seen_at_start, self.running = activity.last_seen(self.db), True
+        activity.set_daemon(self.db, pid=os.getpid(), state="adapting", reason=decision.reason,
+                            last_run=now.isoformat(timespec="seconds"), eligible_at=None)
+        self.log("start", reason=decision.reason, method=decision.method)
+        try:
+            result = self.run_adaptation()
+        except EmberError as err:
+            outcome = f"failed: {err}"
+        else:
+            outcome = ("paused: the user came back" if result.get("paused") else
+                       f"{'promoted' if result['promoted'] else 'not promoted'} {result['adapter_id']}")
+        finally:
+            self.running = False
+        activity.set_daemon(self.db, pid=os.getpid(), state="waiting", reason=outcome, last_result=outcome,
+                            next_check=next_check)
+        self.log("end", result=outcome)
+        return Decision(True, outcome, decision.method)
+
+    def run_adaptation(self) -> dict[str, Any]:
+        """The same pipeline as `ember adapt`, preemptible."""
+        from assistant.cli.adapt import adapt_config
+        from adapters.pipeline import adapt
+
+        config = adapt_config(self.settings)
+        return (self._adapt or adapt)(self.db, config, should_stop=self.user_returned)
+
+    def serve(self) -> None:
+        """Run until SIGTERM/SIGINT: check now and then every `check_seconds` (APScheduler)."""
+        from apscheduler.schedulers.blocking import BlockingScheduler
+
+        scheduler = BlockingScheduler(timezone=dt.timezone.utc)
+        scheduler.add_job(self.tick, "interval", seconds=self.config.check_seconds, max_instances=1,
+                          coalesce=True, next_run_time=dt.datetime.now(dt.timezone.utc), id="adapt")
+
+        def stop(_signum: int, _frame: Any) -> None:
+            # A run in progress sees `stopping`, checkpoints after its current step and returns.
+            self.stopping.set()
+            scheduler.shutdown(wait=False)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        activity.set_daemon(self.db, pid=os.getpid(), state="waiting", reason="started")
+        self.log("started", pid=os.getpid(), idle_minutes=self.config.idle_minutes)
+        scheduler.start()
+        with self.busy:   # a run in progress checkpoints and pauses first
+            activity.set_daemon(self.db, pid=None, state="stopped", reason="stopped cleanly", next_check=None,
+                                eligible_at=None)
+        self.log("stopped")
+
+
+def lower_priority() -> None:
+    """Run as a background citizen: nice 10, and idle I/O priority where the OS has it."""
+    import psutil
+
+    try:
+        os.nice(10)
+        process = psutil.Process()
+        if hasattr(psutil, "IOPRIO_CLASS_IDLE"):
+            process.ionice(psutil.IOPRIO_CLASS_IDLE)
+    except (OSError, psutil.Error):
+        pass   # a priority we cannot lower is not a reason to stop learning
+
+
+class single_instance:
+    """An exclusive lock in the data dir: a second daemon refuses to start."""
+
+    def __init__(self, home: Path):
+        self.path = home / "daemon.lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "single_instance":
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise InvalidInput(f"an Ember daemon is already running for {self.path.parent}; "
+                               "`ember daemon status` shows it") from None
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
