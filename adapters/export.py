@@ -1,4 +1,5 @@
-"""LoRA weights → a GGUF LoRA adapter in llama.cpp's format, and reading adapters back to check them.
+"""LoRA weights → a GGUF LoRA adapter, control vectors → a control-vector GGUF, both in llama.cpp's
+formats, and reading adapters back to check them.
 
 Format (as llama.cpp's convert_lora_to_gguf.py writes it): `general.type=adapter`,
 `general.architecture=<base arch>`, `adapter.type=lora`, `adapter.lora.alpha`; per adapted weight two F32
@@ -55,23 +56,12 @@ def write_lora_gguf(path: Path, weights: dict[str, tuple[Any, Any]], *, alpha: f
                     n_head_kv: int, base_sha256: str, base_name: str, architecture: str = "llama",
                     extra: dict[str, Any] | None = None) -> Path:
     """Write `weights` ({module: (A r×in, B out×r)}) as a GGUF LoRA adapter, atomically, mode 0600."""
-    import gguf
     import numpy as np
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), architecture)
-    try:
+    def tensors(writer: Any) -> None:
         writer.add_string("general.type", "adapter")
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", float(alpha))
-        writer.add_string("ember.base_sha256", base_sha256)
-        writer.add_string("ember.base_name", base_name)
-        for key, value in (extra or {}).items():
-            if isinstance(value, str):
-                writer.add_string(f"ember.{key}", value)
-            else:
-                writer.add_float32(f"ember.{key}", float(value))
         for module, (a, b) in sorted(weights.items(), key=lambda kv: tensor_name(kv[0])):
             _, name = tensor_name(module)
             a = np.ascontiguousarray(_numpy(a), dtype=np.float32)
@@ -82,6 +72,42 @@ def write_lora_gguf(path: Path, weights: dict[str, tuple[Any, Any]], *, alpha: f
                 b = np.ascontiguousarray(permute_rows(b, n_head_kv))
             writer.add_tensor(f"{name}.lora_a", a)
             writer.add_tensor(f"{name}.lora_b", b)
+
+    return _write(path, architecture, tensors, base_sha256=base_sha256, base_name=base_name, extra=extra)
+
+
+def write_control_vector_gguf(path: Path, directions: Any, *, base_sha256: str, base_name: str,
+                              model_hint: str = "llama", extra: dict[str, Any] | None = None) -> Path:
+    """Write a control vector ((n_layer − 1) × n_embd, row i for layer i + 1) as llama.cpp's control-vector
+    GGUF (`general.architecture=controlvector`, F32 tensors `direction.<layer>`), atomically, mode 0600."""
+    import numpy as np
+
+    def tensors(writer: Any) -> None:
+        writer.add_string("controlvector.model_hint", model_hint)
+        writer.add_uint32("controlvector.layer_count", len(directions))
+        for i, row in enumerate(_numpy(directions)):
+            writer.add_tensor(f"direction.{i + 1}", np.ascontiguousarray(row, dtype=np.float32))
+
+    return _write(path, "controlvector", tensors, base_sha256=base_sha256, base_name=base_name, extra=extra)
+
+
+def _write(path: Path, architecture: str, body: Any, *, base_sha256: str, base_name: str,
+           extra: dict[str, Any] | None) -> Path:
+    """A GGUF with Ember's keys and `body(writer)`'s content, written to a temporary name, synced, renamed."""
+    import gguf
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), architecture)
+    try:
+        writer.add_string("ember.base_sha256", base_sha256)
+        writer.add_string("ember.base_name", base_name)
+        for key, value in (extra or {}).items():
+            if isinstance(value, str):
+                writer.add_string(f"ember.{key}", value)
+            else:
+                writer.add_float32(f"ember.{key}", float(value))
+        body(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -124,6 +150,8 @@ def read_adapter(path: Path) -> AdapterInfo:
     names = [t.name for t in reader.tensors]
     layers = tuple(sorted({int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))}))
     if architecture == "controlvector":
+        if not any(n.startswith("direction.") for n in names):
+            raise AdapterInvalid(f"{path.name} is a control vector without directions")
         return AdapterInfo("control_vector", architecture, None, _field(reader, "ember.base_sha256"),
                            _field(reader, "ember.base_name"), len(names),
                            tuple(sorted(int(n.split(".")[1]) for n in names if n.startswith("direction."))))

@@ -151,14 +151,26 @@ def _top_layers(torch: Any) -> Any:
     return TopLayers
 
 
-def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, *,
-          checkpoint: Path | None = None, on_step: Callable[[Progress], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> Trained | None:
-    """Train LoRA on `data.train`; resume from `checkpoint` if it exists. None when stopped early.
+@dataclasses.dataclass
+class Prepared:
+    """The trainable top of the model and the cached inputs of its examples (shared with ZO training)."""
 
-    The checkpoint (written atomically every `checkpoint_every` steps and on stop) holds the step, the
-    LoRA weights, the optimizer state and the losses, so a killed run continues where it was.
-    """
+    net: Any              # decoder layers from `first` on + final norm, LoRA attached
+    lm_head: Any
+    hidden: Any           # input to layer `first` per example (bfloat16)
+    mask: Any
+    labels: Any
+    first: int
+    shape: tuple[int, int, int]   # n_head, n_head_kv, n_layers
+    restore: Callable[[], None]
+
+    def close(self) -> None:
+        """Give the base model its full list of layers back."""
+        self.restore()
+
+
+def prepare(model_path: Path, cache_dir: Path, examples: list[Example], config: LoraConfig) -> Prepared:
+    """Load the frozen base, attach LoRA to the top `config.layers` layers, run the rest once per example."""
     torch = import_torch()
     from peft import LoraConfig as PeftConfig, get_peft_model
 
@@ -183,13 +195,35 @@ def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, 
         for name, p in model.named_parameters():
             if "lora_A" in name:
                 p.requires_grad_(False)
-    examples = data.train
     length = max(len(e.tokens) for e in examples)
     ids, mask, labels = _tensors(torch, examples, length)
     hidden = _frozen_hidden(torch, base, ids, mask, first)
-    lm_head = base.lm_head
     full_layers = base.model.layers
+
+    def restore() -> None:
+        base.model.layers = full_layers
+
     net = _top_layers(torch)(base.model, first)
+    return Prepared(net, base.lm_head, hidden, mask, labels, first,
+                    (base.config.num_attention_heads, base.config.num_key_value_heads, n_layers), restore)
+
+
+def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, *,
+          checkpoint: Path | None = None, on_step: Callable[[Progress], None] | None = None,
+          should_stop: Callable[[], bool] | None = None,
+          on_weights: tuple[int, Callable[[int, dict[str, tuple[Any, Any]]], None]] | None = None) -> Trained | None:
+    """Train LoRA on `data.train`; resume from `checkpoint` if it exists. None when stopped early.
+
+    `on_weights=(k, f)` hands f the step and the current (A, B) weights every k steps (for learning curves).
+
+    The checkpoint (written atomically every `checkpoint_every` steps and on stop) holds the step, the
+    LoRA weights, the optimizer state and the losses, so a killed run continues where it was.
+    """
+    torch = import_torch()
+    prepared = prepare(model_path, cache_dir, data.train, config)
+    net, lm_head, hidden, mask, labels = (prepared.net, prepared.lm_head, prepared.hidden, prepared.mask,
+                                          prepared.labels)
+    examples = data.train
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     steps = steps_for(config, len(examples))
@@ -247,13 +281,14 @@ def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, 
                     eps = (privacy.epsilon_spent(plan.sigma, plan.sample_rate, state["step"], plan.delta)
                            if plan is not None else None)
                     on_step(Progress(state["step"], steps, loss, eps, per_step * (steps - state["step"])))
+                if on_weights is not None and state["step"] % on_weights[0] == 0:
+                    on_weights[1](state["step"], _lora_weights(net, prepared.first))
                 if stop:
                     return None
-        weights = _lora_weights(net, first)
+        weights = _lora_weights(net, prepared.first)
     finally:
-        base.model.layers = full_layers
-    return Trained(weights, plan, state["losses"], time.perf_counter() - started,
-                   base.config.num_attention_heads, base.config.num_key_value_heads, n_layers)
+        prepared.close()
+    return Trained(weights, plan, state["losses"], time.perf_counter() - started, *prepared.shape)
 
 
 def _step(torch: Any, net: Any, optimizer: Any, lm_head: Any, hidden: Any, mask: Any, labels: Any) -> float:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from adapters import dataset as datasets
-from adapters import export, gate, lora
+from adapters import gate, lora, methods, zo
 from adapters.base import file_sha256, write_private
-from adapters.errors import BudgetExhausted, InvalidInput, TrainingUnavailable
+from adapters.errors import BudgetExhausted, InvalidInput
 from adapters.template import ChatTemplate
 from storage import conversations as convs
 from storage import ledger, registry, runs
@@ -41,11 +41,22 @@ class AdaptConfig:
     home: Path
     method: str = "lora"
     lora: lora.LoraConfig = lora.LoraConfig()
+    zo: zo.ZoConfig = zo.ZoConfig()
     cache: Path | None = None       # None: <home>/cache
     budget: float = 32.0            # total ε the user allows across all adapters
     threads: int = 2
     max_len: int = 192
     dry_run: bool = False
+
+    @property
+    def trainer(self) -> Any:
+        """The chosen method's own configuration."""
+        return self.zo if self.method == "zo" else self.lora
+
+    @property
+    def label(self) -> str:
+        """The method as runs record it (`lora`, `zo-llama`, `zo-torch`): each needs its own memory."""
+        return f"zo-{self.zo.backend}" if self.method == "zo" else self.method
 
     @property
     def adapters_dir(self) -> Path:
@@ -92,17 +103,13 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
     """Run the whole pipeline once; returns the `ember adapt --json` document."""
     if config.method not in METHODS:
         raise InvalidInput(f"--method must be one of {', '.join(METHODS)}, not {config.method!r}")
-    if config.method == "zo":
-        raise TrainingUnavailable("--method zo (zeroth-order training) is not available yet; "
-                                  "use --method lora")
     stage = on_stage or (lambda _text: None)
     template = ChatTemplate.from_gguf(str(config.model_path))
     resume = None if config.dry_run else _resumable(db, config)
     data = _load_data(config, resume["id"]) if resume else datasets.build(db, template, max_len=config.max_len)
     n_train = len(data.train)
-    steps = lora.steps_for(config.lora, n_train)
-    plan = lora.plan_for(config.lora, n_train)
-    summary = {"method": config.method, "dp": plan is not None, "examples": n_train,
+    steps, plan = methods.plan(config.method, config.trainer, n_train)
+    summary = {"method": config.method, "backend": config.zo.backend if config.method == "zo" else None, "dp": plan is not None, "examples": n_train,
                "heldout": len(data.heldout), "kinds": datasets.counts(data.train),
                "redactions": data.redactions, "skipped": data.skipped, "steps": steps,
                "epsilon": plan.epsilon if plan else None, "delta": plan.delta if plan else None,
@@ -123,7 +130,8 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
 
 
 def _config_fingerprint(config: AdaptConfig) -> str:
-    return hashlib.sha256(f"{config.lora}:{config.model_path}:{config.max_len}".encode()).hexdigest()[:16]
+    key = f"{config.method}:{config.trainer}:{config.model_path}:{config.max_len}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _resumable(db: sqlite_utils.Database, config: AdaptConfig) -> dict[str, Any] | None:
@@ -147,7 +155,7 @@ def _run_files(config: AdaptConfig, run_id: str) -> tuple[Path, Path]:
 
 def _files_in(cache_dir: Path, run_id: str) -> tuple[Path, Path]:
     folder = cache_dir / "runs"
-    return folder / f"{run_id}.pt", folder / f"{run_id}.data.json"
+    return folder / f"{run_id}.ckpt", folder / f"{run_id}.data.json"
 
 
 def drop_runs_on_forgotten(db: sqlite_utils.Database, cache_dir: Path) -> int:
@@ -204,34 +212,36 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
     else:
         run_id = new_id(config.method)
         _save_data(config.cache_dir, run_id, data)
-    runs.start(db, run_id, method=config.method, steps=steps, fingerprint=_config_fingerprint(config))
+    runs.start(db, run_id, method=config.label, steps=steps, fingerprint=_config_fingerprint(config))
     ledger.record(db, run_id, method=config.method, dp=plan is not None,
                   epsilon=plan.epsilon if plan else None, delta=plan.delta if plan else None,
                   sigma=plan.sigma if plan else None, clip=plan.clip if plan else None,
                   sample_rate=plan.sample_rate if plan else None, steps=steps, examples=summary["examples"])
     checkpoint, data_file = _run_files(config, run_id)
 
+    peak = PeakMemory()
+
     def progress(p: lora.Progress) -> None:
+        peak.sample()
         runs.update(db, run_id, step=p.step, loss=p.loss, epsilon_spent=p.epsilon, eta_seconds=p.eta_seconds)
         if on_step is not None:
             on_step(p)
 
     try:
-        stage(f"training LoRA ({'DP ε=%g' % plan.epsilon if plan else 'WITHOUT differential privacy'})")
+        what = "LoRA" if config.method == "lora" else f"zeroth-order ({config.zo.backend})"
+        stage(f"training {what} ({'DP ε=%g' % plan.epsilon if plan else 'WITHOUT differential privacy'})")
         base_sha256 = file_sha256(config.model_path, config.cache_dir)
-        trained = lora.train(config.model_path, config.cache_dir, data, config.lora, checkpoint=checkpoint,
-                             on_step=progress, should_stop=should_stop)
-        if trained is None:
-            runs.update(db, run_id, status="interrupted", message="paused; resumes on the next run")
-            return {"adapter_id": None, "path": None, "promoted": False, "eval": None, "paused": True,
-                    "run_id": run_id, **summary}
-        stage("exporting the GGUF adapter")
         adapter_id = run_id
         path = config.adapters_dir / f"{adapter_id}.gguf"
         config.adapters_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        export.write_lora_gguf(path, trained.weights, alpha=config.lora.alpha, n_head=trained.n_head,
-                               n_head_kv=trained.n_head_kv, base_sha256=base_sha256,
-                               base_name=config.model_path.name, extra={"adapter_id": adapter_id})
+        train = methods.train_zo if config.method == "zo" else methods.train_lora
+        made = train(config.model_path, config.cache_dir, data, config.trainer, path, base_sha256=base_sha256,
+                     checkpoint=checkpoint, extra={"adapter_id": adapter_id}, on_step=progress,
+                     should_stop=should_stop)
+        if made is None:
+            runs.update(db, run_id, status="interrupted", message="paused; resumes on the next run")
+            return {"adapter_id": None, "path": None, "promoted": False, "eval": None, "paused": True,
+                    "run_id": run_id, **summary}
         stage("evaluating on held-out examples")
         current = registry.active(db)
         current_path = Path(current["path"]) if current and Path(current["path"]).is_file() else None
@@ -241,19 +251,19 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
             verdict = gate.judge(evaluator, data.heldout, path, current_path)
         finally:
             evaluator.close()
-        evaluation = {**verdict.as_json(), "train_loss_first": _mean(trained.losses[:5]),
-                      "train_loss_last": _mean(trained.losses[-5:]), "train_seconds": round(trained.seconds, 1)}
+        evaluation = {**verdict.as_json(), "train_loss_first": _mean(made.losses[:5]),
+                      "train_loss_last": _mean(made.losses[-5:]), "train_seconds": round(made.seconds, 1)}
         registry.register(db, {
-            "id": adapter_id, "path": str(path), "kind": "lora", "method": config.method,
+            "id": adapter_id, "path": str(path), "kind": made.kind, "method": config.method,
             "base_sha256": base_sha256, "base_name": config.model_path.name,
-            "params": {**dataclasses.asdict(config.lora), "steps": steps, "dp": plan is not None,
+            "params": {**made.params, "steps": steps, "dp": plan is not None,
                        "sigma": plan.sigma if plan else None, "sample_rate": plan.sample_rate if plan else None},
             "eval": evaluation, "status": "inactive" if verdict.promote else "rejected",
             "reason": None if verdict.promote else verdict.reason,
             "epsilon": plan.epsilon if plan else None, "delta": plan.delta if plan else None,
             "examples": summary["examples"]}, data.sources, activate=verdict.promote)
         promoted = registry.get(db, adapter_id)["status"] == "active"
-        runs.update(db, run_id, status="done", adapter_id=adapter_id, peak_rss_mb=_peak_rss_mb(),
+        runs.update(db, run_id, status="done", adapter_id=adapter_id, peak_rss_mb=peak.mb(),
                     message=("promoted: " if promoted else "kept the previous model: ") + verdict.reason)
         checkpoint.unlink(missing_ok=True)
         data_file.unlink(missing_ok=True)
@@ -265,13 +275,33 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
         raise
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
+class PeakMemory:
+    """The peak resident memory of one run, for choosing a method that fits (the daemon runs many runs
+    in one process, and a child forked from a large process inherits its peak across exec): the
+    process's peak if the run raised it, else the highest RSS sampled after the run's steps."""
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+    def __init__(self) -> None:
+        self.before, self.sampled = self._process_peak(), 0.0
+
+    @staticmethod
+    def _process_peak() -> float:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+    def sample(self) -> None:
+        """Note the memory in use now."""
+        import psutil
+
+        self.sampled = max(self.sampled, psutil.Process().memory_info().rss / 2 ** 20)
+
+    def mb(self) -> float:
+        """The run's peak so far, in MB."""
+        self.sample()
+        after = self._process_peak()
+        return round(after if after > self.before else self.sampled, 1)
 
 
 def _mean(values: list[float]) -> float | None:

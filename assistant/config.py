@@ -51,6 +51,8 @@ class Settings:
     memory_k: int = 5                  # memories put in front of the model on the rag route
     privacy_budget: float = 32.0       # total ε all adapters together may spend (basic composition)
     adapt_epsilon: float = 8.0         # ε of one adaptation run, unless --epsilon says otherwise
+    zo_backend: str = "llama"          # where `--method zo` trains: llama (control vector) or torch (LoRA)
+    zo_steps: int = 200                # ZO steps of one run, unless --steps says otherwise
     daemon_idle_minutes: float = 30.0  # the daemon adapts after this long without chat activity
     daemon_check_seconds: float = 60.0
     daemon_min_new_messages: int = 20  # since the newest adapter

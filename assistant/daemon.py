@@ -4,7 +4,8 @@ Every `check_seconds` an APScheduler job asks `check()` whether now is a good ti
 idle for `idle_minutes` (no message, no chat opened), the CPU is quiet, memory is free for the method,
 the machine is on mains power (battery devices) and cool (where sensors exist), inside the nightly
 window if one is set, with enough new messages since the last adapter and privacy budget left. If so it
-runs `ember adapt`'s pipeline at low priority; after every training step the run asks whether the user
+runs `ember adapt`'s pipeline at low priority, with LoRA when the memory its runs need is free and with
+zeroth-order training in llama.cpp (inference memory) otherwise; after every training step the run asks whether the user
 came back and, if so, checkpoints and pauses within a step (about a second). The next idle window
 resumes it from that checkpoint. Sensors are the only part tests replace.
 """
@@ -22,13 +23,14 @@ from typing import Any, Callable
 
 from assistant.config import Settings
 from assistant.errors import EmberError, InvalidInput
-from storage import activity, ledger, registry, runs
+from storage import activity, ledger, runs
 from storage.db import open_db
 
 LOG_NAME = "daemon.jsonl"
-# Measured peak RSS of a LoRA run on the default model (benchmarks/results/adapt.json: 1.94 GB with DP),
-# used until this machine has measured its own runs.
-LORA_MEMORY_MB = 2000.0
+# Peak RSS of each method's run on the default model, as `ember bench adapt` and `ember bench zo` measured
+# them (benchmarks/results/), used until this machine has finished runs of its own to go by. In order of
+# preference: LoRA learns most per minute, ZO in llama.cpp needs no more than the chat itself.
+MEASURED_MB = {"lora": 1950.0, "zo-torch": 1500.0, "zo-llama": 400.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,18 @@ def _parse(stamp: str | None) -> dt.datetime | None:
 
 def memory_need_mb(db: Any, method: str) -> float:
     """Peak memory of this method's runs measured on this machine, else the benchmark's figure."""
-    return runs.peak_rss_mb(db, method) or LORA_MEMORY_MB
+    return runs.peak_rss_mb(db, method) or MEASURED_MB[method]
+
+
+def choose_method(db: Any, free_mb: float, paused: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """The method to run in `free_mb`: a paused run's own if it fits, else the first that fits."""
+    if paused and paused[0]["method"] in MEASURED_MB and memory_need_mb(db, paused[0]["method"]) <= free_mb:
+        return paused[0]["method"], "resuming a paused run"
+    for method in ("lora", "zo-llama"):
+        if memory_need_mb(db, method) <= free_mb:
+            return method, f"idle, quiet and plugged in; {free_mb:.0f} MB free fits {method}"
+    return None, (f"not enough free memory to learn ({free_mb:.0f} MB free; zeroth-order training in "
+                  f"llama.cpp needs {memory_need_mb(db, 'zo-llama'):.0f} MB)")
 
 
 def check(db: Any, settings: Settings, config: DaemonConfig, sensors: Sensors, now: dt.datetime) -> Decision:
@@ -141,11 +154,8 @@ def check(db: Any, settings: Settings, config: DaemonConfig, sensors: Sensors, n
     temperature = sensors.temperature_c()
     if temperature is not None and temperature > config.max_temperature_c:
         return Decision(False, f"too hot ({temperature:.0f} °C > {config.max_temperature_c:.0f} °C)")
-    need, free = memory_need_mb(db, "lora"), sensors.available_mb()
-    if free < need:
-        return Decision(False, f"not enough free memory for LoRA ({free:.0f} MB free, {need:.0f} MB "
-                               "needed); zeroth-order training, which needs less, arrives in a later version")
-    return Decision(True, "resuming a paused run" if paused else "idle, quiet and plugged in", "lora")
+    method, reason = choose_method(db, sensors.available_mb(), paused)
+    return Decision(method is not None, reason, method)
 
 
 class Daemon:
@@ -163,6 +173,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.busy = threading.Lock()        # held by a check and the run it starts
         self.seen_at_start: str | None = None
+        self.current_method: str | None = None
         self.running = False
         self.log_path = settings.home / LOG_NAME
 
@@ -195,6 +206,7 @@ class Daemon:
             self.log("wait", reason=decision.reason)
             return decision
         self.seen_at_start, self.running = activity.last_seen(self.db), True
+        self.current_method = decision.method
         activity.set_daemon(self.db, pid=os.getpid(), state="adapting", reason=decision.reason,
                             last_run=now.isoformat(timespec="seconds"), eligible_at=None)
         self.log("start", reason=decision.reason, method=decision.method)
@@ -217,7 +229,9 @@ class Daemon:
         from assistant.cli.adapt import adapt_config
         from adapters.pipeline import adapt
 
-        config = adapt_config(self.settings)
+        method = self.current_method or "lora"
+        config = (adapt_config(self.settings, method="zo", backend=method.split("-", 1)[1])
+                  if method.startswith("zo-") else adapt_config(self.settings))
         return (self._adapt or adapt)(self.db, config, should_stop=self.user_returned)
 
     def serve(self) -> None:

@@ -8,7 +8,7 @@ from tests.conftest import assert_clean_error
 
 def test_bench_lists_benchmarks_and_refuses_unknown_ones(ember):
     listing = ember("bench").out
-    assert all(name in listing for name in ("engine", "memory", "recall", "adapt"))
+    assert all(name in listing for name in ("engine", "memory", "recall", "adapt", "zo"))
     assert_clean_error(ember("bench", "nope"), contains="unknown benchmark")
 
 

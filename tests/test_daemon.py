@@ -65,6 +65,15 @@ def test_starts_when_the_user_is_away_and_the_machine_is_quiet(user):
     assert decision.start and decision.method == "lora"
 
 
+def test_picks_forward_only_training_when_memory_is_short_of_what_lora_needs(user):
+    settings, db = user
+    assert check(db, settings, CONFIG, FakeSensors(free_mb=1000), _later(db, 31)).method == "zo-llama"
+    # What this machine measured beats the benchmark's figure: a LoRA run that needed only 900 MB here.
+    runs.start(db, "lora-small", method="lora", steps=1, fingerprint="x")
+    runs.update(db, "lora-small", status="done", peak_rss_mb=900.0)
+    assert check(db, settings, CONFIG, FakeSensors(free_mb=1000), _later(db, 31)).method == "lora"
+
+
 @pytest.mark.parametrize("sensors, minutes, words", [
     (FakeSensors(), 5, "user active 5 min ago"),
     (FakeSensors(battery=True), 31, "on battery"),

@@ -9,14 +9,15 @@ from adapters.errors import InvalidInput
 
 def test_rdp_accountant_reproduces_opacus_published_value():
     """σ=1.5, q=0.04, 90 epochs (2,250 steps), δ=1e-5 → ε=7.32911117143: the value asserted in
-    Opacus' own test suite (opacus/tests/accountants_test.py, test_rdp_accountant)."""
-    assert privacy.epsilon_spent(1.5, 0.04, 2250, 1e-5) == pytest.approx(7.32911117143, abs=1e-8)
+    Opacus' own test suite (opacus/tests/accountants_test.py, test_rdp_accountant). dp-accounting's RDP
+    computation agrees to 3e-5 relative (7.32933: its RDP→(ε, δ) conversion is marginally different)."""
+    assert privacy.epsilon_spent(1.5, 0.04, 2250, 1e-5) == pytest.approx(7.32911117143, rel=1e-4)
 
 
 def test_noise_calibration_reproduces_opacus_published_value():
     """ε=8, δ=1e-5, q=0.04, 90 epochs → σ≈1.4253 (opacus/tests/accountants_test.py,
-    test_get_noise_multiplier). Opacus 1.6's search stops within its ε tolerance (0.01) of the
-    target, at σ=1.416 — within 1% of the published σ, and never above the target ε."""
+    test_get_noise_multiplier, with Opacus' default orders). With our wider range of orders the
+    smallest σ is 1.416 — within 1% of the published σ, and never above the target ε."""
     sigma = privacy.noise_for(8.0, 1e-5, 0.04, 2250)
     assert sigma == pytest.approx(1.425307617, rel=0.01)
     assert privacy.epsilon_spent(sigma, 0.04, 2250, 1e-5) <= 8.0

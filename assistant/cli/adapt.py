@@ -24,19 +24,24 @@ def _raise_interrupt(_signum, _frame):
 
 
 def adapt_config(settings: Settings, *, method: str = "lora", epsilon: float | None = None,
-                 no_dp: bool = False, steps: int | None = None, dry_run: bool = False) -> Any:
+                 no_dp: bool = False, steps: int | None = None, dry_run: bool = False,
+                 backend: str | None = None) -> Any:
     """The pipeline's configuration (`adapters.pipeline.AdaptConfig`) from settings and flags."""
-    from adapters import lora
+    from adapters import lora, zo
     from adapters.pipeline import AdaptConfig
 
     if epsilon is not None and no_dp:
         raise InvalidInput("--epsilon and --no-dp contradict each other; pass one")
     if epsilon is not None and epsilon <= 0:
         raise InvalidInput(f"--epsilon must be positive, not {epsilon:g}")
-    train = dataclasses.replace(lora.LoraConfig(), threads=settings.threads, steps=steps,
-                                epsilon=None if no_dp else (epsilon or settings.adapt_epsilon))
+    if backend is not None and method != "zo":
+        raise InvalidInput("--backend chooses where zeroth-order training runs; it needs --method zo")
+    private = None if no_dp else (epsilon or settings.adapt_epsilon)
+    train = dataclasses.replace(lora.LoraConfig(), threads=settings.threads, steps=steps, epsilon=private)
+    forward = zo.ZoConfig(backend=backend or settings.zo_backend, threads=settings.threads, epsilon=private,
+                          steps=steps or settings.zo_steps)
     return AdaptConfig(model_path=settings.model_path, home=settings.home, cache=settings.cache_dir,
-                       method=method, lora=train,
+                       method=method, lora=train, zo=forward,
                        budget=settings.privacy_budget, threads=settings.threads, dry_run=dry_run)
 
 
@@ -80,6 +85,9 @@ class ProgressBar:
 @click.command()
 @click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True,
               help="lora: DP-SGD on LoRA (torch); zo: zeroth-order, forward passes only.")
+@click.option("--backend", type=click.Choice(["llama", "torch"]), default=None,
+              help="With --method zo: llama (a control vector in llama.cpp, no torch, inference memory; "
+                   "the default) or torch (LoRA on the dequantized model).")
 @click.option("--epsilon", type=float, default=None,
               help="Privacy budget of this run (default: adapt_epsilon in config.toml, 8).")
 @click.option("--no-dp", is_flag=True, help="Train WITHOUT differential privacy (no guarantee).")
@@ -87,12 +95,13 @@ class ProgressBar:
 @click.option("--dry-run", is_flag=True, help="Build the dataset and plan the run; train nothing.")
 @model_option
 @json_option
-def adapt(method, epsilon, no_dp, steps, dry_run, model, as_json):
+def adapt(method, backend, epsilon, no_dp, steps, dry_run, model, as_json):
     """Learn from your log: build the dataset, train, export, evaluate, promote if better."""
     from adapters.pipeline import adapt as run_adapt
 
     settings = settings_from(model=model)
-    config = adapt_config(settings, method=method, epsilon=epsilon, no_dp=no_dp, steps=steps, dry_run=dry_run)
+    config = adapt_config(settings, method=method, epsilon=epsilon, no_dp=no_dp, steps=steps, dry_run=dry_run,
+                          backend=backend)
     db = open_store(settings)
     signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill keeps the checkpoint
     bar = None if as_json else ProgressBar()

@@ -1,0 +1,231 @@
+"""Forward-only (zeroth-order) training against backprop on the default model: memory and learning.
+
+Memory: peak RSS of plain inference (llama.cpp; torch), ZO training (llama.cpp control vector; torch
+LoRA) and DP-SGD LoRA backprop, each in a fresh process, on the same synthetic user, batch of 8 and
+sequences. Learning: without DP, each method trains for the same wall-clock budget on the same data; the
+held-out loss is measured in llama.cpp on the quantized model (as the gate does) at points along the way,
+evaluation time excluded from the clock. Privacy: the canary planted in the user's log (the LoRA
+benchmark's Secret Sharer test) is ranked among 1,000 codes with each ZO result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from assistant.config import Settings
+from benchmarks.adapt import canary_exposure, habit_user
+
+BATCH = 8
+PROBE_STEPS = 3
+WALL_SECONDS = 150.0
+ZO_EVAL_EVERY = 15
+LORA_EVAL_EVERY = 8
+
+
+def _peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _data(model_path: str, home: str) -> Any:
+    from adapters import dataset
+    from adapters.template import ChatTemplate
+    from storage.db import open_db
+
+    return dataset.build(open_db(Path(home)), ChatTemplate.from_gguf(model_path))
+
+
+def probe(mode: str, model_path: str, home: str, threads: int) -> dict[str, Any]:
+    """One memory measurement in a fresh process: the same work a step of `mode` does, a few times."""
+    import sys
+
+    data = _data(model_path, home)
+    batch = list(range(BATCH))
+    started = time.perf_counter()
+    cache = Path(home) / "cache"
+    if mode == "llama_inference":
+        from adapters.gate import Evaluator
+
+        ev = Evaluator(Path(model_path), n_ctx=512, threads=threads, base_sha256=None)
+        for _ in range(2 * PROBE_STEPS):
+            [ev.sequence_loss(data.train[i].tokens, data.train[i].loss_from) for i in batch]
+    elif mode == "torch_inference":
+        from adapters.base import import_torch, load_base
+        from adapters.lora import _tensors
+
+        torch = import_torch()
+        model = load_base(Path(model_path), cache, threads=threads)
+        ids, mask, _ = _tensors(torch, [data.train[i] for i in batch], max(len(e.tokens) for e in data.train))
+        with torch.no_grad():
+            for _ in range(2 * PROBE_STEPS):
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+    elif mode in ("llama_zo", "torch_zo"):
+        from adapters import zo
+
+        config = zo.ZoConfig(backend="llama" if mode == "llama_zo" else "torch", steps=PROBE_STEPS,
+                             batch_size=BATCH, epsilon=8.0, eval_every=0, threads=threads)
+        backend: Any = (zo.LlamaControlVector(Path(model_path), data.train, config, base_sha256=None)
+                        if config.backend == "llama" else zo.TorchLora(Path(model_path), cache, data.train, config))
+        zo.train(backend, data, config)
+    elif mode == "lora_backprop":
+        from adapters import lora
+
+        lora.train(Path(model_path), cache, data,
+                   lora.LoraConfig(steps=PROBE_STEPS, batch_size=BATCH, epsilon=8.0, threads=threads))
+    return {"peak_rss_mb": _peak_mb(), "seconds": round(time.perf_counter() - started, 1),
+            "torch_imported": "torch" in sys.modules}
+
+
+def _heads(model: Path) -> tuple[int, int]:
+    """(n_head, n_head_kv) from the GGUF's header."""
+    import gguf
+
+    from adapters.export import _field
+
+    reader = gguf.GGUFReader(str(model))
+    arch = _field(reader, "general.architecture")
+    return int(_field(reader, f"{arch}.attention.head_count")), int(_field(reader, f"{arch}.attention.head_count_kv"))
+
+
+class _Clock:
+    """Training time with evaluation time taken out."""
+
+    def __init__(self) -> None:
+        self.start, self.paused = time.perf_counter(), 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def excluding(self, fn: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.paused += time.perf_counter() - began
+
+
+def curve(method: str, model_path: str, home: str, threads: int, out: str) -> dict[str, Any]:
+    """Train `method` without DP for WALL_SECONDS; held-out loss in llama.cpp along the way."""
+    from adapters import export, lora, zo
+    from adapters.gate import Evaluator
+
+    data = _data(model_path, home)
+    cache, model = Path(home) / "cache", Path(model_path)
+    evaluator = Evaluator(model, n_ctx=512, threads=threads, base_sha256=None)
+    points: list[tuple[float, int, float]] = []
+    steps = {"n": 0}
+
+    def lora_loss(weights: dict[str, Any], shape: tuple[int, int]) -> float:
+        with tempfile.TemporaryDirectory() as folder:
+            path = export.write_lora_gguf(Path(folder) / "p.gguf", weights, alpha=16.0, n_head=shape[0],
+                                          n_head_kv=shape[1], base_sha256="-", base_name=model.name)
+            evaluator.use(path)
+            value = evaluator.loss(data.heldout)
+            evaluator.use(None)
+        return value
+
+    points.append((0.0, 0, evaluator.loss(data.heldout)))
+    clock = _Clock()
+
+    def tick(p: Any) -> None:
+        steps["n"] = p.step
+
+    stop = lambda: clock.now() >= WALL_SECONDS  # noqa: E731
+    if method == "lora_backprop":
+        config = lora.LoraConfig(epsilon=None, threads=threads, batch_size=BATCH, steps=100_000)
+        shape = _heads(model)
+
+        def record(step: int, weights: dict[str, Any]) -> None:
+            at = clock.now()
+            points.append((round(at, 1), step, clock.excluding(lambda: lora_loss(weights, shape))))
+
+        lora.train(model, cache, data, config, on_step=tick, should_stop=stop,
+                   on_weights=(LORA_EVAL_EVERY, record))
+        result_path = None
+    else:
+        config = zo.ZoConfig(backend=method.split("_")[0], epsilon=None, steps=100_000, batch_size=BATCH,
+                             eval_every=ZO_EVAL_EVERY, patience=0, threads=threads)
+        if config.backend == "llama":
+            backend: Any = zo.LlamaControlVector(model, data.train, config, base_sha256=None)
+            measure = lambda: backend.heldout(data.heldout)  # noqa: E731
+        else:
+            backend = zo.TorchLora(model, cache, data.train, config)
+            measure = lambda: lora_loss(backend.weights(), backend.prepared.shape[:2])  # noqa: E731
+
+        def heldout() -> float:
+            at = clock.now()
+            value = clock.excluding(measure)
+            points.append((round(at, 1), steps["n"] + 1, value))
+            return value
+
+        zo.train(backend, data, config, on_step=tick, should_stop=stop, heldout_loss=heldout)
+        result_path = Path(out)
+        if config.backend == "llama":
+            export.write_control_vector_gguf(result_path, backend.directions(), base_sha256="-",
+                                             base_name=model.name)
+        else:
+            n_head, n_head_kv, _ = backend.prepared.shape
+            export.write_lora_gguf(result_path, backend.weights(), alpha=config.alpha, n_head=n_head,
+                                   n_head_kv=n_head_kv, base_sha256="-", base_name=model.name)
+        backend.close()
+    evaluator.close()
+    per_step = clock.now() / max(1, steps["n"])
+    return {"steps": steps["n"], "seconds_per_step": round(per_step, 2), "train_seconds": round(clock.now(), 1),
+            "forward_passes_per_step": 2 * BATCH if method != "lora_backprop" else None,
+            "curve": [{"seconds": s, "step": n, "heldout_loss": round(v, 4)} for s, n, v in points],
+            "adapter": str(result_path) if result_path else None}
+
+
+def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
+    """Memory probes, learning curves and canary exposure in one run (`rounds` unused: minutes each)."""
+    from adapters.gate import Evaluator
+
+    model = str(settings.model_path)
+    spawn = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="ember-bench-zo-") as tmp:
+        home = Path(tmp) / "home"
+        habit_user(home)
+        memory = {}
+        for mode in ("llama_inference", "llama_zo", "torch_inference", "torch_zo", "lora_backprop"):
+            with spawn.Pool(1) as pool:
+                memory[mode] = pool.apply(probe, (mode, model, str(home), settings.threads))
+        learning = {}
+        for method in ("llama_zo", "torch_zo", "lora_backprop"):
+            with spawn.Pool(1) as pool:
+                learning[method] = pool.apply(curve, (method, model, str(home), settings.threads,
+                                                      str(Path(tmp) / f"{method}.gguf")))
+        evaluator = Evaluator(settings.model_path, n_ctx=512, threads=settings.threads, base_sha256=None)
+        try:
+            canary = {"base": dataclasses.asdict(canary_exposure(evaluator, None))}
+            for method in ("llama_zo", "torch_zo"):
+                canary[method] = dataclasses.asdict(canary_exposure(evaluator, Path(learning[method]["adapter"])))
+        finally:
+            evaluator.close()
+    for r in learning.values():
+        r.pop("adapter")
+    ratios = {"llama_zo_over_llama_inference": round(memory["llama_zo"]["peak_rss_mb"]
+                                                     / memory["llama_inference"]["peak_rss_mb"], 3),
+              "torch_zo_over_torch_inference": round(memory["torch_zo"]["peak_rss_mb"]
+                                                     / memory["torch_inference"]["peak_rss_mb"], 3),
+              "lora_backprop_over_torch_inference": round(memory["lora_backprop"]["peak_rss_mb"]
+                                                          / memory["torch_inference"]["peak_rss_mb"], 3)}
+    return {"batch": BATCH, "threads": settings.threads, "wall_seconds_each": WALL_SECONDS,
+            "memory": memory, "memory_ratios": ratios, "learning": learning,
+            "canary": {k: {"rank": v["rank"], "exposure_bits": round(v["exposure"], 2)} for k, v in canary.items()}}
+
+
+def report(result: dict[str, Any]) -> str:
+    """A few readable lines."""
+    lines = [f"{mode:16} peak RSS {m['peak_rss_mb']:6.0f} MB" for mode, m in result["memory"].items()]
+    lines += [f"{k}: {v}" for k, v in result["memory_ratios"].items()]
+    for method, r in result["learning"].items():
+        first, last = r["curve"][0]["heldout_loss"], min(p["heldout_loss"] for p in r["curve"])
+        lines.append(f"{method:16} {r['steps']} steps in {r['train_seconds']:.0f} s ({r['seconds_per_step']} s/step): "
+                     f"held-out loss {first:.3f} → best {last:.3f}")
+    lines += [f"canary {k}: rank {v['rank']}/1000 ({v['exposure_bits']} bits)" for k, v in result["canary"].items()]
+    return "\n".join(lines)
+

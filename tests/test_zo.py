@@ -1,0 +1,142 @@
+"""Zeroth-order training on the real model, both backends: the step restores θ exactly, DPZero's
+clipping bounds one example's influence, a run is rebuilt bit for bit from its update log, and `ember adapt
+--method zo` goes end to end to a control vector the chat hot-swaps."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from adapters import dataset, export, privacy, zo
+from adapters.base import file_sha256
+from benchmarks.synthetic_user import seed_habit_user
+from storage import ledger, registry, runs
+from storage.db import open_db
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, template):
+    """Eight training and four held-out examples of the synthetic user: enough to take real steps fast."""
+    db = open_db(tmp_path_factory.mktemp("zo-user"))
+    seed_habit_user(db, 12)
+    data = dataset.build(db, template)
+    return dataclasses.replace(data, train=data.train[:8], heldout=data.heldout[:4])
+
+
+@pytest.fixture(scope="module")
+def control_vector(model_path, small):
+    backend = zo.LlamaControlVector(model_path, small.train, zo.ZoConfig(), base_sha256=file_sha256(model_path))
+    yield backend
+    backend.close()
+
+
+def test_a_step_moves_along_its_direction_only_and_restores_theta_exactly_in_between(control_vector, small):
+    control_vector.reset()
+    config = zo.ZoConfig(epsilon=None, perturbations=2, mu=0.3, lr=1e-3)
+    before = control_vector.losses(range(4))
+    loss, entries = zo.zo_step(control_vector, [0, 1, 2, 3], config, 0, None, np.random.default_rng(0))
+    assert [e[0] for e in entries] == [0, 0] and len({e[1] for e in entries}) == 2
+    assert np.isfinite(loss) and loss > 0
+    expected = zo.replay([np.zeros_like(control_vector.vector)], entries, config)[0]
+    assert np.array_equal(control_vector.vector, expected)         # θ₀ + the two updates, nothing else
+    assert not np.array_equal(control_vector.losses(range(4)), before)
+
+
+def test_dpzero_clips_each_examples_scalars_so_one_example_moves_the_estimate_by_at_most_c(small):
+    class Loud:
+        """Two parameters; example 0's loss is steep along them, the others are flat."""
+
+        def __init__(self):
+            self.tensors = [np.zeros(2, dtype=np.float32)]
+
+        def losses(self, batch):
+            return np.array([1e6 * float(self.tensors[0].sum()) if i == 0 else 0.0 for i in batch])
+
+    config = zo.ZoConfig(epsilon=8.0, clip=1.5, mu=0.1, lr=1.0)
+    quiet = privacy.Plan(epsilon=8.0, delta=1e-6, sigma=0.0, clip=1.5, sample_rate=0.5, steps=1, batch_size=4)
+    _, entries = zo.zo_step(Loud(), [0, 1, 2, 3], config, 0, quiet, np.random.default_rng(0))
+    assert abs(entries[0][2]) == pytest.approx(1.5 / 4)               # C over the expected batch size
+    noisy = dataclasses.replace(quiet, sigma=1.0)
+    draws = [zo.zo_step(Loud(), [], config, s, noisy, np.random.default_rng(s))[1][0][2] for s in range(200)]
+    assert np.std(draws) == pytest.approx(1.5 / 4, rel=0.25)          # an empty batch still gets σC noise
+
+
+def test_a_control_vector_run_is_rebuilt_bit_for_bit_from_its_update_log(control_vector, small, tmp_path):
+    control_vector.reset()
+    config = zo.ZoConfig(epsilon=50.0, steps=3, batch_size=3, perturbations=2, mu=0.3, lr=1e-3, eval_every=0)
+    trained = zo.train(control_vector, small, config, checkpoint=tmp_path / "run.ckpt")
+    assert len(trained.log) == 6 and trained.plan is not None
+    rebuilt = zo.replay([np.zeros_like(control_vector.vector)], trained.log, config)[0]
+    assert rebuilt.tobytes() == control_vector.vector.tobytes()
+
+
+def test_a_torch_lora_run_is_rebuilt_bit_for_bit_and_stopped_runs_resume(model_path, training_cache, small,
+                                                                          tmp_path):
+    config = zo.ZoConfig(backend="torch", epsilon=None, steps=4, batch_size=4, eval_every=0)
+    backend = zo.TorchLora(model_path, training_cache, small.train, config)
+    try:
+        initial = [t.copy() for t in backend.tensors]
+        whole = zo.train(backend, small, config)
+        trained = [t.copy() for t in backend.tensors]
+        rebuilt = zo.replay([t.copy() for t in initial], whole.log, config)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(rebuilt, trained))
+        backend.reset()
+        checkpoint = tmp_path / "run.ckpt"
+        assert zo.train(backend, small, config, checkpoint=checkpoint, should_stop=lambda: True) is None
+        backend.reset()                                               # a new process starts from the init
+        resumed = zo.train(backend, small, config, checkpoint=checkpoint)
+        assert resumed.log == whole.log
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(backend.tensors, trained))
+    finally:
+        backend.close()
+
+
+def test_early_stopping_keeps_the_best_held_out_point_and_its_log(control_vector, small):
+    control_vector.reset()
+    config = zo.ZoConfig(epsilon=None, steps=6, batch_size=4, mu=0.3, lr=5e-2, eval_every=2, patience=1)
+    seen = []
+
+    def heldout():
+        seen.append(control_vector.heldout(small.heldout))
+        return seen[-1]
+
+    trained = zo.train(control_vector, small, config, heldout_loss=heldout)
+    best = min(range(len(seen)), key=seen.__getitem__)
+    assert trained.best_step == (best + 1) * 2
+    assert all(e[0] < trained.best_step for e in trained.log)
+    assert control_vector.heldout(small.heldout) == pytest.approx(seen[best], abs=1e-9)
+
+
+def test_ember_adapt_method_zo_registers_a_control_vector_that_the_chat_hot_swaps(tmp_path, training_cache,
+                                                                                  model_path):
+    home = tmp_path / "home"
+    db = open_db(home)
+    seed_habit_user(db, 12)
+    env = dict(os.environ, EMBER_HOME=str(home), EMBER_CACHE=str(training_cache), EMBER_THREADS="2")
+
+    def ember(*args):
+        return subprocess.run([sys.executable, "-m", "assistant", *args], capture_output=True, text=True,
+                              env=env, timeout=600)
+
+    result = ember("adapt", "--method", "zo", "--steps", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    made = json.loads(result.stdout)
+    assert made["method"] == "zo" and made["backend"] == "llama" and made["epsilon"] == 8.0
+    adapter = registry.get(db, made["adapter_id"])
+    assert adapter["kind"] == "control_vector" and adapter["params"]["updates"] == 4
+    assert ledger.entries(db)[-1]["method"] == "zo" and ledger.entries(db)[-1]["steps"] == 4
+    info = export.read_adapter(adapter["path"])
+    assert info.kind == "control_vector" and info.base_sha256 == file_sha256(model_path)
+    assert os.stat(adapter["path"]).st_mode & 0o777 == 0o600
+    # Forward passes in llama.cpp only: the run needs about what the chat needs, far from LoRA's ~2 GB.
+    assert runs.get(db, made["run_id"])["peak_rss_mb"] < 800, result.stderr
+    if not made["promoted"]:
+        assert ember("adapters", "use", made["adapter_id"]).returncode == 0
+    answer = ember("ask", "--route", "adapter", "--max-tokens", "8", "--json", "What should I bring?")
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["adapter"] == made["adapter_id"]
