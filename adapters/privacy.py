@@ -11,6 +11,10 @@ Opacus' published values (tests/test_privacy.py).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import subprocess
+import sys
 from typing import Any
 
 from adapters.errors import InvalidInput
@@ -92,3 +96,47 @@ def plan(n_examples: int, *, epsilon: float, delta: float | None = None, batch_s
     rate = min(1.0, batch_size / n_examples)
     sigma = noise_for(epsilon, delta, rate, steps)
     return Plan(epsilon, delta, sigma, clip, rate, steps, min(batch_size, n_examples))
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A plan and the ε it has spent after each step (at up to 500 evenly spaced steps, rounded up)."""
+
+    plan: Plan
+    points: tuple[tuple[int, float], ...]
+
+    def epsilon_at(self, step: int) -> float:
+        """ε spent after `step` steps (the next computed point's, so never under-reported)."""
+        return next((eps for at, eps in self.points if at >= step), self.plan.epsilon)
+
+
+def schedule_isolated(n_examples: int, *, epsilon: float, delta: float | None, batch_size: int, steps: int,
+                      clip: float) -> Schedule:
+    """`plan` plus ε per step, computed in a child process: the accountant's imports (scipy and friends,
+    ~80 MB) then never enter a process that must train at inference memory."""
+    request = {"n_examples": n_examples, "epsilon": epsilon, "delta": delta, "batch_size": batch_size,
+               "steps": steps, "clip": clip}
+    done = subprocess.run([sys.executable, "-m", "adapters.privacy"], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise InvalidInput(lines[-1] if lines else "the privacy accountant failed")
+    answer = json.loads(done.stdout)
+    return Schedule(Plan(**answer["plan"]), tuple((int(a), float(e)) for a, e in answer["points"]))
+
+
+def _serve() -> None:
+    """`python -m adapters.privacy`: a JSON request on stdin, the plan and its ε per step on stdout."""
+    request = json.loads(sys.stdin.read())
+    try:
+        planned = plan(request["n_examples"], epsilon=request["epsilon"], delta=request["delta"],
+                       batch_size=request["batch_size"], steps=request["steps"], clip=request["clip"])
+    except InvalidInput as err:
+        sys.exit(str(err))
+    marks = sorted({math.ceil(planned.steps * i / 500) for i in range(1, 501)} - {0})
+    points = [(at, epsilon_spent(planned.sigma, planned.sample_rate, at, planned.delta)) for at in marks]
+    print(json.dumps({"plan": dataclasses.asdict(planned), "points": points}))
+
+
+if __name__ == "__main__":
+    _serve()

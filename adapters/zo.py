@@ -107,12 +107,19 @@ class Backend(Protocol):
     def losses(self, examples: Sequence[int]) -> np.ndarray: ...
 
 
-def plan_for(config: ZoConfig, n_train: int) -> privacy.Plan | None:
-    """The DP plan (σ calibrated to ε) for this run, or None without DP."""
+def schedule_for(config: ZoConfig, n_train: int) -> privacy.Schedule | None:
+    """The DP plan (σ calibrated to ε) and its ε per step, or None without DP. Computed in a child
+    process, so that training in llama.cpp stays at inference memory."""
     if config.epsilon is None:
         return None
-    return privacy.plan(n_train, epsilon=config.epsilon, delta=config.delta, batch_size=config.batch_size,
-                        steps=config.steps, clip=config.clip)
+    return privacy.schedule_isolated(n_train, epsilon=config.epsilon, delta=config.delta,
+                                     batch_size=config.batch_size, steps=config.steps, clip=config.clip)
+
+
+def plan_for(config: ZoConfig, n_train: int) -> privacy.Plan | None:
+    """The DP plan for this run, or None without DP."""
+    found = schedule_for(config, n_train)
+    return found.plan if found else None
 
 
 def direction_seed(run_seed: int, step: int, k: int) -> int:
@@ -217,7 +224,8 @@ def train(backend: Backend, data: Dataset, config: ZoConfig, *, checkpoint: Path
     the returned tensors.
     """
     n_train = len(data.train)
-    plan = plan_for(config, n_train)
+    accounted = schedule_for(config, n_train)
+    plan = accounted.plan if accounted else None
     # Poisson sampling and privacy noise must be unpredictable: seeded by the OS, fresh on every resume.
     sampling = np.random.default_rng(secrets.randbits(128))
     noise = np.random.default_rng(secrets.randbits(128))
@@ -245,8 +253,7 @@ def train(backend: Backend, data: Dataset, config: ZoConfig, *, checkpoint: Path
             write_private(checkpoint, json.dumps(state).encode())
         if on_step is not None:
             per_step = (time.perf_counter() - started) / (state["step"] - done_at_start)
-            eps = (privacy.epsilon_spent(plan.sigma, plan.sample_rate, state["step"], plan.delta)
-                   if plan is not None else None)
+            eps = accounted.epsilon_at(state["step"]) if accounted else None
             on_step(Progress(state["step"], config.steps, loss, eps, per_step * (config.steps - state["step"])))
         if stop:
             return None

@@ -123,6 +123,7 @@ def test_status_says_when_the_user_will_count_as_away(user, ember):
     assert report["state"] == "waiting" and "waiting 26 more min" in report["reason"]
     assert report["eligible_at"] == _later(db, 30).isoformat(timespec="seconds")
     assert report["epsilon_left"] == settings.privacy_budget
+    assert report["memory_need_mb"]["zo-llama"] < report["memory_need_mb"]["lora"]
 
 
 def test_forgetting_a_message_drops_a_paused_run_that_was_learning_from_it(user, ember, template):

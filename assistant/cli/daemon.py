@@ -66,6 +66,7 @@ def status(model, as_json):
     if report.get("eligible_at"):
         click.echo(f"idle from   {report['eligible_at']} (if the user stays away)")
     click.echo(f"budget      ε {report['epsilon_left']:.2f} left of {settings.privacy_budget:g}")
+    click.echo("needs       " + ", ".join(f"{m} {mb:.0f} MB" for m, mb in report["memory_need_mb"].items()))
     return None
 
 
@@ -76,6 +77,10 @@ def daemon_report(settings, db) -> dict:
     running = runs.current(db)
     report["adapting"] = None if running is None else {"run": running["id"], "step": running["step"],
                                                         "steps": running["steps"]}
+    from assistant.daemon import MEASURED_MB, memory_need_mb
+
+    # What each method's run needs (measured here when it has run here, else by the benchmarks).
+    report["memory_need_mb"] = {method: memory_need_mb(db, method) for method in MEASURED_MB}
     return report
 
 
