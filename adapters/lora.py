@@ -109,18 +109,36 @@ def _tensors(torch: Any, examples: list[Example], length: int) -> tuple[Any, Any
     return ids, mask, labels
 
 
+class _Reached(Exception):
+    """Raised by the hook below once the input to the first adapted layer is in hand."""
+
+
 def _frozen_hidden(torch: Any, model: Any, ids: Any, mask: Any, first: int, batch: int = 8) -> Any:
     """The input to decoder layer `first` for every sequence (the frozen layers below run once).
 
-    Kept in bfloat16 (half the memory: 1,000 examples of 192 tokens take 220 MB; float16 could overflow
-    on the massive activations some models carry) and widened per batch.
+    Only the layers below `first` run: a hook on layer `first` takes its input and stops the forward
+    pass, so neither the layers above nor every layer's hidden states are computed or held. Kept in
+    bfloat16 (half the memory: 1,000 examples of 192 tokens take 220 MB; float16 could overflow on the
+    massive activations some models carry) and widened per batch.
     """
     out = []
-    with torch.no_grad():
-        for i in range(0, len(ids), batch):
-            states = model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch],
-                           output_hidden_states=True, use_cache=False).hidden_states
-            out.append(states[first].to(torch.bfloat16))
+    caught: list[Any] = []
+
+    def take(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        caught.append(args[0] if args else kwargs["hidden_states"])
+        raise _Reached
+
+    hook = model.model.layers[first].register_forward_pre_hook(take, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), batch):
+                try:
+                    model.model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch], use_cache=False)
+                except _Reached:
+                    pass
+                out.append(caught.pop().to(torch.bfloat16))
+    finally:
+        hook.remove()
     return torch.cat(out)
 
 

@@ -48,7 +48,7 @@ def train_zo(model_path: Path, cache_dir: Path, data: Dataset, config: zo.ZoConf
         heldout = (lambda: backend.heldout(data.heldout)) if config.eval_every else None
     else:
         backend = zo.TorchLora(model_path, cache_dir, data.train, config)
-        heldout = _llama_heldout(backend, model_path, data, config, base_sha256) if config.eval_every else None
+        heldout = HeldoutInLlama(backend, model_path, data, config, base_sha256) if config.eval_every else None
     try:
         trained = zo.train(backend, data, config, checkpoint=checkpoint, on_step=on_step,
                            should_stop=should_stop, heldout_loss=heldout)
@@ -72,7 +72,7 @@ def train_zo(model_path: Path, cache_dir: Path, data: Dataset, config: zo.ZoConf
                  "updates": len(trained.log)})
 
 
-class _llama_heldout:
+class HeldoutInLlama:
     """Held-out loss of the torch backend's current LoRA, measured as the gate does: exported to GGUF and
     scored in llama.cpp on the quantized model."""
 
