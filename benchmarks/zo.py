@@ -146,8 +146,12 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
             at = clock.now()
             points.append((round(at, 1), step, clock.excluding(lambda: lora_loss(weights, shape))))
 
+        final: dict[str, Any] = {}
         lora.train(model, cache, data, config, on_step=tick, should_stop=stop,
-                   on_weights=(LORA_EVAL_EVERY, record))
+                   on_weights=(1, lambda step, w: record(step, w) if step % LORA_EVAL_EVERY == 0
+                               else final.update(step=step, weights=w)))
+        if final and final["step"] > points[-1][1]:
+            record(final["step"], final["weights"])              # where the budget ran out
         result_path = None
     else:
         config = zo.ZoConfig(backend=method.split("_")[0], epsilon=None, steps=100_000, batch_size=BATCH,
@@ -166,6 +170,8 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
             return value
 
         zo.train(backend, data, config, on_step=tick, should_stop=stop, heldout_loss=heldout)
+        if steps["n"] > points[-1][1]:
+            points.append((round(clock.now(), 1), steps["n"], clock.excluding(measure)))   # where the budget ran out
         result_path = Path(out)
         if config.backend == "llama":
             export.write_control_vector_gguf(result_path, backend.directions(), base_sha256="-",
