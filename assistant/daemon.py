@@ -27,10 +27,11 @@ from storage import activity, ledger, runs
 from storage.db import open_db
 
 LOG_NAME = "daemon.jsonl"
-# Peak RSS of each method's run on the default model, as `ember bench adapt` and `ember bench zo` measured
-# them (benchmarks/results/), used until this machine has finished runs of its own to go by. In order of
-# preference: LoRA learns most per minute, ZO in llama.cpp needs no more than the chat itself.
-MEASURED_MB = {"lora": 1950.0, "zo-torch": 1500.0, "zo-llama": 400.0}
+# Peak RSS of each method's run on the default model, used until this machine has finished runs of its
+# own to go by: LoRA 1,942 MB (`ember bench adapt`, DP run), torch ZO 1,457 MB (`ember bench zo`), and a
+# whole `ember adapt --method zo` run in llama.cpp, gate included, 361 MB. LoRA learns most per minute;
+# ZO in llama.cpp needs no more than the chat itself.
+MEASURED_MB = {"lora": 1950.0, "zo-torch": 1460.0, "zo-llama": 370.0}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,5 +163,5 @@ def test_feedback_commands_store_what_the_user_said(ember, home):
 def test_bad_flags_are_one_line_errors(ember):
     assert_clean_error(ember("adapt", "--epsilon", "0", "--dry-run"), contains="positive")
     assert_clean_error(ember("adapt", "--epsilon", "2", "--no-dp"), contains="contradict")
-    assert_clean_error(ember("adapt", "--method", "zo"), contains="not available")
+    assert_clean_error(ember("adapt", "--backend", "torch"), contains="needs --method zo")
     assert_clean_error(ember("adapters", "use", "nope"), contains="no adapter")
