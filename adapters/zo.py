@@ -190,16 +190,14 @@ def replay(tensors: list[np.ndarray], log: Sequence[Sequence[float]], config: Zo
 
 @dataclasses.dataclass
 class Trained:
-    """A finished ZO run: the tensors (by backend), the log that rebuilds them, what it cost."""
+    """A finished ZO run (its tensors are the backend's): the log that rebuilds them, what it cost."""
 
-    tensors: list[np.ndarray]
     log: list[tuple[int, int, float]]
     plan: privacy.Plan | None
     losses: list[float]
     heldout: list[tuple[int, float]]      # (step, held-out loss) at each evaluation
     best_step: int
     seconds: float
-    backend: Any
 
 
 def _batches(n_train: int, config: ZoConfig, plan: privacy.Plan | None, step: int,
@@ -268,8 +266,7 @@ def train(backend: Backend, data: Dataset, config: ZoConfig, *, checkpoint: Path
             log = [e for e in log if e[0] < best_step]
             backend.reset()
             replay(backend.tensors, log, config)
-    return Trained(backend.tensors, log, plan, state["losses"], state["heldout"], best_step,
-                   time.perf_counter() - started, backend)
+    return Trained(log, plan, state["losses"], state["heldout"], best_step, time.perf_counter() - started)
 
 
 def with_loss_on(examples: Sequence[Example], config: ZoConfig) -> list[Example]:
