@@ -37,8 +37,10 @@ from adapters.lora import Progress
 BACKENDS = ("llama", "torch")
 SCHEDULES = ("constant", "linear", "cosine")
 # Per backend: a control vector lives in the residual stream (O(1) entries), LoRA B starts at zero and
-# its A at Kaiming scale; these are the step sizes that moved held-out loss on the synthetic user.
-DEFAULTS = {"llama": {"lr": 1e-2, "mu": 0.3}, "torch": {"lr": 2e-3, "mu": 1e-2}}
+# its A at Kaiming scale; these are the step sizes that moved held-out loss on the synthetic user
+# (torch, 120 steps of 8, no DP, held-out 3.730 from: lr 2e-3 → 3.722, 1e-2 → 3.634, 3e-2 diverged;
+# μ 0.1 at lr 1e-2 diverged).
+DEFAULTS = {"llama": {"lr": 1e-2, "mu": 0.3}, "torch": {"lr": 1e-2, "mu": 1e-2}}
 
 
 @dataclasses.dataclass(frozen=True)
