@@ -5,7 +5,9 @@ One example per target message: the user's own turns, and assistant replies the 
 edited (the edit replaces the reply). A reply rated down is never a target; it may still appear in the
 context of a later turn, because the user's next message answers it. Conversations the user excluded are
 skipped entirely. Every text is redacted (emails, phones, cards, accounts, addresses) before it is
-tokenized. Examples are split into train and held-out by a stable hash of the target message id, so a
+tokenized. Personal facts the user states ("my locker code is …") stay in memory only: those sentences
+are cut from every text before it is tokenized (`adapters/facts.py`; `keep_facts=True` trains on them
+too). Examples are split into train and held-out by a stable hash of the target message id, so a
 message stays on the same side across runs and the gate never scores an adapter on its own training data.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import hashlib
 from typing import TYPE_CHECKING, Iterable
 
+from adapters import facts as personal_facts
 from adapters.errors import NotEnoughData
 from adapters.redact import redact_counts
 from adapters.template import ChatTemplate, Message
@@ -28,6 +31,7 @@ CONTEXT_MESSAGES = 4       # earlier messages shown before a target (two exchang
 HELDOUT_PERCENT = 20
 MIN_TRAIN = 4
 MAX_EXAMPLES = 1000        # the newest targets; bounds training time and memory on a long log
+FACTS_SKIPPED = "personal facts kept in memory only"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +86,11 @@ def heldout(message_id: int) -> bool:
 
 
 def build(db: sqlite_utils.Database, template: ChatTemplate, *, max_len: int = 192,
-          min_train: int = MIN_TRAIN, max_examples: int = MAX_EXAMPLES) -> Dataset:
+          min_train: int = MIN_TRAIN, max_examples: int = MAX_EXAMPLES, keep_facts: bool = False) -> Dataset:
     """Training and held-out examples from every conversation the user has not excluded.
 
-    At most `max_examples` targets, the newest; older ones are counted in `skipped`.
+    At most `max_examples` targets, the newest; older ones are counted in `skipped`, as are the personal
+    fact sentences left to memory (unless `keep_facts`).
     """
     excluded = feedback.excluded_conversations(db)
     redactions: collections.Counter[str] = collections.Counter()
@@ -102,6 +107,10 @@ def build(db: sqlite_utils.Database, template: ChatTemplate, *, max_len: int = 1
             opinion = opinions.get(row["id"], {})
             text, found = redact_counts(opinion.get("edit") or row["content"])
             redactions.update(found)
+            if not keep_facts and row["role"] == "user":
+                text, moved = personal_facts.split(text)
+                if moved:
+                    skipped[FACTS_SKIPPED] += len(moved)
             kind = _target_kind(row, opinion)
             if kind is None and row["role"] == "assistant" and opinion.get("rating") == "down":
                 skipped["rejected replies"] += 1

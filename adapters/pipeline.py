@@ -47,6 +47,7 @@ class AdaptConfig:
     threads: int = 2
     max_len: int = 192
     dry_run: bool = False
+    keep_facts: bool = False        # True: personal facts are trained on too, not left to memory only
 
     @property
     def trainer(self) -> Any:
@@ -106,7 +107,8 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
     stage = on_stage or (lambda _text: None)
     template = ChatTemplate.from_gguf(str(config.model_path))
     resume = None if config.dry_run else _resumable(db, config)
-    data = _load_data(config, resume["id"]) if resume else datasets.build(db, template, max_len=config.max_len)
+    data = _load_data(config, resume["id"]) if resume else datasets.build(db, template, max_len=config.max_len,
+                                                                           keep_facts=config.keep_facts)
     n_train = len(data.train)
     steps, plan = methods.plan(config.method, config.trainer, n_train)
     summary = {"method": config.method, "backend": config.zo.backend if config.method == "zo" else None, "dp": plan is not None, "examples": n_train,

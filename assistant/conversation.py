@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import threading
 import time
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Callable
 import sqlite_utils
 
 from adapters.errors import AdapterInvalid, AdapterMismatch
+from assistant import router
 from assistant.config import Settings
 from assistant.engine import Engine, Message
 from assistant.errors import InvalidInput, RouteUnavailable
 from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
+from assistant.router import Decision
 from storage import conversations as convs
 from storage import memory, registry
 
@@ -35,14 +38,12 @@ def check_prompt(text: str) -> str:
 def resolve_route(route: str, engine: Engine) -> str:
     """The route this request takes, given what exists (a loaded adapter, the memory index).
 
-    `auto` uses the personal adapter when one is active and the base model otherwise, until the router
-    (which weighs memory against the adapter per request) is built; `rag` and `both` put retrieved
-    memories in front of the model; `base` and `rag` leave the adapter out.
+    `auto` is left to the router (assistant/router.py), which weighs memory against the adapter per
+    request; `rag` and `both` put retrieved memories in front of the model; `base` and `rag` leave the
+    adapter out.
     """
     if route not in ROUTES:
         raise InvalidInput(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
-    if route == "auto":
-        return "adapter" if engine.loaded_adapter else "base"
     if route in ("adapter", "both") and not engine.loaded_adapter:
         raise RouteUnavailable(f"route {route!r} needs an active adapter and none is in use; run "
                                "`ember adapt` to train one, or use --route base or rag")
@@ -91,6 +92,7 @@ class Exchange:
     tokens_per_second: float | None
     dropped_messages: int
     memories: list[Hit] = dataclasses.field(default_factory=list)
+    decision: Decision | None = None     # the router's, when the route was auto
 
     def as_json(self) -> dict:
         return {"conversation_id": self.conversation_id, "message_id": self.message_id,
@@ -98,35 +100,46 @@ class Exchange:
                 "seconds": round(self.seconds, 3), "status": self.status,
                 "tokens_per_second": None if self.tokens_per_second is None
                 else round(self.tokens_per_second, 1),
-                "memories": [hit.as_json() for hit in self.memories]}
+                "memories": [hit.as_json() for hit in self.memories],
+                "router": self.decision.as_json() if self.decision else None}
 
 
 def recall(retriever: Retriever | None, engine: Engine, settings: Settings, text: str,
-           max_tokens: int) -> list[Hit]:
-    """The best memories for `text` that fit in half of what the prompt may take."""
-    if retriever is None:
-        raise RouteUnavailable("the rag route needs the memory index, which could not be opened")
-    retriever.refresh()
+           max_tokens: int, *, found: list[Hit] | None = None, now: dt.date | None = None) -> list[Hit]:
+    """The best memories for `text` (or those already `found`) that fit in half of what the prompt may take."""
+    if found is None:
+        if retriever is None:
+            raise RouteUnavailable("the rag route needs the memory index, which could not be opened")
+        retriever.refresh()
+        found = retriever.search(text, settings.memory_k, now=now)
     budget = (engine.n_ctx - max_tokens) // 2
-    return fit_memories(retriever.search(text, settings.memory_k), engine.count_tokens, budget)
+    return fit_memories(found, engine.count_tokens, budget)
 
 
 def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text: str, *,
             log: bool = True, conversation_id: int | None = None, route: str = "auto",
             max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
             cancel: threading.Event | None = None, retriever: Retriever | None = None,
-            on_piece: Callable[[str], None] | None = None) -> Exchange:
+            on_piece: Callable[[str], None] | None = None, now: dt.date | None = None) -> Exchange:
     """Answer `text` in a conversation (a new one if None); with `log=False` nothing is stored.
 
     The user's message is committed before generation starts; the reply is saved as it streams and
-    finally marked complete, cancelled (via `cancel`) or interrupted (Ctrl-C, SIGTERM).
+    finally marked complete, cancelled (via `cancel`) or interrupted (Ctrl-C, SIGTERM). `now` is the
+    date questions like "last week" count from (today when None).
     """
     check_prompt(text)
     chosen = resolve_route(route, engine)
+    decision = None
+    if chosen == "auto":
+        decision = router.decide(text, engine=engine, retriever=retriever, db=db,
+                                 system=settings.system_prompt, k=settings.memory_k, now=now)
+        chosen = decision.route
     engine.use_adapter(chosen in ("adapter", "both"))
     max_tokens = max_tokens or settings.max_tokens
     context: list[Message] = []
-    memories = recall(retriever, engine, settings, text, max_tokens) if chosen in ("rag", "both") else []
+    memories = (recall(retriever, engine, settings, text, max_tokens, now=now,
+                       found=decision.hits if decision else None)
+                if chosen in ("rag", "both") else [])
     system = "\n\n".join(part for part in (
         settings.system_prompt, memory_message(memories)["content"] if memories else None) if part)
     if system:
@@ -149,6 +162,8 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
                                      adapter_id=engine.adapter)
         if memories:
             memory.record_reply_memories(db, reply_id, [(hit.id, hit.score) for hit in memories])
+        if decision is not None:
+            router.record(db, decision, reply_id)
     status = "interrupted"
     try:
         saved = time.monotonic()
@@ -168,4 +183,4 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     return Exchange(conversation_id=conversation_id, message_id=reply_id, user_message_id=user_id,
                     text=gen.text, route=chosen, adapter=engine.adapter, tokens=gen.tokens,
                     seconds=gen.seconds, status=status, tokens_per_second=gen.tokens_per_second,
-                    dropped_messages=gen.dropped_messages, memories=memories)
+                    dropped_messages=gen.dropped_messages, memories=memories, decision=decision)

@@ -31,7 +31,7 @@ LOG_NAME = "daemon.jsonl"
 # own to go by: LoRA 1,942 MB (`ember bench adapt`, DP run), torch ZO 1,457 MB (`ember bench zo`), and a
 # whole `ember adapt --method zo` run in llama.cpp, gate included, 361 MB. LoRA learns most per minute;
 # ZO in llama.cpp needs no more than the chat itself.
-MEASURED_MB = {"lora": 1950.0, "zo-torch": 1460.0, "zo-llama": 370.0}
+MEASURED_MB = {"lora": 1950.0, "zo-torch": 1460.0, "zo-llama": 370.0, "router": 900.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ class DaemonConfig:
     check_seconds: float = 60.0
     max_load: float = 0.5              # 1-minute load average per core
     min_new_messages: int = 20         # since the newest adapter
+    router_min_new: int = 10           # replies rated up or edited since the router was last fitted
     nightly: tuple[int, int] | None = None   # (start hour, end hour), local time; None: any time
     max_temperature_c: float = 80.0
     require_mains: bool = True
@@ -138,15 +139,23 @@ def check(db: Any, settings: Settings, config: DaemonConfig, sensors: Sensors, n
     if runs.current(db) is not None:
         return Decision(False, "an adaptation is already running")
     paused = runs.resumable(db)
+    waiting = None
     if not paused:
         fresh = activity.new_messages(db)
-        if fresh < config.min_new_messages:
-            return Decision(False, f"{fresh} new messages since the last adapter; "
-                                   f"waiting for {config.min_new_messages}")
         left = settings.privacy_budget - ledger.spent(db)["epsilon"]
-        if left < settings.adapt_epsilon:
-            return Decision(False, f"privacy budget spent: ε {left:.2f} left, a run needs "
-                                   f"{settings.adapt_epsilon:g}; raise privacy_budget to learn more")
+        if fresh < config.min_new_messages:
+            waiting = f"{fresh} new messages since the last adapter; waiting for {config.min_new_messages}"
+        elif left < settings.adapt_epsilon:
+            waiting = (f"privacy budget spent: ε {left:.2f} left, a run needs {settings.adapt_epsilon:g}; "
+                       "raise privacy_budget to learn more")
+    refit = None
+    if waiting is not None:
+        # Nothing to train: the idle time can still refit the router on the replies the user judged.
+        from assistant.router import fit_due
+
+        refit = fit_due(db, config.router_min_new)
+        if refit is None:
+            return Decision(False, waiting)
     if sensors.on_battery() and config.require_mains:
         return Decision(False, "on battery; waiting for mains power")
     load = sensors.load()
@@ -155,6 +164,12 @@ def check(db: Any, settings: Settings, config: DaemonConfig, sensors: Sensors, n
     temperature = sensors.temperature_c()
     if temperature is not None and temperature > config.max_temperature_c:
         return Decision(False, f"too hot ({temperature:.0f} °C > {config.max_temperature_c:.0f} °C)")
+    if refit is not None:
+        free = sensors.available_mb()
+        if free < MEASURED_MB["router"]:
+            return Decision(False, f"{waiting}; the router refit needs {MEASURED_MB['router']:.0f} MB, "
+                                   f"{free:.0f} MB free")
+        return Decision(True, f"{waiting}; refitting the router: {refit}", "router")
     method, reason = choose_method(db, sensors.available_mb(), paused)
     return Decision(method is not None, reason, method)
 
@@ -212,11 +227,13 @@ class Daemon:
                             last_run=now.isoformat(timespec="seconds"), eligible_at=None)
         self.log("start", reason=decision.reason, method=decision.method)
         try:
-            result = self.run_adaptation()
+            result = self.run_router_fit() if decision.method == "router" else self.run_adaptation()
         except EmberError as err:
             outcome = f"failed: {err}"
         else:
-            outcome = ("paused: the user came back" if result.get("paused") else
+            outcome = ("paused: the user came back" if result.get("paused") or result.get("stopped") else
+                       f"router refitted on {result['items']} replies (policy {result['policy_id']})"
+                       if decision.method == "router" else
                        f"{'promoted' if result['promoted'] else 'not promoted'} {result['adapter_id']}")
         finally:
             self.running = False
@@ -234,6 +251,12 @@ class Daemon:
         config = (adapt_config(self.settings, method="zo", backend=method.split("-", 1)[1])
                   if method.startswith("zo-") else adapt_config(self.settings))
         return (self._adapt or adapt)(self.db, config, should_stop=self.user_returned)
+
+    def run_router_fit(self) -> dict[str, Any]:
+        """Refit the router's thresholds on the user's judged replies; stops when the user returns."""
+        from assistant.router import fit_from_log
+
+        return fit_from_log(self.db, self.settings, should_stop=self.user_returned)
 
     def serve(self) -> None:
         """Run until SIGTERM/SIGINT: check now and then every `check_seconds` (APScheduler)."""

@@ -161,19 +161,46 @@ class Retriever:
 
         mode: hybrid (BM25 + dense + time, fused), bm25, or dense.
         """
+        return self.search_with_signals(question, k, mode=mode, now=now)[0]
+
+    def search_with_signals(self, question: str, k: int = 5, *, mode: str = "hybrid",
+                            now: dt.date | None = None,
+                            before_message: int | None = None) -> tuple[list[Hit], dict[str, float | None]]:
+        """`search`, plus how good the match is: the best note's cosine similarity (`similarity`), its
+        margin over the second (`margin`) and the best BM25 score (`bm25`), None where there is none.
+
+        `before_message` leaves out notes made from that message or later ones (memory as it was then).
+        """
+        excluded = memory.chunks_from_message(self.db, before_message) if before_message is not None else set()
+
+        def kept(ranking: list[tuple[int, float]]) -> list[tuple[int, float]]:
+            return [item for item in ranking if item[0] not in excluded] if excluded else ranking
+
+        pool = POOL + min(len(excluded), 5000)
+        signals: dict[str, float | None] = {"similarity": None, "margin": None, "bm25": None}
         if mode == "bm25":
-            ranked = self.bm25(question, max(k * 3, POOL))
+            ranked = kept(self.bm25(question, max(k * 3, pool)))
+            signals["bm25"] = ranked[0][1] if ranked else None
         else:
-            lexical = self._pool.submit(self._bm25_reader, question, POOL) if mode == "hybrid" else None
+            lexical = self._pool.submit(self._bm25_reader, question, pool) if mode == "hybrid" else None
             vector = self.embedder.encode_query(question)
-            dense = self.dense(question, POOL, vector)
+            dense = kept(self.dense(question, pool, vector))
+            # The question itself, asked before and stored, is not a match for it.
+            top = memory.chunks_by_id(self.db, [chunk_id for chunk_id, _ in dense[:6]])
+            scores = [score for chunk_id, score in dense[:6] if chunk_id in top
+                      and _normalised(top[chunk_id]["text"]) != _normalised(question)]
+            if scores:
+                signals["similarity"] = scores[0]
+                signals["margin"] = scores[0] - scores[1] if len(scores) > 1 else scores[0]
             if lexical is None:
                 ranked = dense
             else:
-                rankings = [lexical.result(), dense]
+                words = kept(lexical.result())
+                signals["bm25"] = words[0][1] if words else None
+                rankings = [words, dense]
                 window = time_window(question, now or dt.date.today())
                 if window:
-                    rankings.append(self._in_window(window, vector, POOL))
+                    rankings.append(kept(self._in_window(window, vector, pool)))
                 fused: dict[int, float] = {}
                 for ranking in rankings:
                     for rank, (chunk_id, _score) in enumerate(ranking, start=1):
@@ -194,7 +221,7 @@ class Retriever:
                             message_id=row["message_id"]))
             if len(hits) == k:
                 break
-        return hits
+        return hits, signals
 
 
 # Short on purpose: SmolLM2-135M follows this wording; longer instructions made it refuse to answer.

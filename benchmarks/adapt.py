@@ -43,7 +43,7 @@ def train_once(model_path: str, home: str, epsilon: float | None, threads: int, 
 
     started = time.perf_counter()
     db = open_db(Path(home))
-    data = dataset.build(db, ChatTemplate.from_gguf(model_path))
+    data = dataset.build(db, ChatTemplate.from_gguf(model_path), keep_facts=True)   # the canary too
     config = lora.LoraConfig(epsilon=epsilon, threads=threads)
     stamps: list[float] = []
     trained = lora.train(Path(model_path), Path(home) / "cache", data, config,
@@ -122,7 +122,7 @@ def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
                 runs[name] = pool.apply(train_once, (model, str(home), epsilon, settings.threads,
                                                      str(Path(tmp) / f"{name}.gguf")))
         db = open_db(home)
-        data = dataset.build(db, ChatTemplate.from_gguf(model))
+        data = dataset.build(db, ChatTemplate.from_gguf(model), keep_facts=True)
         evaluator = gate.Evaluator(settings.model_path, n_ctx=512, threads=settings.threads, base_sha256=None)
         try:
             quality = {"base": measure(evaluator, data, None)}

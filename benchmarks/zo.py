@@ -36,7 +36,14 @@ def _data(model_path: str, home: str) -> Any:
     from adapters.template import ChatTemplate
     from storage.db import open_db
 
-    return dataset.build(open_db(Path(home)), ChatTemplate.from_gguf(model_path))
+    # The canary is a personal fact, which Ember leaves to memory; the privacy proof trains on it.
+    return dataset.build(open_db(Path(home)), ChatTemplate.from_gguf(model_path), keep_facts=True)
+
+
+def _warm_cache(model_path: str, home: str, threads: int) -> None:
+    from adapters.base import load_base
+
+    load_base(Path(model_path), Path(home) / "cache", threads=threads)
 
 
 def probe(mode: str, model_path: str, home: str, threads: int) -> dict[str, Any]:
@@ -199,6 +206,8 @@ def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
         home = Path(tmp) / "home"
         habit_user(home)
         memory = {}
+        with spawn.Pool(1) as pool:   # dequantize once first: every torch probe then loads from the cache
+            pool.apply(_warm_cache, (model, str(home), settings.threads))
         for mode in ("llama_inference", "llama_zo", "torch_inference", "torch_zo", "lora_backprop",
                      "lora_backprop_all_layers"):
             with spawn.Pool(1) as pool:

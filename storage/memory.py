@@ -155,6 +155,11 @@ def rescore(db: sqlite_utils.Database, ids: Sequence[int], vector: np.ndarray,
     return [(int(rows[i][0]), float(scores[i])) for i in order]
 
 
+def chunks_from_message(db: sqlite_utils.Database, message_id: int) -> set[int]:
+    """Ids of the chunks made from message `message_id` or any later message."""
+    return {row[0] for row in db.execute("SELECT id FROM memory_chunks WHERE message_id >= ?", [message_id])}
+
+
 def chunks_by_id(db: sqlite_utils.Database, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
     """Chunk rows (without embeddings) by id."""
     ids = list(ids)

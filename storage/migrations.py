@@ -287,3 +287,36 @@ def m008_activity_and_daemon(db: sqlite_utils.Database) -> None:
         -- what each run really needed, so the daemon can choose a method that fits in memory
         ALTER TABLE adapt_runs ADD COLUMN peak_rss_mb REAL;
     """)
+
+
+@migration
+def m009_routing(db: sqlite_utils.Database) -> None:
+    """The router's decisions (route, why, and the features it saw) and its fitted policies.
+
+    A decision belongs to the reply it routed and goes when that reply is forgotten. Policies are kept
+    as a history: the newest row is the one in use, the older ones say what changed and when.
+    """
+    db.executescript("""
+        CREATE TABLE route_decisions (
+            id INTEGER PRIMARY KEY,
+            message_id INTEGER,
+            created TEXT NOT NULL,
+            route TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            features TEXT NOT NULL,
+            policy_id INTEGER,
+            seconds REAL
+        );
+        CREATE INDEX idx_route_decisions_message ON route_decisions (message_id);
+        CREATE TRIGGER route_decisions_forget AFTER DELETE ON messages BEGIN
+            DELETE FROM route_decisions WHERE message_id = old.id;
+        END;
+        CREATE TABLE router_policies (
+            id INTEGER PRIMARY KEY,
+            created TEXT NOT NULL,
+            thresholds TEXT NOT NULL,
+            items INTEGER NOT NULL,
+            adapter_id TEXT,
+            report TEXT
+        );
+    """)

@@ -23,7 +23,7 @@ def habit_data(tmp_path_factory, template):
     """The synthetic user's dataset: a sign-off habit in 100 conversations, a canary in 4."""
     db = open_db(tmp_path_factory.mktemp("habit"))
     seed_habit_user(db, CONVERSATIONS, canary=CANARY, canary_copies=CANARY_COPIES)
-    return dataset.build(db, template)
+    return dataset.build(db, template, keep_facts=True)   # the canary is a fact: train on it to test DP
 
 
 def _train_and_export(model_path, training_cache, data, tmp_path_factory, epsilon):

@@ -19,7 +19,7 @@ from assistant.config import Settings
 from assistant.daemon import Daemon, DaemonConfig, Sensors, check, single_instance
 from assistant.errors import InvalidInput
 from benchmarks.synthetic_user import seed_habit_user
-from storage import activity, ledger, registry, runs
+from storage import activity, ledger, registry, routing, runs
 from storage import conversations as convs
 from storage.db import open_db
 
@@ -148,6 +148,10 @@ def test_refuses_when_the_privacy_budget_is_spent(user):
     settings, db = user
     ledger.record(db, "old", method="lora", dp=True, epsilon=30.0, delta=1e-6, sigma=1.0, clip=1.0,
                   sample_rate=0.1, steps=10, examples=10)
+    decision = check(db, settings, CONFIG, FakeSensors(), _later(db, 31))
+    # No training; the idle time goes to refitting the router on the user's edited replies instead.
+    assert decision.method == "router" and "privacy budget spent" in decision.reason
+    routing.save_policy(db, {}, 30, None, {})
     decision = check(db, settings, CONFIG, FakeSensors(), _later(db, 31))
     assert not decision.start and "privacy budget spent" in decision.reason
 

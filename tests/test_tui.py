@@ -19,7 +19,7 @@ from assistant.tui.widgets.message import MemoryItem, MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
-from storage import feedback, memory, registry, runs
+from storage import feedback, memory, registry, routing, runs
 from storage.db import integrity_ok, open_db
 from tests.conftest import another_process_holds_the_lock
 from tests.tui_helpers import (TerminalRun, random_adapter, register_adapter, seed_conversations, type_text,
@@ -275,7 +275,8 @@ async def test_memory_route_shows_the_memories_used_and_forgets_one(settings, en
     app = EmberApp(settings, engine=engine, embedder=embedder)
     async with app.run_test(size=SIZE) as pilot:
         screen = chat(app)
-        await pilot.press("f3")
+        assert screen.route == "auto" and "memory: auto" in str(app.screen.query_one(StatusLine).render())
+        await pilot.press("f3")                 # auto → on: every reply uses memories
         assert screen.route == "rag" and "memory: on" in str(app.screen.query_one(StatusLine).render())
         await send(pilot, "What is the wifi password at the cabin?")
         await wait_until(pilot, lambda: not screen.generating)
@@ -294,6 +295,30 @@ async def test_memory_route_shows_the_memories_used_and_forgets_one(settings, en
         app.screen.open_conversation(screen.conversation_id)
         await pilot.pause()
         assert all(m["source_id"] != "wifi" for m in app.screen.query(MessageView)[-1].memories)
+
+
+async def test_the_router_picks_memory_for_a_fact_and_f2_says_why(settings, engine, embedder, db):
+    memory.upsert_records(db, [{"id": "wifi", "text": "The wifi password at the cabin is pinecone42."},
+                               {"id": "car", "text": "I parked on level four."}])
+    app = EmberApp(settings, engine=engine, embedder=embedder)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        assert notified(app, "No reply yet")
+        await send(pilot, "What is the wifi password at the cabin?")
+        await wait_until(pilot, lambda: not chat(app).generating)
+        reply = app.screen.query(MessageView)[-1]
+        assert reply.route == "rag" and "route: rag" in header(reply)
+        assert reply.memories[0]["text"].startswith("The wifi password")
+        await pilot.press("f2")
+        assert notified(app, "Route rag: open question; best note 0.")
+        decided = routing.decision_for(db, reply.message_id)
+        assert decided["route"] == "rag" and decided["features"]["similarity"] > 0.6
+        await pilot.press("f3", "f3")           # memory off: by hand, and F2 says so
+        await send(pilot, "What is the wifi password at the cabin?")
+        await wait_until(pilot, lambda: not chat(app).generating)
+        assert app.screen.query(MessageView)[-1].route == "base"
+        await pilot.press("f2")
+        assert notified(app, "chosen by hand")
 
 
 async def test_rating_the_last_reply_is_stored_shown_and_toggled(settings, engine, db):
@@ -401,7 +426,9 @@ async def test_a_new_adapter_is_swapped_in_while_the_chat_runs(settings, swappab
     picnic, _ = seed_conversations(db)
     app = EmberApp(settings, engine=swappable, conversation_id=picnic)
     async with app.run_test(size=SIZE) as pilot:
-        assert "adapter: none" in status(app) and "route: base" in status(app)
+        assert "adapter: none" in status(app) and "route: auto" in status(app)
+        await pilot.press("f3", "f3")           # memory off: the adapter, whenever one is loaded
+        assert "memory: off" in status(app) and "route: base" in status(app)
         path = random_adapter(tmp_path / "tui-swap.gguf", settings.model_path, settings.cache_dir)
         register_adapter(db, "lora-20260601-120000-ab12", path, [m["id"] for m in convs.messages(db, picnic)])
         await wait_until(pilot, lambda: swappable.loaded_adapter == "lora-20260601-120000-ab12", timeout=10)

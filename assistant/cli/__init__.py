@@ -46,9 +46,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from assistant.cli import adapt, ask, bench, chat, daemon, feedback, log, memory, status
+    from assistant.cli import adapt, ask, bench, chat, daemon, feedback, log, memory, router, status
 
-    for module in (ask, chat, log, memory, feedback, adapt, daemon, status, bench):
+    for module in (ask, chat, log, memory, feedback, adapt, daemon, router, status, bench):
         for command in module.COMMANDS:
             main.add_command(command)
 

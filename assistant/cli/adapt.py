@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from adapters.dataset import FACTS_SKIPPED
 from adapters.errors import AdapterInvalid, InvalidInput
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
 from assistant.config import Settings
@@ -128,6 +129,9 @@ def _describe(result: dict[str, Any]) -> None:
     click.echo(f"dataset   {result['examples']} training, {result['heldout']} held-out examples "
                f"({', '.join(f'{v} {k}' for k, v in result['kinds'].items())}); "
                f"redacted {sum(result['redactions'].values())} items")
+    kept = result["skipped"].get(FACTS_SKIPPED)
+    if kept:
+        click.echo(f"memory    {kept} personal fact sentences stay in memory only (not trained on)")
     click.echo(f"privacy   {privacy}; {result['steps']} steps; budget left before this run "
                f"ε={max(0.0, result['budget_left']):.2f}")
     if result.get("dry_run"):

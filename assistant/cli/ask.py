@@ -37,10 +37,11 @@ def _raise_interrupt(_signum, _frame):
 @click.option("--conversation", "conversation_id", type=int, default=None,
               help="Continue this conversation (ids from `ember history`).")
 @click.option("--route", type=click.Choice(ROUTES), default="auto", show_default=True,
-              help="Where the answer comes from.")
+              help="Where the answer comes from (auto: the router decides per question).")
+@click.option("--why", is_flag=True, help="Also say why the router chose the route (on stderr).")
 @model_option
 @json_option
-def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, model, as_json):
+def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, why, model, as_json):
     """Answer PROMPT (or standard input when PROMPT is '-' or omitted)."""
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -68,6 +69,9 @@ def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, m
         sys.stdout.write("\n")
         for i, hit in enumerate(exchange.memories, start=1):
             click.echo(f"  [{i}] {(hit.time or '')[:10]} {' '.join(hit.text.split())[:100]}", err=True)
+        if why:
+            click.echo(f"route {exchange.route}: " + (exchange.decision.reason if exchange.decision
+                                                     else "chosen with --route"), err=True)
 
 
 COMMANDS = [ask]

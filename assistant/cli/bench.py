@@ -15,6 +15,7 @@ BENCHMARKS = {
     "recall": "recall@5/10 of evidence turns on MemoryBank: BM25, dense and hybrid side by side",
     "adapt": "DP and non-DP LoRA on a synthetic user: s/step, examples/s, peak RSS, learning, canary exposure",
     "zo": "forward-only (ZO) training vs backprop: peak RSS against inference, held-out loss at equal wall time, canary",
+    "router": "base, RAG, adapter, both and the router on facts (MemoryBank) and style tasks: quality and latency",
 }
 
 

@@ -7,7 +7,7 @@ from assistant import __version__
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
 from assistant.cli.daemon import daemon_report
 from assistant.engine import check_gguf
-from storage import ledger, memory, registry, runs
+from storage import ledger, memory, registry, routing, runs
 from storage.migrations import current_version
 
 
@@ -44,6 +44,7 @@ def status(model, as_json):
             k: running[k] for k in ("id", "method", "step", "steps", "loss", "epsilon_spent", "eta_seconds")},
         "memory": memory.stats(db),
         "daemon": daemon_report(settings, db),
+        "router": _router_report(db),
     }
     if as_json:
         return print_json(report)
@@ -67,8 +68,19 @@ def status(model, as_json):
                f"privacy   {privacy_line}\n"
                f"memory    {report['memory']['chunks']} chunks ({report['memory']['embedded']} embedded)\n"
                f"daemon    {report['daemon']['state']}"
-               + (f" ({report['daemon']['reason']})" if report["daemon"].get("reason") else ""))
+               + (f" ({report['daemon']['reason']})" if report["daemon"].get("reason") else "")
+               + "\nrouter    " + (f"fitted {report['router']['fitted']} on {report['router']['items']} replies"
+                                    if report["router"]["fitted"] else "default thresholds (not fitted yet)")
+               + "; " + (", ".join(f"{n} {r}" for r, n in report["router"]["decisions"].items())
+                         or "no decisions yet"))
     return None
+
+
+def _router_report(db) -> dict:
+    """When the router was fitted, on how many replies, and how it has routed so far."""
+    policy = routing.current_policy(db)
+    return {"fitted": policy["created"] if policy else None, "items": policy["items"] if policy else 0,
+            "decisions": routing.decision_counts(db)}
 
 
 COMMANDS = [status]

@@ -23,7 +23,7 @@ from assistant.tui.widgets.message import ForgetMemory, MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
-from storage import feedback, memory
+from storage import feedback, memory, routing
 
 PAINT_INTERVAL = 0.1   # seconds between repaints of a streaming reply
 
@@ -36,7 +36,9 @@ ACTIONS = [
     ("copy_last_reply", "Copy last reply", "Copy Ember's last reply to the clipboard"),
     ("search", "Search conversations", "Find words in every past conversation"),
     ("toggle_sidebar", "Toggle conversation list", "Show or hide the list of conversations"),
-    ("toggle_memory", "Answer from memory on/off", "Put memories from past conversations in front of the model"),
+    ("toggle_memory", "Memory: auto / on / off",
+     "Let the router decide when memories help, always use them, or never"),
+    ("why_route", "Why this route", "Say why the last reply used memory, the adapter, both or neither"),
     ("rate_up", "Rate last reply up", "Mark Ember's last reply as good (again: clear the rating)"),
     ("rate_down", "Rate last reply down", "Mark Ember's last reply as bad (again: clear the rating)"),
     ("edit_reply", "Edit last reply", "Correct Ember's last reply into what you wanted it to say"),
@@ -62,6 +64,7 @@ class ChatScreen(FeedbackActions):
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("escape", "cancel_reply", "Cancel reply"),   # shown while a reply is being written
         Binding("f3", "toggle_memory", "Memory"),
+        Binding("f2", "why_route", "Why", tooltip="Why the last reply took its route"),
         Binding("f5", "rate_up", "Good", tooltip="Rate the last reply up (again: clear the rating)"),
         Binding("f6", "rate_down", "Bad", tooltip="Rate the last reply down (again: clear the rating)"),
         Binding("f7", "edit_reply", "Edit", tooltip="Edit the last reply into what you wanted"),
@@ -77,7 +80,7 @@ class ChatScreen(FeedbackActions):
         super().__init__()
         self.conversation_id = conversation_id
         self.cancel: threading.Event | None = None
-        self.memory = False   # F3: answer with memories in the prompt
+        self.memory = "auto"   # F3: auto (the router decides), on (always memories), off (never)
 
     # ---- layout and start-up -------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -116,11 +119,14 @@ class ChatScreen(FeedbackActions):
 
     @property
     def route(self) -> str:
-        """The route asked for: the adapter whenever one is loaded, with memories when F3 turned them on."""
-        engine = self.app.engine
-        if not self.memory:
+        """The route asked for: the router's choice (auto), or by hand with memory on or off; by hand,
+        the adapter is used whenever one is loaded."""
+        if self.memory == "auto":
             return "auto"
-        return "both" if engine is not None and engine.loaded_adapter else "rag"
+        adapter = self.app.engine is not None and self.app.engine.loaded_adapter
+        if self.memory == "on":
+            return "both" if adapter else "rag"
+        return "adapter" if adapter else "base"
 
     def show_engine_state(self) -> None:
         """Show the adapter in use and the route the next reply takes."""
@@ -128,8 +134,7 @@ class ChatScreen(FeedbackActions):
         status = self.query_one(StatusLine)
         status.adapter = engine.loaded_adapter if engine is not None else None
         status.memory = self.memory
-        status.route = (resolve_route(self.route, engine) if engine is not None
-                        else "rag" if self.memory else "base")
+        status.route = resolve_route(self.route, engine) if engine is not None else self.route
 
     def show_adaptation(self, progress: str | None) -> None:
         """Show an adaptation run's progress (None: none is running)."""
@@ -355,11 +360,28 @@ class ChatScreen(FeedbackActions):
         self.app.push_screen(SearchScreen(), chosen)
 
     def action_toggle_memory(self) -> None:
-        """Switch between answering with and without memories of past conversations."""
-        self.memory = not self.memory
+        """Cycle memory use: auto (the router decides per reply) → on (always) → off (never)."""
+        self.memory = {"auto": "on", "on": "off", "off": "auto"}[self.memory]
         self.show_engine_state()
-        self.notify("Replies now use your memories (the first may take a few seconds to load them)."
-                    if self.memory else "Replies no longer use your memories.")
+        self.notify({"on": "Every reply now uses your memories.",
+                     "off": "Replies no longer use your memories.",
+                     "auto": "Ember now decides per reply whether memories or your adapter help "
+                             "(F2 says why)."}[self.memory])
+
+    @shows_errors
+    def action_why_route(self) -> None:
+        """Explain the route of the last reply: the router's reason, or that it was chosen by hand."""
+        views = [v for v in self.query(MessageView) if v.role == "assistant" and v.message_id is not None]
+        if not views:
+            self.notify("No reply yet: the route is decided for each reply.")
+            return
+        view = views[-1]
+        decision = routing.decision_for(self.app.db, view.message_id)
+        if decision is None:
+            self.notify(f"Route {view.route or 'base'}: chosen by hand (F3 memory on/off), not by the router.")
+            return
+        self.notify(f"Route {decision['route']}: {decision['reason']} "
+                    f"(decided in {decision['seconds'] * 1000:.0f} ms)", timeout=15)
 
     def on_forget_memory(self, message: ForgetMemory) -> None:
         found = memory.chunks_by_id(self.app.db, [message.chunk_id]).get(message.chunk_id)

@@ -46,15 +46,15 @@ class StatusLine(Static):
     adapter: reactive[str | None] = reactive(None)
     speed: reactive[float | None] = reactive(None)
     state: reactive[str] = reactive("loading model…")
-    memory: reactive[bool] = reactive(False)
-    route: reactive[str] = reactive("base")     # the route the next reply takes
+    memory: reactive[str] = reactive("auto")     # auto (the router decides) | on | off
+    route: reactive[str] = reactive("auto")     # the route the next reply takes (auto: decided per reply)
     adapting: reactive[str | None] = reactive(None, layout=True)
 
     def render(self) -> Text:
         speed = f"{self.speed:.1f} tok/s" if self.speed else "– tok/s"
         adapter = short_id(self.adapter) if self.adapter else "none"
         # Text, not markup: a model file name may contain brackets.
-        text = Text(f"model: {self.model} │ adapter: {adapter} │ memory: {'on' if self.memory else 'off'} │ "
+        text = Text(f"model: {self.model} │ adapter: {adapter} │ memory: {self.memory} │ "
                     f"route: {self.route} │ {speed} │ {self.state}")
         if self.adapting:
             text.append(f"\n{self.adapting}", style="italic")

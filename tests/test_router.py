@@ -1,0 +1,185 @@
+"""The router: features, rules, fitting on the user's log, decision log, and the facts/style split at adaptation."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+
+import pytest
+
+from adapters import dataset, facts
+from assistant import router
+from assistant.conversation import respond
+from assistant.daemon import DaemonConfig, check
+from assistant.retrieval import Retriever
+from benchmarks.synthetic_user import seed_habit_user
+from storage import conversations as convs
+from storage import memory, routing
+from tests.tui_helpers import random_adapter, register_adapter
+
+
+@pytest.mark.parametrize("question, kind", [
+    ("What painters did you recommend to me?", "recall"),
+    ("I recommended a science fiction movie before, what was it?", "recall"),
+    ("What is my sister's name?", "recall"),
+    ("What did I do last week?", "temporal"),
+    ("When did I start the new job?", "temporal"),
+    ("How should I clean the garage?", "task"),
+    ("Write a short note to my landlord about the heating.", "task"),
+    ("What is the capital of France?", "open"),
+])
+def test_query_types(question, kind):
+    assert router.query_type(question, dt.date(2026, 5, 1)) == kind
+
+
+def _features(kind, similarity, gain):
+    return router.Features(query_type=kind, similarity=similarity, entropy_base=2.0,
+                           entropy_adapter=None if gain is None else 2.0 - gain)
+
+
+def test_rules_follow_the_thresholds_and_say_why():
+    rules = {"recall": {"min_similarity": 0.4, "min_adapter_gain": 1.0}}
+    assert router.choose(_features("recall", 0.5, 0.2), rules, adapter=True)[0] == "rag"
+    assert router.choose(_features("recall", 0.5, 1.5), rules, adapter=True)[0] == "both"
+    assert router.choose(_features("recall", 0.3, 1.5), rules, adapter=True)[0] == "adapter"
+    assert router.choose(_features("recall", 0.3, 0.2), rules, adapter=True)[0] == "base"
+    route, why = router.choose(_features("recall", 0.5, 1.5), rules, adapter=False)
+    assert route == "rag" and "no adapter" in why and "best note 0.50 ≥ 0.40" in why
+    assert router.choose(router.Features(query_type="open"), {}, adapter=False) == (
+        "base", "open question; no memory to search; no adapter")
+
+
+def test_fitting_finds_the_thresholds_that_pick_the_better_routes():
+    # Recall questions: memory helps above similarity 0.5 and the adapter never does; tasks: the adapter
+    # helps whenever the probe gain is above 0.8.
+    items = []
+    for sim in (0.2, 0.3, 0.45, 0.55, 0.6, 0.7):
+        good = sim > 0.5
+        items.append(router.Item(_features("recall", sim, 1.2),
+                                 {"base": -3.0, "rag": -1.0 if good else -3.5, "adapter": -3.2,
+                                  "both": -1.5 if good else -3.8}))
+    for gain in (0.1, 0.5, 0.9, 1.4, 2.0):
+        good = gain > 0.8
+        items.append(router.Item(_features("task", 0.9, gain),
+                                 {"base": -3.0, "rag": -3.1, "adapter": -1.0 if good else -3.3,
+                                  "both": -1.2 if good else -3.4}))
+    fitted, report = router.fit_thresholds(items, adapter=True)
+    assert 0.45 < fitted["recall"]["min_similarity"] <= 0.55 and fitted["recall"]["min_adapter_gain"] > 1.2
+    assert 0.5 < fitted["task"]["min_adapter_gain"] <= 0.9 and fitted["task"]["min_similarity"] > 0.9
+    assert report["recall"]["score_after"] > report["recall"]["score_before"]
+    for item in items:   # every item now takes its best route
+        chosen = router.choose(item.features, fitted, adapter=True)[0]
+        assert item.quality[chosen] == max(item.quality.values())
+    # Too few items of a type: its defaults stay.
+    assert fitted["temporal"] == router.DEFAULTS["temporal"] and not report["temporal"]["fitted"]
+    json.dumps(router.encode_thresholds(fitted))            # ±infinity stored as never/any
+    assert router._decode(router.encode_thresholds({"x": {"a": math.inf}})["x"]["a"]) == math.inf
+
+
+def test_personal_facts_stay_in_memory_and_out_of_training(db, template):
+    assert facts.split("How should I clean the garage? By the way, my locker code is 283719.") == (
+        "How should I clean the garage?", ["By the way, my locker code is 283719."])
+    assert not facts.is_fact("Call my mum at 5pm.") and not facts.is_fact("Write an email to my boss.")
+    assert facts.is_fact("I moved to Lyon in May.") and facts.is_fact('My favourite film is "Taxi Driver".')
+    seed_habit_user(db, 12, canary="283719", canary_copies=4)
+
+    def texts(data):
+        return " ".join(template.llm.detokenize(list(e.tokens), special=True).decode()
+                        for e in data.train + data.heldout)
+
+    kept = dataset.build(db, template)
+    assert "283719" not in texts(kept) and texts(kept).count("How should I") >= 12
+    assert kept.skipped[dataset.FACTS_SKIPPED] == 4
+    assert "283719" in texts(dataset.build(db, template, keep_facts=True))
+    memory.sync_messages(db)   # ... while memory still holds them, for retrieval
+    assert any("283719" in c["text"] for c in memory.list_chunks(db, limit=100))
+
+
+@pytest.fixture
+def adapter_engine(engine, settings, db, tmp_path):
+    """The session's engine with a random adapter active (left without one afterwards)."""
+    path = random_adapter(tmp_path / "router.gguf", settings.model_path, settings.cache_dir, seed=3)
+    register_adapter(db, "lora-router", path, [])
+    engine.load_adapter(path, "lora-router")
+    yield engine
+    engine.load_adapter(None, None)
+
+
+def test_auto_uses_memory_for_a_stored_fact_and_logs_the_decision(settings, engine, embedder, db):
+    memory.upsert_records(db, [{"id": "wifi", "text": "The wifi password at the cabin is pinecone42."},
+                               {"id": "car", "text": "I parked on level four."}])
+    retriever = Retriever(db, embedder)
+    fact = respond(db, engine, settings, "What is the wifi password at the cabin?", retriever=retriever)
+    assert fact.route == "rag" and fact.memories[0].public_id == "wifi"
+    logged = routing.decision_for(db, fact.message_id)
+    assert logged["route"] == "rag" and logged["features"]["similarity"] == pytest.approx(
+        fact.decision.features.similarity, abs=1e-4)
+    assert logged["features"]["entropy_base"] > 0 and logged["features"]["entropy_adapter"] is None
+    assert fact.as_json()["router"]["route"] == "rag"
+    other = respond(db, engine, settings, "Say hello in French.", retriever=retriever)
+    assert other.route == "base" and "no adapter" in other.decision.reason
+    # Not logged: no decision stored either; forgetting a reply forgets its decision.
+    respond(db, engine, settings, "What is the wifi password at the cabin?", retriever=retriever, log=False)
+    assert db["route_decisions"].count == 2
+    convs.forget_message(db, fact.message_id)
+    assert routing.decision_for(db, fact.message_id) is None and db["route_decisions"].count == 1
+
+
+def test_the_probe_measures_the_adapter(settings, adapter_engine, db):
+    f, hits = router.features_for("How should I paint the fence?", engine=adapter_engine, retriever=None, db=db,
+                                  system=None, k=5)
+    assert hits == [] and f.similarity is None and f.query_type == "task"
+    assert f.entropy_base > 0 and f.entropy_adapter > 0 and f.adapter_gain != 0
+    assert f.adapter_age_hours is not None and f.adapter_age_hours < 1
+    assert adapter_engine.adapter == "lora-router"      # the probe leaves the adapter as it found it
+    with_adapter = router.entropy_probe(adapter_engine.llm, adapter_engine.tokenize_chat(
+        [{"role": "user", "content": "How should I paint the fence?"}])[0])
+    assert with_adapter == pytest.approx(f.entropy_adapter, rel=1e-5)
+
+
+def test_fit_from_log_and_router_show(settings, adapter_engine, db, ember):
+    seed_habit_user(db, 8)            # eight edited replies: the answers the user wanted
+    result = router.fit_from_log(db, settings)
+    assert result["items"] == 8 and result["adapter_id"] == "lora-router"
+    assert set(result["report"]["mean_quality"]) == set(router.ROUTES)
+    assert result["report"]["task"]["fitted"]
+    # Scored as log-probabilities of the wanted answers: the router's pick is never worse than the
+    # defaults it started from on the data it was fitted on.
+    assert result["report"]["task"]["score_after"] >= result["report"]["task"]["score_before"]
+    shown = ember("router", "show", "--json")
+    assert shown.returncode == 0, shown.err
+    document = json.loads(shown.out)
+    assert document["policy_id"] == result["policy_id"] and document["items"] == 8
+    assert router.thresholds_in_use(db)[1] == result["policy_id"]
+
+
+def test_the_daemon_refits_the_router_when_there_is_nothing_to_train(db, settings):
+    seed_habit_user(db, 12)
+    config = DaemonConfig(idle_minutes=0, min_new_messages=1000, router_min_new=10)
+
+    class Quiet:
+        def load(self): return 0.0
+        def available_mb(self): return 8000.0
+        def on_battery(self): return False
+        def temperature_c(self): return None
+
+    decision = check(db, settings, config, Quiet(), dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    assert decision.start and decision.method == "router" and "12 rated or edited replies" in decision.reason
+    routing.save_policy(db, {}, 12, None, {})
+    decision = check(db, settings, config, Quiet(), dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    assert not decision.start and "waiting for 1000" in decision.reason
+
+
+def test_the_router_benchmark_scores_answers_by_their_category():
+    from benchmarks.router import Task, quality, task_set
+
+    fact = Task("facts", "What painters did you recommend to me?", "Leonardo da Vinci, Michelangelo and Raphael.")
+    assert quality(fact, "I recommended Michelangelo and Raphael.") == pytest.approx(2 / 5)   # of 5 words
+    assert quality(fact, "I don't know.") == 0.0
+    style = Task("style", "How should I paint the fence?", "Ahoy, matey! To paint the fence, ...")
+    assert quality(style, " Ahoy, matey! Start early.") == 1.0 and quality(style, "Start early. Ahoy!") == 0.0
+    items = task_set()
+    assert {t.category for t in items} == {"facts", "style"} and sum(t.category == "style" for t in items) == 40
+    assert all(t.user and t.now for t in items if t.category == "facts")
+    halves = [t.fit_half for t in items]
+    assert 0.3 < sum(halves) / len(halves) < 0.7          # a stable split, roughly in half
