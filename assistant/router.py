@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from assistant.retrieval import Retriever
 
 TYPES = ("recall", "temporal", "task", "open")
-PROBE_TOKENS = 4
+PROBE_TOKENS = 2
 PROBE_MAX_TOKENS = 256
 NEVER = math.inf
 # Before any fitting: memory for questions about the user's past when a note is a fair match, and for
@@ -52,15 +52,17 @@ DEFAULTS: dict[str, dict[str, float]] = {
 MIN_ITEMS_PER_TYPE = 4     # fewer labelled items of a type than this: its defaults stay
 
 _RECALL = re.compile(
-    r"\b(remember|recall|remind me|forgot|forget|mention(ed)?|told you|i told|i said|you said|you told|"
-    r"you (recommended|suggested|mentioned)|i (shared|recommended|suggested)|we (talked|discussed|spoke)|"
-    r"last time|earlier|before)\b", re.IGNORECASE)
-_POSSESSIVE_WH = re.compile(r"^\s*(what|who|where|which|whose|how many|how much|how old)\b[^?]*\b(my|mine|i|me)\b",
-                            re.IGNORECASE)
+    r"\b(remember|recall|remind me|forgot|forget|mention(ed)?|told you|i told|i said|you said|you told|once|"
+    r"last time|earlier|before)\b|\byou (once |ever )?(recommended|suggested|mentioned|told|taught|gave|shared|said)\b|"
+    r"\b(did|have|had) you (ever )?(recommend|suggest|mention|tell|teach|give|given|share|say|told|recommended)\b|"
+    r"\bi (once |recently )?(recommended|suggested|shared|told|mentioned)\b|\bwe (talked|discussed|spoke)\b",
+    re.IGNORECASE)
 _TASK = re.compile(
-    r"^\s*(please\s+)?(write|draft|rewrite|compose|reply|respond|summari[sz]e|translate|plan|make|create|"
+    r"^\W*(please\s+)?(write|draft|rewrite|compose|reply|respond|summari[sz]e|translate|plan|make|create|"
     r"give me|list|suggest|help me|explain|fix|edit|improve|outline)\b|\bhow (should|do|can|could|would) (i|we)\b|"
-    r"\b(should|could|can) (i|we)\b|\bin my (style|voice|words)\b", re.IGNORECASE)
+    r"\b(should|could|can) (i|we)\b|\bin my (style|voice|words)\b|\b(any|some) (tips|advice|ideas|suggestions)\b|"
+    r"\b(tips|advice|ideas) (to|for|on)\b|\bbest way to\b", re.IGNORECASE)
+_ABOUT_ME = re.compile(r"\b(i|i'm|i've|my|me|mine|we|our|us)\b", re.IGNORECASE)
 _WHEN = re.compile(r"\b(when (did|was|were|do|will)|how long ago|what (day|date|time))\b", re.IGNORECASE)
 
 
@@ -72,7 +74,7 @@ def query_type(question: str, now: dt.date | None = None) -> str:
         return "recall"
     if _TASK.search(question):
         return "task"
-    if _POSSESSIVE_WH.search(question):
+    if "?" in question and _ABOUT_ME.search(question):   # a question about the user: their own facts
         return "recall"
     return "open"
 

@@ -27,6 +27,10 @@ from tests.tui_helpers import random_adapter, register_adapter
     ("How should I clean the garage?", "task"),
     ("Write a short note to my landlord about the heating.", "task"),
     ("What is the capital of France?", "open"),
+    ("Any tips to clean the fence?", "task"),
+    ("What kind of music do I like?", "recall"),
+    ("You once recommended a few cooking shows to me. What were their names?", "recall"),
+    ("Tell me a joke about cats.", "open"),
 ])
 def test_query_types(question, kind):
     assert router.query_type(question, dt.date(2026, 5, 1)) == kind
