@@ -7,7 +7,10 @@ window if one is set, with enough new messages since the last adapter and privac
 runs `ember adapt`'s pipeline at low priority, with LoRA when the memory its runs need is free and with
 zeroth-order training in llama.cpp (inference memory) otherwise; after every training step the run asks whether the user
 came back and, if so, checkpoints and pauses within a step (about a second). The next idle window
-resumes it from that checkpoint. Sensors are the only part tests replace.
+resumes it from that checkpoint. With nothing to train (too few new messages, or the privacy budget
+spent), idle time goes to refitting the router's thresholds on the replies the user rated up or edited
+(assistant/router.py), when enough new ones have come in or the adapter changed. Sensors are the only
+part tests replace.
 """
 from __future__ import annotations
 
@@ -223,7 +226,9 @@ class Daemon:
             return decision
         self.seen_at_start, self.running = activity.last_seen(self.db), True
         self.current_method = decision.method
-        activity.set_daemon(self.db, pid=os.getpid(), state="adapting", reason=decision.reason,
+        activity.set_daemon(self.db, pid=os.getpid(),
+                            state="fitting the router" if decision.method == "router" else "adapting",
+                            reason=decision.reason,
                             last_run=now.isoformat(timespec="seconds"), eligible_at=None)
         self.log("start", reason=decision.reason, method=decision.method)
         try:
