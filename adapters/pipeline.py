@@ -277,21 +277,22 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
         raise
 
 
+def process_peak_mb() -> float:
+    """This process's peak resident memory so far, in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+
 class PeakMemory:
     """The peak resident memory of one run, for choosing a method that fits (the daemon runs many runs
     in one process, and a child forked from a large process inherits its peak across exec): the
     process's peak if the run raised it, else the highest RSS sampled after the run's steps."""
 
     def __init__(self) -> None:
-        self.before, self.sampled = self._process_peak(), 0.0
-
-    @staticmethod
-    def _process_peak() -> float:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+        self.before, self.sampled = process_peak_mb(), 0.0
 
     def sample(self) -> None:
         """Note the memory in use now."""
@@ -302,7 +303,7 @@ class PeakMemory:
     def mb(self) -> float:
         """The run's peak so far, in MB."""
         self.sample()
-        after = self._process_peak()
+        after = process_peak_mb()
         return round(after if after > self.before else self.sampled, 1)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import resource
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ def train_once(model_path: str, home: str, epsilon: float | None, threads: int, 
     """Train and export one adapter (run in a child process); returns its speed and peak memory."""
     from adapters import dataset, export, lora
     from adapters.base import file_sha256
+    from adapters.pipeline import process_peak_mb
     from adapters.template import ChatTemplate
     from storage.db import open_db
 
@@ -55,7 +55,7 @@ def train_once(model_path: str, home: str, epsilon: float | None, threads: int, 
     return {"steps": len(stamps), "seconds_per_step": round(per_step, 3),
             "examples_per_second": round(config.batch_size / per_step, 1),
             "train_seconds": round(trained.seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(process_peak_mb(), 1),
             "train_examples": len(data.train), "heldout_examples": len(data.heldout),
             "plan": dataclasses.asdict(trained.plan) if trained.plan else None,
             "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "threads"},

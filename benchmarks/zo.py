@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +24,6 @@ PROBE_STEPS = 3
 WALL_SECONDS = 90.0
 ZO_EVAL_EVERY = 15
 LORA_EVAL_EVERY = 25
-
-
-def _peak_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _data(model_path: str, home: str) -> Any:
@@ -86,7 +81,9 @@ def probe(mode: str, model_path: str, home: str, threads: int) -> dict[str, Any]
         layers = 2 if mode == "lora_backprop" else 1000
         lora.train(Path(model_path), cache, data, lora.LoraConfig(steps=PROBE_STEPS, batch_size=BATCH, epsilon=8.0,
                                                                    threads=threads, layers=layers))
-    return {"peak_rss_mb": _peak_mb(), "seconds": round(time.perf_counter() - started, 1),
+    from adapters.pipeline import process_peak_mb
+
+    return {"peak_rss_mb": round(process_peak_mb(), 1), "seconds": round(time.perf_counter() - started, 1),
             "torch_imported": "torch" in sys.modules}
 
 
