@@ -190,3 +190,18 @@ def test_the_router_benchmark_scores_answers_by_their_category():
     assert all(t.user and t.now for t in items if t.category == "facts")
     halves = [t.fit_half for t in items]
     assert 0.3 < sum(halves) / len(halves) < 0.7          # a stable split, roughly in half
+
+
+def test_ask_reports_the_route_and_why(ember):
+    first = ember("ask", "Say hello.", "--json", "--max-tokens", "8", "--temperature", "0")
+    assert first.returncode == 0, first.err
+    decided = json.loads(first.out)["router"]
+    assert decided["route"] == "base" and decided["reason"] == "open question; no memory to search; no adapter"
+    assert decided["features"]["entropy_base"] > 0 and decided["seconds"] > 0
+    why = ember("ask", "What did I just ask you?", "--why", "--max-tokens", "8", "--temperature", "0")
+    assert why.returncode == 0 and "route " in why.err and "recall question; best note" in why.err
+    by_hand = ember("ask", "Say hello.", "--route", "base", "--why", "--json", "--max-tokens", "4")
+    assert json.loads(by_hand.out)["router"] is None
+    status = ember("status")
+    assert "router    default thresholds (not fitted yet); " in status.out, status.out
+    assert sum(json.loads(ember("status", "--json").out)["router"]["decisions"].values()) == 2
