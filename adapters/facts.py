@@ -49,8 +49,9 @@ def is_fact(sentence: str) -> bool:
 
 
 def split(text: str) -> tuple[str, list[str]]:
-    """(`text` without its personal-fact sentences, the fact sentences taken out)."""
-    kept, facts = [], []
-    for s in sentences(text):
-        (facts if is_fact(s) else kept).append(s)
-    return (" ".join(kept) if facts else text), facts
+    """(`text` without its personal-fact sentences, the fact sentences taken out); the rest of the text,
+    line breaks included, is left as the user wrote it."""
+    facts = [s for s in sentences(text) if is_fact(s)]
+    for fact in facts:
+        text = text.replace(fact, "", 1)
+    return (re.sub(r"(?m)^[ \t]+", "", re.sub(r"[ \t]{2,}", " ", text)).strip() if facts else text), facts
