@@ -210,10 +210,10 @@ def features_for(question: str, *, engine: Engine, retriever: Retriever | None, 
 
     f = Features(query_type=query_type(question, now))
     hits: list[Hit] = []
-    memory.sync_messages(db)         # the log's newest messages are memory too
+    if retriever is not None:
+        retriever.refresh()          # the log's newest messages become memory, with vectors
     f.memory_chunks = memory.stats(db)["chunks"]
     if retriever is not None and f.memory_chunks:
-        retriever.refresh()          # embeds what has no vector yet (loads the embedder once)
         hits, signals = retriever.search_with_signals(question, k, now=now, before_message=before_message)
         f.similarity, f.margin, f.bm25 = signals["similarity"], signals["margin"], signals["bm25"]
     tokens = _probe_prompt(engine, system, question)
