@@ -2,7 +2,7 @@
 from storage.errors import DatabaseCorrupt, DatabaseLocked, DataDirError, EmberError, InvalidInput, NotFound
 
 __all__ = ["EmberError", "DataDirError", "DatabaseLocked", "DatabaseCorrupt", "NotFound", "InvalidInput",
-           "ModelNotFound", "ModelInvalid", "PromptTooLong", "RouteUnavailable", "ConfigError"]
+           "ModelNotFound", "ModelInvalid", "EngineCrashed", "PromptTooLong", "RouteUnavailable", "ConfigError"]
 
 
 class ModelNotFound(EmberError):
@@ -11,6 +11,10 @@ class ModelNotFound(EmberError):
 
 class ModelInvalid(EmberError):
     """The path exists but is not a GGUF model llama.cpp can load."""
+
+
+class EngineCrashed(EmberError):
+    """llama.cpp crashed or failed in the self-check's test decode (a bad build, a CPU feature, a bad GGUF)."""
 
 
 class PromptTooLong(EmberError):
