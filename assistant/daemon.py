@@ -249,14 +249,11 @@ class Daemon:
         return Decision(True, outcome, decision.method)
 
     def run_adaptation(self) -> dict[str, Any]:
-        """The same pipeline as `ember adapt`, preemptible."""
-        from assistant.cli.adapt import adapt_config
-        from adapters.pipeline import adapt
+        """The same entry point as `ember adapt` (`assistant.adaptation.run`), preemptible."""
+        from assistant import adaptation
 
-        method = self.current_method or "lora"
-        config = (adapt_config(self.settings, method="zo", backend=method.split("-", 1)[1])
-                  if method.startswith("zo-") else adapt_config(self.settings))
-        return (self._adapt or adapt)(self.db, config, should_stop=self.user_returned)
+        flags = adaptation.flags_for(self.current_method or "lora")
+        return (self._adapt or adaptation.run)(self.settings, self.db, **flags, should_stop=self.user_returned)
 
     def run_router_fit(self) -> dict[str, Any]:
         """Refit the router's thresholds on the user's judged replies; stops when the user returns."""

@@ -1,49 +1,23 @@
-"""`ember adapt` (train, export, gate, promote) and `ember adapters` (the registry)."""
+"""`ember adapt` (train, export, gate, promote) and `ember adapters` (the registry).
+
+Argument parsing and printing only: the work is `assistant.adaptation`'s, which the daemon calls too.
+"""
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
 from adapters.dataset import FACTS_SKIPPED
-from adapters.errors import AdapterInvalid, InvalidInput
+from assistant import adaptation
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
-from assistant.config import Settings
 from storage import registry
-
-
-# Training libraries (torch, peft, opacus, gguf) load only when a command needs them.
-METHODS = ("lora", "zo")
 
 
 def _raise_interrupt(_signum, _frame):
     raise KeyboardInterrupt
-
-
-def adapt_config(settings: Settings, *, method: str = "lora", epsilon: float | None = None,
-                 no_dp: bool = False, steps: int | None = None, dry_run: bool = False,
-                 backend: str | None = None) -> Any:
-    """The pipeline's configuration (`adapters.pipeline.AdaptConfig`) from settings and flags."""
-    from adapters import lora, zo
-    from adapters.pipeline import AdaptConfig
-
-    if epsilon is not None and no_dp:
-        raise InvalidInput("--epsilon and --no-dp contradict each other; pass one")
-    if epsilon is not None and epsilon <= 0:
-        raise InvalidInput(f"--epsilon must be positive, not {epsilon:g}")
-    if backend is not None and method != "zo":
-        raise InvalidInput("--backend chooses where zeroth-order training runs; it needs --method zo")
-    private = None if no_dp else (epsilon or settings.adapt_epsilon)
-    train = dataclasses.replace(lora.LoraConfig(), threads=settings.threads, steps=steps, epsilon=private)
-    forward = zo.ZoConfig(backend=backend or settings.zo_backend, threads=settings.threads, epsilon=private,
-                          steps=steps or settings.zo_steps)
-    return AdaptConfig(model_path=settings.model_path, home=settings.home, cache=settings.cache_dir,
-                       method=method, lora=train, zo=forward,
-                       budget=settings.privacy_budget, threads=settings.threads, dry_run=dry_run)
 
 
 class ProgressBar:
@@ -84,9 +58,9 @@ class ProgressBar:
 
 
 @click.command()
-@click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True,
+@click.option("--method", type=click.Choice(adaptation.METHODS), default="lora", show_default=True,
               help="lora: DP-SGD on LoRA (torch); zo: zeroth-order, forward passes only.")
-@click.option("--backend", type=click.Choice(["llama", "torch"]), default=None,
+@click.option("--backend", type=click.Choice(adaptation.BACKENDS), default=None,
               help="With --method zo: llama (a control vector in llama.cpp, no torch, inference memory; "
                    "the default) or torch (LoRA on the dequantized model).")
 @click.option("--epsilon", type=float, default=None,
@@ -98,17 +72,16 @@ class ProgressBar:
 @json_option
 def adapt(method, backend, epsilon, no_dp, steps, dry_run, model, as_json):
     """Learn from your log: build the dataset, train, export, evaluate, promote if better."""
-    from adapters.pipeline import adapt as run_adapt
-
     settings = settings_from(model=model)
-    config = adapt_config(settings, method=method, epsilon=epsilon, no_dp=no_dp, steps=steps, dry_run=dry_run,
-                          backend=backend)
+    flags = {"method": method, "epsilon": epsilon, "no_dp": no_dp, "steps": steps, "dry_run": dry_run,
+             "backend": backend}
+    adaptation.config_for(settings, **flags)   # bad flags fail before the database is touched
     db = open_store(settings)
     signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill keeps the checkpoint
     bar = None if as_json else ProgressBar()
     try:
-        result = run_adapt(db, config, on_step=bar.step if bar else None,
-                           on_stage=bar.stage if bar else lambda text: click.echo(f"· {text}", err=True))
+        result = adaptation.run(settings, db, **flags, on_step=bar.step if bar else None,
+                                on_stage=bar.stage if bar else lambda text: click.echo(f"· {text}", err=True))
     except KeyboardInterrupt:
         click.echo("ember: adaptation interrupted; `ember adapt` resumes it from its last checkpoint",
                    err=True)
@@ -186,27 +159,11 @@ def list_(model, as_json):
 def use(adapter_id, model, as_json):
     """Use adapter ADAPTER_ID from now on (the running chat switches to it)."""
     settings = settings_from(model=model)
-    db = open_store(settings)
-    candidate = registry.get(db, adapter_id)
-    check_file(settings, candidate)
-    row = _row(registry.use(db, adapter_id))
+    row = _row(adaptation.use_adapter(settings, open_store(settings), adapter_id))
     if as_json:
         return print_json(row)
     click.echo(f"now using {adapter_id}")
     return None
-
-
-def check_file(settings: Settings, adapter: dict[str, Any]) -> None:
-    """Refuse an adapter whose file is gone, corrupt, or for another model, before it is put in use."""
-    from adapters.base import file_sha256
-    from adapters.export import check_compatible, read_adapter
-
-    path = Path(adapter["path"])
-    if not path.is_file():
-        raise AdapterInvalid(f"adapter file {path} is missing; `ember adapters remove {adapter['id']}`")
-    info = read_adapter(path)
-    check_compatible(info, architecture=info.architecture,
-                     base_sha256=file_sha256(settings.model_path, settings.cache_dir))
 
 
 @adapters.command()
@@ -229,8 +186,7 @@ def rollback(model, as_json):
 def remove(adapter_id, model, as_json):
     """Delete adapter ADAPTER_ID and its file."""
     db = open_store(settings_from(model=model))
-    row = registry.remove(db, adapter_id)
-    Path(row["path"]).unlink(missing_ok=True)
+    row = adaptation.remove_adapter(db, adapter_id)
     if as_json:
         return print_json({"removed": adapter_id})
     click.echo(f"removed {adapter_id}" + (" (it was in use; now the base model)" if row["status"] == "active"

@@ -1,0 +1,94 @@
+"""Adaptation from the user's settings: the one entry point that `ember adapt`, the daemon and any other
+front-end call. It turns settings and flags into the pipeline's configuration and runs
+`adapters.pipeline.adapt`; front-ends only parse their input and show the result.
+
+Training libraries (torch, peft, opacus, gguf) load only when a run needs them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from adapters.errors import AdapterInvalid, InvalidInput
+from assistant.config import Settings
+from storage import registry
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+    from adapters.pipeline import AdaptConfig
+
+METHODS = ("lora", "zo")
+BACKENDS = ("llama", "torch")
+
+
+def config_for(settings: Settings, *, method: str = "lora", epsilon: float | None = None,
+               no_dp: bool = False, steps: int | None = None, dry_run: bool = False,
+               backend: str | None = None) -> AdaptConfig:
+    """The pipeline's configuration from the user's settings and a run's flags; bad flags are `InvalidInput`."""
+    from adapters import lora, zo
+    from adapters.pipeline import AdaptConfig
+
+    if method not in METHODS:
+        raise InvalidInput(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if epsilon is not None and no_dp:
+        raise InvalidInput("--epsilon and --no-dp contradict each other; pass one")
+    if epsilon is not None and epsilon <= 0:
+        raise InvalidInput(f"--epsilon must be positive, not {epsilon:g}")
+    if backend is not None and method != "zo":
+        raise InvalidInput("--backend chooses where zeroth-order training runs; it needs --method zo")
+    private = None if no_dp else (epsilon or settings.adapt_epsilon)
+    train = dataclasses.replace(lora.LoraConfig(), threads=settings.threads, steps=steps, epsilon=private)
+    forward = zo.ZoConfig(backend=backend or settings.zo_backend, threads=settings.threads, epsilon=private,
+                          steps=steps or settings.zo_steps)
+    return AdaptConfig(model_path=settings.model_path, home=settings.home, cache=settings.cache_dir,
+                       method=method, lora=train, zo=forward,
+                       budget=settings.privacy_budget, threads=settings.threads, dry_run=dry_run)
+
+
+def flags_for(label: str) -> dict[str, str]:
+    """The flags of a method as runs record it (`lora`, `zo-llama`, `zo-torch`), for `config_for`/`run`."""
+    method, _, backend = label.partition("-")
+    if method not in METHODS or (backend and (method != "zo" or backend not in BACKENDS)):
+        raise InvalidInput(f"unknown adaptation method {label!r}")
+    return {"method": method, **({"backend": backend} if backend else {})}
+
+
+def run(settings: Settings, db: sqlite_utils.Database, *, method: str = "lora", epsilon: float | None = None,
+        no_dp: bool = False, steps: int | None = None, dry_run: bool = False, backend: str | None = None,
+        on_step: Callable[[Any], None] | None = None, on_stage: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Build the dataset, train, export, gate and promote once (or plan only, with `dry_run`); returns
+    the `ember adapt --json` document. `should_stop` is asked after every step: True pauses the run."""
+    from adapters.pipeline import adapt
+
+    config = config_for(settings, method=method, epsilon=epsilon, no_dp=no_dp, steps=steps, dry_run=dry_run,
+                        backend=backend)
+    return adapt(db, config, on_step=on_step, on_stage=on_stage, should_stop=should_stop)
+
+
+def check_adapter_file(settings: Settings, adapter: dict[str, Any]) -> None:
+    """Refuse an adapter whose file is gone, corrupt, or for another model, before it is put in use."""
+    from adapters.base import file_sha256
+    from adapters.export import check_compatible, read_adapter
+
+    path = Path(adapter["path"])
+    if not path.is_file():
+        raise AdapterInvalid(f"adapter file {path} is missing; `ember adapters remove {adapter['id']}`")
+    info = read_adapter(path)
+    check_compatible(info, architecture=info.architecture,
+                     base_sha256=file_sha256(settings.model_path, settings.cache_dir))
+
+
+def use_adapter(settings: Settings, db: sqlite_utils.Database, adapter_id: str) -> dict[str, Any]:
+    """Make an adapter the active one after checking its file; returns its registry row."""
+    check_adapter_file(settings, registry.get(db, adapter_id))
+    return registry.use(db, adapter_id)
+
+
+def remove_adapter(db: sqlite_utils.Database, adapter_id: str) -> dict[str, Any]:
+    """Delete an adapter's record, lineage and file; returns its registry row as it was."""
+    row = registry.remove(db, adapter_id)
+    Path(row["path"]).unlink(missing_ok=True)
+    return row
