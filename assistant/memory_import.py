@@ -41,7 +41,8 @@ def _record(line: str) -> dict[str, Any]:
 
 
 def read_records(path: Path, *, skip_bad: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
-    """All records of a JSONL file; a bad line fails the whole file unless `skip_bad`.
+    """All records of a JSONL file; a bad line fails the whole file unless `skip_bad`, and so does a file
+    with no good line at all (`InvalidInput`).
 
     Returns (records, problems); a later line with the same id replaces an earlier one.
     """
@@ -67,8 +68,12 @@ def read_records(path: Path, *, skip_bad: bool = False) -> tuple[list[dict[str, 
             continue
         records.pop(record["id"], None)
         records[record["id"]] = record
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     if problems and not skip_bad:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InvalidInput(f"{path}: {problems[0]}{more}; nothing was imported "
                            "(fix it, or pass --skip-bad to import the good lines)")
+    if not records:
+        # An import that imports nothing is a failure a script must see, not a success of zero.
+        raise InvalidInput(f"{path}: no line could be imported ({problems[0]}{more}); nothing was imported"
+                           if problems else f"{path} holds no records; nothing was imported")
     return list(records.values()), problems

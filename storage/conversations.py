@@ -5,11 +5,12 @@ import datetime as dt
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any, Iterable
 
 import sqlite_utils
 
-from storage.db import transaction
+from storage.db import db_path, transaction
 from storage.errors import NotFound
 
 NEW_TITLE = "New conversation"
@@ -99,9 +100,15 @@ def start_reply(db: sqlite_utils.Database, conversation_id: int, **meta: Any) ->
 
 
 def update_reply(db: sqlite_utils.Database, message_id: int, content: str) -> None:
-    """Save the reply so far, so that a killed process keeps it."""
+    """Save the reply so far, so that a killed process keeps it.
+
+    `seconds` then says how long the reply has been generating: created + seconds is the last time its
+    writer was heard from, which `recover_interrupted` uses to tell a stalled row from a live one.
+    """
     with transaction(db):
-        db["messages"].update(message_id, {"content": content})
+        db.execute("UPDATE messages SET content = ?, "
+                   "seconds = ROUND((julianday('now') - julianday(created)) * 86400, 3) WHERE id = ?",
+                   [content, message_id])
 
 
 def finish_reply(db: sqlite_utils.Database, message_id: int, content: str, status: str, *,
@@ -131,14 +138,80 @@ def existing_ids(db: sqlite_utils.Database, message_ids: Iterable[int]) -> set[i
     return {r[0] for r in db.execute("SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))", [ids])}
 
 
+def parse_time(stamp: Any) -> dt.datetime | None:
+    """A stored ISO-8601 time as an aware datetime (naive counts as UTC), or None if it is not one."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(stamp.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+# A streaming writer saves its reply at least every 0.5 s (assistant/conversation.py). Its longest
+# healthy silence is before the first token: a full context's prompt pass (seconds on 2 cores) plus
+# busy waits on the database (seconds). A row silent for ten minutes, well over 10x that, belongs to
+# a writer that is stuck or gone; a false alarm is harmless (the writer's finish_reply sets the final
+# status anyway), while a missed one leaves the reply shown as "…" for good.
+SILENT_AFTER = dt.timedelta(minutes=10)
+
+
+def _ember_command(args: list[str]) -> bool:
+    """`ember …` (the console script, run directly or by python) or `python -m assistant …`."""
+    if any(Path(arg).name == "ember" for arg in args[:2]):
+        return True
+    after_m = args[args.index("-m") + 1:][:1] if "-m" in args else []
+    return after_m in (["assistant"], ["assistant.cli"])
+
+
+def is_ember_process(pid: int, database: str | Path | None = None) -> bool:
+    """Whether `pid` is a live Ember process: an `ember`/`python -m assistant` command line, or a
+    process (the chat under a test runner, say) holding `database` open. False for a reused pid."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if _ember_command(process.cmdline()):
+            return True
+        if database is None:
+            return False
+        target = os.path.realpath(database)
+        return any(os.path.realpath(f.path) == target for f in process.open_files())
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        # Another user's process: it cannot be writing to this user's private (0600) database.
+        return False
+
+
+def writer_gone(row: dict[str, Any], *, database: str | None = None, now: dt.datetime | None = None) -> bool:
+    """Whether a `generating` reply has no live writer: no pid, the pid is this process (which is not
+    writing it), dead, reused by a non-Ember process, or the row has been silent past `SILENT_AFTER`."""
+    pid = row.get("writer_pid")
+    if not pid or pid == os.getpid() or not process_alive(pid) or not is_ember_process(pid, database):
+        return True
+    created = parse_time(row.get("created"))
+    if created is None:
+        return False   # an odd date tells nothing about silence; the pid checks above decide
+    so_far = row.get("seconds")
+    heard = created + dt.timedelta(seconds=so_far if isinstance(so_far, (int, float)) else 0)
+    return (now or dt.datetime.now(dt.timezone.utc)) - heard > SILENT_AFTER
+
+
 def recover_interrupted(db: sqlite_utils.Database) -> int:
-    """Mark replies whose writing process died mid-stream as `interrupted`; return how many."""
-    stale = [row["id"] for row in db["messages"].rows_where("status = 'generating'")
-             if not row["writer_pid"] or row["writer_pid"] == os.getpid() or not process_alive(row["writer_pid"])]
+    """Mark replies whose writing process died, was replaced, or went silent mid-stream as `interrupted`;
+    return how many."""
+    rows = list(db["messages"].rows_where("status = 'generating'"))
+    if not rows:
+        return 0
+    database = db_path(db)
+    stale = [row["id"] for row in rows if writer_gone(row, database=database)]
     if stale:
         with transaction(db):
             for message_id in stale:
-                db["messages"].update(message_id, {"status": "interrupted", "writer_pid": None})
+                db.execute("UPDATE messages SET status = 'interrupted', writer_pid = NULL "
+                           "WHERE id = ? AND status = 'generating'", [message_id])
     return len(stale)
 
 

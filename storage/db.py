@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -66,29 +67,110 @@ def load_vector_extension(conn) -> None:
         conn.enable_load_extension(False)
 
 
+def _private_file(path: Path) -> bool:
+    """Tighten an existing database (and its -wal/-shm) to 0600; True when the file is new.
+
+    chmod works on the path and never opens the file: opening and closing a descriptor of a live
+    database outside SQLite drops every POSIX lock this process holds on it, and another process may
+    then checkpoint and delete the WAL under our connections ("How To Corrupt An SQLite Database
+    File", §2.2). So the database file is touched by SQLite alone.
+    """
+    if not path.exists():
+        return True
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if part.stat().st_mode & 0o077:
+                part.chmod(0o600)
+    return False
+
+
 def open_db(data_dir: Path, *, busy_timeout_ms: int = 3000) -> sqlite_utils.Database:
-    """Open (creating if needed) the database in `data_dir`, migrated to the latest schema."""
+    """A new connection to the database in `data_dir` (created if needed), migrated to the latest schema.
+
+    Front-ends hold theirs through `Connections`, the one owner of a process's connections.
+    """
     ensure_private_dir(data_dir)
     path = data_dir / DB_NAME
     try:
-        # Create the file 0600 before SQLite touches it: SQLite gives -wal and -shm the same mode.
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-        path.chmod(0o600)
+        new = _private_file(path)
     except OSError as err:
         raise DataDirError(f"cannot open {path}: {err.strerror}; fix its permissions "
                            "or set EMBER_HOME to another directory") from err
     with sqlite_errors(path):
-        conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, check_same_thread=False)
+        # A new database is created by SQLite itself under a private umask; SQLite gives the -wal and
+        # -shm files the database's own mode. umask is process-wide, so only the creating connect holds it.
+        old_umask = os.umask(0o077) if new else None
+        try:
+            try:
+                conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, check_same_thread=False)
+            except sqlite3.OperationalError as err:
+                if "unable to open" in str(err):
+                    raise DataDirError(f"cannot open {path}: {err}; fix its permissions "
+                                       "or set EMBER_HOME to another directory") from err
+                raise
+            db = sqlite_utils.Database(conn)
+            db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.enable_wal()
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
         load_vector_extension(conn)
-        db = sqlite_utils.Database(conn)
-        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         db.execute("PRAGMA foreign_keys = ON")
-        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            db.enable_wal()
         # NORMAL is durable across a killed process in WAL mode; only power loss can drop the last commit.
         db.execute("PRAGMA synchronous = NORMAL")
         migrate(db)
     return db
+
+
+class Connections:
+    """The one owner of a process's connections to one data directory's database.
+
+    Each role (the UI thread, the reply worker, the BM25 reader …) gets one connection, opened on first
+    use and shared by every later caller of that role; `close` closes them all. SQLite connections are
+    not shared across threads, so a thread that writes on its own needs its own role.
+    """
+
+    def __init__(self, data_dir: Path, *, busy_timeout_ms: int = 3000):
+        self.data_dir = Path(data_dir)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._open: dict[str, sqlite_utils.Database] = {}
+        self._lock = threading.Lock()
+
+    def get(self, role: str = "main") -> sqlite_utils.Database:
+        """The connection for `role`, opened (and the schema migrated) on first use."""
+        with self._lock:
+            db = self._open.get(role)
+            if db is None:
+                db = self._open[role] = open_db(self.data_dir, busy_timeout_ms=self.busy_timeout_ms)
+            return db
+
+    def close(self) -> None:
+        """Close every connection this owner opened."""
+        with self._lock:
+            for db in self._open.values():
+                with contextlib.suppress(Exception):
+                    db.close()
+            self._open.clear()
+
+
+_owners: dict[Path, Connections] = {}
+_owners_lock = threading.Lock()
+
+
+def connections(data_dir: Path, *, busy_timeout_ms: int = 3000) -> Connections:
+    """This process's owner of the connections to the database in `data_dir` (one per directory)."""
+    key = Path(data_dir).expanduser().resolve()
+    with _owners_lock:
+        owner = _owners.get(key)
+        if owner is None:
+            owner = _owners[key] = Connections(key, busy_timeout_ms=busy_timeout_ms)
+        return owner
+
+
+def connections_of(db: sqlite_utils.Database) -> Connections:
+    """The owner of the data directory behind `db` (for a module handed only a connection)."""
+    return connections(Path(db_path(db)).parent)
 
 
 @contextlib.contextmanager

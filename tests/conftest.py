@@ -129,3 +129,10 @@ def template(model_path):
 def training_cache(tmp_path_factory) -> Path:
     """One cache dir for the session, so the GGUF is dequantized into torch once (~16 s)."""
     return tmp_path_factory.mktemp("training-cache")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak-seconds", type=float, default=None,
+                     help="run the multi-process stress test this long (a soak; the suite's default is short)")
+    parser.addoption("--bench", action="store_true", default=False,
+                     help="also run the slow benchmark-backed checks")

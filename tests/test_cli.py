@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from storage import conversations as convs
 from storage.db import DB_NAME, open_db
 from tests.conftest import another_process_holds_the_lock, assert_clean_error, without_root_overrides
 
@@ -175,6 +176,8 @@ def test_sigkill_mid_reply_loses_no_earlier_message_and_keeps_the_database_sound
         partial = row[0] if row else ""
         time.sleep(0.05)
     assert partial, "the streaming reply should be saved while it is written"
+    during = json.loads(ember("history", "--json").out)
+    assert during[0]["messages"][-1]["status"] == "generating"    # its live writer keeps it
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     db.close()
@@ -200,3 +203,49 @@ def test_sigterm_mid_reply_marks_it_interrupted(ember, home):
     assert proc.returncode == 130 and b"Traceback" not in err
     reply = open_db(home).execute("SELECT status, content FROM messages WHERE role = 'assistant'").fetchone()
     assert reply[0] == "interrupted" and reply[1]
+
+
+def test_odd_dates_and_titles_never_hide_the_history_or_break_the_export(ember, home):
+    db = open_db(home)
+    rows = {}
+    for title, text in (("Fine", "A normal question"), ("", "An untitled one"),
+                        ("Red\x1b[31m alert\nsecond line\u202e\u200b", "Escapes in the title")):
+        rows[text] = convs.create_conversation(db)
+        convs.add_message(db, rows[text], "user", text)
+        db["conversations"].update(rows[text], {"title": title})
+    odd = rows["An untitled one"]
+    db["conversations"].update(odd, {"updated": "last Tuesday", "created": 1700000000})
+    db.execute("UPDATE messages SET created = 'soon' WHERE conversation_id = ?", [odd])
+    db.conn.commit()
+
+    result = ember("history")
+    assert result.returncode == 0, result.err
+    assert f"#{odd} Untitled  (date unknown, 1 messages)" in result.out
+    assert "A normal question" in result.out and "Red alert second line" in result.out
+    assert "\x1b" not in result.out and "\u202e" not in result.out
+    assert ember("history", "--conversation", str(odd)).returncode == 0
+    assert len(json.loads(ember("history", "--json").out)) == 3
+    md = ember("export", "--format", "md")
+    assert md.returncode == 0, md.err
+    headings = [line for line in md.out.splitlines() if line.startswith("## ")]
+    assert sorted(headings) == ["## Fine", "## Red alert second line", "## Untitled"]
+    assert "**user** — date unknown" in md.out and "started date unknown" in md.out
+    exported = {c["id"]: c for c in json.loads(ember("export").out)["conversations"]}
+    assert exported[odd]["updated"] == "last Tuesday"          # the JSON export keeps what is stored
+
+
+def test_a_reply_left_generating_by_a_pid_now_used_by_another_program_shows_as_interrupted(ember, home):
+    db = open_db(home)
+    cid = convs.create_conversation(db)
+    convs.add_message(db, cid, "user", "Tell me a story")
+    reply = convs.start_reply(db, cid)
+    convs.update_reply(db, reply, "Once upon")
+    other = subprocess.Popen(["sleep", "60"])       # the writer is gone; its pid now runs something else
+    try:
+        db["messages"].update(reply, {"writer_pid": other.pid})
+        result = ember("history")
+        assert f"assistant {reply} [interrupted]: Once upon" in result.out, result.out + result.err
+    finally:
+        other.kill()
+        other.wait()
+    assert db["messages"].get(reply)["status"] == "interrupted"

@@ -149,6 +149,20 @@ def test_bad_jsonl_reports_the_line_and_imports_nothing(tmp_path):
         read_records(latin)
 
 
+def test_an_import_that_imports_nothing_fails(ember, tmp_path, home):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{not json}\n[1]\n{"id": "x", "text": "  "}\n', encoding="utf-8")
+    assert_clean_error(ember("memory", "import", str(bad), "--skip-bad"),
+                       contains="no line could be imported (line 1: not valid JSON")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    assert_clean_error(ember("memory", "import", str(empty)), contains="holds no records")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{not json}\n{"id": "ok", "text": "The one good line."}\n', encoding="utf-8")
+    result = ember("memory", "import", str(mixed), "--skip-bad", "--json")
+    assert result.returncode == 0 and json.loads(result.out)["added"] == 1, result.err
+
+
 def test_memory_cli_import_search_batch_and_bad_input(ember, tmp_path):
     notes = tmp_path / "notes.jsonl"
     notes.write_text("\n".join(json.dumps(n) for n in NOTES) + "\n", encoding="utf-8")

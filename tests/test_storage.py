@@ -1,11 +1,14 @@
 """Storage: permissions, WAL, migrations, the conversation log, forgetting, locks and corruption."""
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import sqlite_utils
@@ -150,15 +153,79 @@ def test_reply_streams_into_its_row_and_is_finished(db):
     assert (row["content"], row["status"], row["writer_pid"]) == ("Hello", "cancelled", None)
 
 
-def test_replies_of_dead_writers_are_marked_interrupted_but_live_ones_are_not(db):
+@contextlib.contextmanager
+def running(*command: str) -> Iterator[int]:
+    """A real process for the duration; yields its pid once it is ready (it prints a line)."""
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def ember_writer(home: Path):
+    """A process with Ember's database open, as a chat writing a reply has."""
+    return running(sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom storage.db import open_db\n"
+                   f"db = open_db(Path({str(home)!r}))\nprint('ready', flush=True)\nsys.stdin.read()")
+
+
+def not_ember():
+    """A live process that is not Ember: what a writer's pid can be reused by."""
+    return running(sys.executable, "-c", "import sys\nprint('ready', flush=True)\nsys.stdin.read()")
+
+
+def _ago(minutes: float) -> str:
+    return (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=minutes)).isoformat(timespec="milliseconds")
+
+
+def test_replies_of_dead_writers_are_marked_interrupted_but_live_ones_are_not(db, home):
     cid = convs.create_conversation(db)
     dead = convs.start_reply(db, cid)
     live = convs.start_reply(db, cid)
     db["messages"].update(dead, {"writer_pid": 2 ** 22 + 12345})   # beyond pid_max: never alive
-    db["messages"].update(live, {"writer_pid": os.getppid()})
-    assert convs.recover_interrupted(db) == 1
-    assert db["messages"].get(dead)["status"] == "interrupted"
-    assert db["messages"].get(live)["status"] == "generating"
+    with ember_writer(home) as pid:
+        db["messages"].update(live, {"writer_pid": pid})
+        assert convs.recover_interrupted(db) == 1
+        assert db["messages"].get(dead)["status"] == "interrupted"
+        assert db["messages"].get(live)["status"] == "generating"
+
+
+def test_a_reply_whose_writer_pid_was_reused_by_another_program_is_interrupted(db):
+    cid = convs.create_conversation(db)
+    reply = convs.start_reply(db, cid)
+    with not_ember() as pid:
+        db["messages"].update(reply, {"writer_pid": pid})
+        assert convs.recover_interrupted(db) == 1
+    assert db["messages"].get(reply)["status"] == "interrupted"
+
+
+def test_ember_processes_are_told_by_command_line_or_by_holding_the_database(home, tmp_path, db):
+    script = tmp_path / "ember"                           # what the console script runs as
+    script.write_text("import sys\nprint('ready', flush=True)\nsys.stdin.read()\n")
+    with running(sys.executable, str(script)) as pid:
+        assert convs.is_ember_process(pid)
+    with ember_writer(home) as pid:
+        assert not convs.is_ember_process(pid) and convs.is_ember_process(pid, home / DB_NAME)
+    with not_ember() as pid:
+        assert not convs.is_ember_process(pid, home / DB_NAME)
+
+
+def test_a_reply_silent_for_longer_than_a_reply_can_take_is_interrupted(db, home):
+    cid = convs.create_conversation(db)
+    stalled, streaming = convs.start_reply(db, cid), convs.start_reply(db, cid)
+    with ember_writer(home) as pid:
+        for reply in (stalled, streaming):
+            db["messages"].update(reply, {"writer_pid": pid, "created": _ago(30)})
+        convs.update_reply(db, streaming, "still going")       # heard from just now
+        assert db["messages"].get(streaming)["seconds"] >= 29 * 60
+        assert convs.recover_interrupted(db) == 1
+        assert db["messages"].get(stalled)["status"] == "interrupted"
+        assert db["messages"].get(streaming)["status"] == "generating"
+        # A row with an odd date cannot be judged by silence; its live Ember writer keeps it.
+        db["messages"].update(streaming, {"created": "sometime"})
+        assert convs.recover_interrupted(db) == 0
 
 
 def test_search_finds_words_across_conversations_and_ignores_fts_syntax(db):

@@ -1,7 +1,6 @@
 """`ember history`, `ember export`, `ember forget`: the user's own log, read, carried away, erased."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import sys
@@ -10,12 +9,9 @@ from pathlib import Path
 import click
 
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
+from assistant.display import display_time, display_title, one_line
 from assistant.errors import InvalidInput
 from storage import conversations as convs
-
-
-def _when(stamp: str) -> str:
-    return dt.datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
 
 
 @click.command()
@@ -34,8 +30,8 @@ def history(limit, conversation_id, query, model, as_json):
         if as_json:
             return print_json(hits)
         for hit in hits:
-            click.echo(f"#{hit['conversation_id']} {hit['title']}  [{hit['role']} {hit['message_id']}] "
-                       f"{hit['snippet']}")
+            click.echo(f"#{hit['conversation_id']} {display_title(hit['title'])}  "
+                       f"[{hit['role']} {hit['message_id']}] {one_line(hit['snippet'])}")
         return None
     chosen = ([convs.get_conversation(db, conversation_id)] if conversation_id is not None
               else convs.list_conversations(db, limit=limit))
@@ -45,12 +41,12 @@ def history(limit, conversation_id, query, model, as_json):
     if not result:
         click.echo("No conversations yet. Start one with `ember chat` or `ember ask`.")
     for conv in result:
-        click.secho(f"#{conv['id']} {conv['title']}  ({_when(conv['updated'])}, "
+        click.secho(f"#{conv['id']} {display_title(conv['title'])}  ({display_time(conv['updated'])}, "
                     f"{len(conv['messages'])} messages)", bold=True)
         shown = conv["messages"] if conversation_id is not None else conv["messages"][-2:]
         for msg in shown:
             mark = "" if msg["status"] == "complete" else f" [{msg['status']}]"
-            text = msg["content"] if conversation_id is not None else " ".join(msg["content"].split())[:100]
+            text = msg["content"] if conversation_id is not None else one_line(msg["content"])[:100]
             click.echo(f"  {msg['role']:>9} {msg['id']}{mark}: {text}")
     return None
 
@@ -59,10 +55,11 @@ def to_markdown(conversations: list[dict]) -> str:
     """The log as a readable Markdown document."""
     lines = ["# Ember conversations", ""]
     for conv in conversations:
-        lines += [f"## {conv['title']}", "", f"*Conversation {conv['id']}, started {conv['created']}*", ""]
+        lines += [f"## {display_title(conv['title'])}", "",
+                  f"*Conversation {conv['id']}, started {display_time(conv['created'])}*", ""]
         for msg in conv["messages"]:
             mark = "" if msg["status"] == "complete" else f" ({msg['status']})"
-            lines += [f"**{msg['role']}**{mark} — {msg['created']}", "", msg["content"], ""]
+            lines += [f"**{msg['role']}**{mark} — {display_time(msg['created'])}", "", msg["content"], ""]
     return "\n".join(lines)
 
 
