@@ -5,13 +5,18 @@ maps ggml's log levels with an older numbering (INFO=1, WARN=2, ERROR=3, DEBUG=4
 llama.cpp it ships numbers them DEBUG=1, INFO=2, WARN=3, ERROR=4. So every WARN line is taken for an
 error and printed (e.g. "n_ctx_seq (4096) > n_ctx_train (2048) -- possible training context overflow"
 in the middle of `ember ask` output), and real ERROR lines are taken for debug and dropped. Its
-`suppress_stdout_stderr` covers only model and context creation. `install()` replaces that callback
-for the whole process (llama.cpp has one log callback, shared with ggml).
+`suppress_stdout_stderr` hides the model load by pointing file descriptors 1 and 2 at /dev/null for
+the whole process, so whatever another thread writes meanwhile (the chat's first paint, while the
+model loads in a worker) is lost too. `install()` replaces that callback for the whole process
+(llama.cpp has one log callback, shared with ggml); `quiet_llama()` loads a model without touching
+any file descriptor.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
+import io
 import sys
 import threading
 from typing import Any
@@ -23,11 +28,16 @@ KEEP_LINES = 200
 
 
 class LlamaLog:
-    """The last lines llama.cpp logged (level, text), written through to stderr only when verbose."""
+    """llama.cpp's last lines (level, text), written through to stderr only when verbose.
+
+    Debug lines (graph dumps, hundreds a decode) are dropped; warnings and errors also go to a ring of
+    their own, so that the reason for a failure is still there after a long load.
+    """
 
     def __init__(self, verbose: bool = False, keep: int = KEEP_LINES):
         self.verbose = verbose
         self.lines: collections.deque[tuple[str, str]] = collections.deque(maxlen=keep)
+        self.problems: collections.deque[tuple[str, str]] = collections.deque(maxlen=keep // 4)
         self._partial = ""
         self._level = "info"
         self._lock = threading.Lock()
@@ -38,27 +48,31 @@ class LlamaLog:
         with self._lock:
             if level != CONT:
                 self._level = LEVELS.get(level, "info")
+            if self._level == "debug":
+                return
             self._partial += text
             *done, self._partial = self._partial.split("\n")
             for line in done:
                 if line.strip():
                     self.lines.append((self._level, line.rstrip()))
+                    if self._level in ("warn", "error"):
+                        self.problems.append((self._level, line.rstrip()))
         if self.verbose:
             sys.stderr.write(text)
             sys.stderr.flush()
 
-    def recent(self, n: int = 50, *, min_level: str = "debug") -> list[str]:
-        """The last `n` lines at `min_level` or above, oldest first, as 'level: text'."""
-        order = ["debug", "info", "warn", "error"]
-        floor = order.index(min_level)
+    def recent(self, n: int = 50, *, min_level: str = "info") -> list[str]:
+        """The last `n` lines at `min_level` (info, warn or error) or above, oldest first, as 'level: text'."""
         with self._lock:
-            kept = [(lv, t) for lv, t in self.lines if lv not in order or order.index(lv) >= floor]
-        return [f"{lv}: {t}" for lv, t in kept[-n:]]
+            source = list(self.lines if min_level == "info" else self.problems)
+        if min_level == "error":
+            source = [(lv, t) for lv, t in source if lv == "error"]
+        return [f"{lv}: {t}" for lv, t in source[-n:]]
 
-    def last_error(self) -> str | None:
+    def last_problem(self) -> str | None:
         """llama.cpp's last warning or error line (e.g. why it refused a file), for a one-line message."""
-        found = self.recent(1, min_level="warn")
-        return found[0].split(": ", 1)[1] if found else None
+        with self._lock:
+            return self.problems[-1][1] if self.problems else None
 
 
 _installed: LlamaLog | None = None
@@ -99,3 +113,25 @@ def install(verbose: bool = False) -> LlamaLog:
 def current() -> LlamaLog | None:
     """The installed log, if `install()` was called in this process."""
     return _installed
+
+
+def quiet_llama(**kwargs: Any) -> Any:
+    """`llama_cpp.Llama(**kwargs)` with nothing printed and no file descriptor redirected.
+
+    llama.cpp's log goes to the installed `LlamaLog`; llama-cpp-python's own verbose prints (system
+    info, metadata, chat format) are captured into it too, as info lines.
+    """
+    log = install(verbose=_installed.verbose if _installed is not None else False)
+    import llama_cpp
+
+    chatter = io.StringIO()
+    try:
+        # verbose=True is what keeps llama-cpp-python from redirecting fds 1 and 2 during the load;
+        # its Python-level prints are caught here instead (sys.stderr only: no other thread's output).
+        with contextlib.redirect_stderr(chatter):
+            llm = llama_cpp.Llama(**{**kwargs, "verbose": True})
+    finally:
+        for line in chatter.getvalue().splitlines():
+            log.feed(2, line + "\n")
+    llm.verbose = False   # no timing prints after each completion
+    return llm

@@ -169,12 +169,25 @@ def _one_line(text: str, limit: int = 160) -> str:
 
 
 def _last_native_line(stderr: str) -> str | None:
-    """The line of the child's stderr most likely to say why it died (an assert, an error, a warning)."""
+    """The line of the child's stderr most likely to say why it died: a ggml/llama.cpp assertion or
+    abort ("binary-ops.cpp:135: binary_op: unsupported types ..."), else an error line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for pattern in (r"GGML_ASSERT|GGML_ABORT|assert|abort", r"\berror\b|failed", r"\bwarn"):
+    for line in reversed(lines):
+        found = re.search(r"([\w.+-]+\.(?:c|cc|cpp|h|m)):(\d+): (.+)", line)
+        if found:
+            return _one_line(f"{found.group(1)}:{found.group(2)}: {found.group(3)}")
+    for pattern in (r"GGML_ASSERT|GGML_ABORT|terminate called|what\(\)", r"\berror\b|failed"):
         for line in reversed(lines):
             if re.search(pattern, line, re.IGNORECASE) and not line.startswith(("Traceback", "File ")):
                 return _one_line(line)
+    return None
+
+
+def _llama_error(result: Result) -> str | None:
+    """llama.cpp's own reason for refusing a model ("check_tensor_dims: tensor ... has wrong shape")."""
+    errors = [w.split(": ", 1)[1] for w in result.warnings if w.startswith("error: ")]
+    for line in errors:   # the first error is the cause; the later ones say "failed to load model"
+        return _one_line(line.rsplit("error loading model: ", 1)[-1])
     return None
 
 
@@ -197,6 +210,7 @@ def run(model_path: Path, threads: int, *, timeout: float = TIMEOUT_SECONDS) -> 
     # OpenMP's default spin-wait turns a 0.2 s decode on 2 threads into 8-14 s when another process
     # holds a core (measured on 2 cores); sleeping waits change timing only, never the kernels checked.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("GGML_NO_BACKTRACE", "1")   # ggml's crash handler would attach gdb to the dying child
     env.pop("PYTHONFAULTHANDLER", None)   # a Python stack dump of the child says nothing about llama.cpp
     command = [sys.executable, "-m", "assistant.selfcheck", str(model_path), str(max(1, threads))]
     try:
@@ -240,9 +254,13 @@ def failure(model_path: Path, result: Result) -> Exception:
                              + (f" ({hint})" if hint else "") + f"; {advice}")
     if result.returncode is None:
         return EngineCrashed(f"llama.cpp hung {doing} in its self-check ({result.error}); {advice}")
+    if result.stage == "template":
+        return ModelInvalid(f"the chat template in {name} cannot be used ({_one_line(result.error or '')}); "
+                            "pass another --model")
     if result.stage == "load":
-        return ModelInvalid(f"llama.cpp could not load {name} ({_one_line(result.error or 'no reason given')}); "
-                            "it is truncated, corrupt or unsupported: pass another --model")
+        reason = _llama_error(result) or _one_line(result.error or "no reason given")
+        return ModelInvalid(f"llama.cpp could not load {name} ({reason}); it is truncated, corrupt or "
+                            "unsupported: pass another --model")
     return EngineCrashed(f"llama.cpp failed {doing} ({_one_line(result.error or 'no reason given')}); "
                          f"{advice}")
 
@@ -351,6 +369,13 @@ def child_main(model_path: str, threads: int, out: Any, report: dict[str, Any]) 
                               n_threads_batch=threads, seed=0, verbose=True)
     except (ValueError, RuntimeError) as err:
         say(error=str(err))
+        return 3
+    except Exception as err:   # noqa: BLE001 - llama-cpp-python compiles the GGUF's chat template in Llama()
+        import jinja2
+
+        if not isinstance(err, jinja2.TemplateError):
+            raise
+        say(stage="template", error=f"{type(err).__name__}: {err}")
         return 3
     say(stage="decode", model=model_facts(llm))
     try:

@@ -57,7 +57,7 @@ def doctor(self_check_only, verbose, model, as_json):
         print_json(report)
     else:
         click.echo(render(report, verbose=verbose))
-    if report["self_check"].get("ok") is False:
+    if report["self_check"].get("ok") is not True:   # the report is out; the exit says Ember cannot work
         sys.exit(1)
     return None
 
