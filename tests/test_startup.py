@@ -1,0 +1,96 @@
+"""Start-up and request paths stay light: lazy command loading, and no torch, transformers or pandas
+when answering a question or importing memories (their imports cost seconds and hundreds of MB).
+Timings live in benchmarks; these tests check which modules a real `ember` process loaded."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import click
+
+from assistant.cli import COMMANDS, main
+
+HEAVY = ("torch", "transformers", "sentence_transformers", "pandas")
+COMMAND_MODULES = sorted({target.split(":")[0] for target, _ in COMMANDS.values()})
+
+# Runs `ember ARGS…` in this process and, at exit, writes the names of the loaded modules to the file
+# named by EMBER_TEST_MODULES_OUT (stdout stays the command's own).
+WRAPPER = """
+import atexit, json, os, runpy, sys
+def _dump():
+    with open(os.environ["EMBER_TEST_MODULES_OUT"], "w") as out:
+        json.dump(sorted(sys.modules), out)
+atexit.register(_dump)
+sys.argv = ["ember", *sys.argv[1:]]
+runpy.run_module("assistant", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_ember(home, tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """The real `ember` in a subprocess, and the set of modules it had loaded when it exited."""
+    out = tmp_path / f"modules-{len(list(tmp_path.glob('modules-*')))}.json"
+    env = dict(os.environ, EMBER_HOME=str(home), EMBER_TEST_MODULES_OUT=str(out))
+    env.pop("EMBER_DEBUG", None)
+    result = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True,
+                            env=env, timeout=600)
+    return result, set(json.loads(out.read_text())) if out.exists() else set()
+
+
+def heavy(modules: set[str]) -> list[str]:
+    return sorted(name for name in modules if name.split(".")[0] in HEAVY)
+
+
+def test_help_lists_every_command_as_loading_them_all_would(ember, monkeypatch):
+    commands = []
+    for name, (target, help_line) in COMMANDS.items():
+        module_name, attribute = target.split(":")
+        command = getattr(importlib.import_module(module_name), attribute)
+        assert isinstance(command, click.Command) and command.name == name
+        # the table's line is the command's own: a docstring edited in one place only fails here
+        assert command.help.strip().splitlines()[0] == help_line, name
+        commands.append(command)
+    every = {cmd.name for module in COMMAND_MODULES for cmd in importlib.import_module(module).COMMANDS}
+    assert every == set(COMMANDS), "a command module's COMMANDS and the CLI's table disagree"
+
+    monkeypatch.setenv("COLUMNS", "80")     # the width both this process and the child format for
+    eager = click.Group("ember", commands=commands)
+    ctx = click.Context(eager, info_name="ember")
+    formatter = ctx.make_formatter()
+    eager.format_commands(ctx, formatter)
+    result = ember("--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.err
+    assert result.out.endswith(formatter.getvalue())
+
+
+def test_version_and_help_load_no_command_module(home, tmp_path):
+    for args in (["--version"], ["--help"]):
+        result, modules = run_ember(home, tmp_path, *args)
+        assert result.returncode == 0, result.stderr
+        assert not [m for m in COMMAND_MODULES if m in modules], args
+        assert "sqlite_utils" not in modules and not heavy(modules), args
+
+
+def test_an_unknown_command_is_one_clear_error(ember):
+    result = ember("no-such-command")
+    assert result.returncode == 2 and "No such command" in result.err and "Traceback" not in result.err
+
+
+def test_asking_never_loads_torch_transformers_or_pandas(home, tmp_path):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"id": f"n{i}", "text": text}) + "\n" for i, text in enumerate([
+        "My sister Ana was born on 3 May.", "I parked the car on level four of the station garage.",
+        "The wifi password at the cabin is hunter2.", "Dr. Okafor's appointment is on Tuesday at 9."])))
+    imported, modules = run_ember(home, tmp_path, "memory", "import", str(notes))
+    assert imported.returncode == 0, imported.stderr
+    assert not heavy(modules) and "onnxruntime" in modules   # imports embed, without torch
+
+    for args in (["ask", "--route", "base", "Say hello.", "--max-tokens", "4", "--seed", "1"],
+                 ["ask", "When is Ana's birthday?", "--max-tokens", "4", "--seed", "1", "--json"],
+                 ["memory", "search", "Where did I park?", "--json"]):
+        result, modules = run_ember(home, tmp_path, *args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert not heavy(modules), (args, heavy(modules))
+        assert "sqlite_utils" in modules   # the check ran on a real request
