@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from adapters import dataset as datasets
 from adapters import gate, lora, methods, zo
@@ -160,6 +160,22 @@ def _files_in(cache_dir: Path, run_id: str) -> tuple[Path, Path]:
     return folder / f"{run_id}.ckpt", folder / f"{run_id}.data.json"
 
 
+def _saved_message_ids(cache_dir: Path, run_id: str) -> set[int] | None:
+    """Every message a stopped run's saved dataset holds (targets and context), or None without one."""
+    data_file = _files_in(cache_dir, run_id)[1]
+    if not data_file.is_file():
+        return None
+    document = json.loads(data_file.read_text())
+    return {m for row in document["train"] + document["heldout"] for m in (row["message_id"], *row["context_ids"])}
+
+
+def runs_holding(db: sqlite_utils.Database, cache_dir: Path, message_ids: Iterable[int]) -> list[str]:
+    """The stopped runs whose saved dataset holds any of these messages: forgetting them drops those runs."""
+    wanted = set(message_ids)
+    return [stale["id"] for stale in runs.resumable(db)
+            if wanted & (_saved_message_ids(cache_dir, stale["id"]) or set())]
+
+
 def drop_runs_on_forgotten(db: sqlite_utils.Database, cache_dir: Path) -> int:
     """Drop every stopped run whose saved dataset holds a message since forgotten, with its files.
 
@@ -168,14 +184,10 @@ def drop_runs_on_forgotten(db: sqlite_utils.Database, cache_dir: Path) -> int:
     """
     dropped = 0
     for stale in runs.resumable(db):
-        checkpoint, data_file = _files_in(cache_dir, stale["id"])
-        if not data_file.is_file():
-            continue
-        document = json.loads(data_file.read_text())
-        ids = {m for row in document["train"] + document["heldout"] for m in (row["message_id"], *row["context_ids"])}
-        if convs.existing_ids(db, ids) != ids:
-            checkpoint.unlink(missing_ok=True)
-            data_file.unlink(missing_ok=True)
+        ids = _saved_message_ids(cache_dir, stale["id"])
+        if ids is not None and convs.existing_ids(db, ids) != ids:
+            for f in _files_in(cache_dir, stale["id"]):
+                f.unlink(missing_ok=True)
             runs.update(db, stale["id"], status="failed",
                         message="dropped: it was training on a message since forgotten")
             dropped += 1

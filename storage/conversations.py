@@ -1,6 +1,7 @@
 """Conversations and their messages: the private chat log."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -239,67 +240,154 @@ def search_messages(db: sqlite_utils.Database, text: str, limit: int = 50) -> li
     return [dict(row) for row in db.query(sql, [query, limit])]
 
 
-def _delete(db: sqlite_utils.Database, message_ids: Iterable[int]) -> dict[str, int]:
-    """Delete messages, then any conversation left empty; one transaction.
+@dataclasses.dataclass(frozen=True)
+class Deletion:
+    """What a forget removes: these messages, and these conversations whole (with any messages they
+    gain before the delete runs). A conversation left with no messages goes too."""
 
-    Adapters trained on a deleted message are tainted by a trigger; the count says how many.
+    message_ids: tuple[int, ...]
+    conversation_ids: tuple[int, ...] = ()
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return json.dumps(sorted(set(ids)))
+
+
+def select_message(db: sqlite_utils.Database, message_id: int) -> Deletion:
+    """One message, or `NotFound`."""
+    if not db.execute("SELECT 1 FROM messages WHERE id = ?", [message_id]).fetchone():
+        raise NotFound(f"no message with id {message_id}; `ember history --json` shows message ids")
+    return Deletion((message_id,))
+
+
+def select_conversation(db: sqlite_utils.Database, conversation_id: int) -> Deletion:
+    """A conversation and all its messages, or `NotFound`."""
+    get_conversation(db, conversation_id)
+    ids = [r[0] for r in db.execute("SELECT id FROM messages WHERE conversation_id = ? ORDER BY id",
+                                    [conversation_id])]
+    return Deletion(tuple(ids), (conversation_id,))
+
+
+def select_matching(db: sqlite_utils.Database, text: str, *, whole_exchanges: bool = True) -> Deletion:
+    """Messages containing `text` (case-insensitive, literal). With `whole_exchanges`, each match takes
+    its whole exchange along (a question and the replies to it), so no conversation keeps half of one."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    hits = {r[0] for r in db.execute("SELECT id FROM messages WHERE content LIKE ? ESCAPE '\\'",
+                                      [f"%{escaped}%"])}
+    if not whole_exchanges or not hits:
+        return Deletion(tuple(sorted(hits)))
+    chosen: set[int] = set()
+    for group in _exchanges(db, hits):
+        if hits.intersection(group):
+            chosen.update(group)
+    return Deletion(tuple(sorted(chosen)))
+
+
+def _exchanges(db: sqlite_utils.Database, message_ids: set[int]) -> list[list[int]]:
+    """The exchanges of the conversations holding these messages: each user message with what follows
+    it up to the next user message (anything before a conversation's first user message stands alone)."""
+    groups: list[list[int]] = []
+    rows = db.execute("""
+        SELECT id, conversation_id, role FROM messages WHERE conversation_id IN (
+            SELECT conversation_id FROM messages WHERE id IN (SELECT value FROM json_each(?)))
+        ORDER BY conversation_id, id""", [_ids(message_ids)])
+    current: list[int] = []
+    current_conversation = None
+    for message_id, conversation_id, role in rows:
+        if current and (conversation_id != current_conversation or role == "user"):
+            groups.append(current)
+            current = []
+        current_conversation = conversation_id
+        current.append(message_id)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def select_all(db: sqlite_utils.Database) -> Deletion:
+    """Every conversation and message."""
+    return Deletion(tuple(r[0] for r in db.execute("SELECT id FROM messages ORDER BY id")),
+                    tuple(r[0] for r in db.execute("SELECT id FROM conversations ORDER BY id")))
+
+
+def _resolved(db: sqlite_utils.Database, deletion: Deletion) -> tuple[str, list[int]]:
+    """(message ids as JSON, conversation ids) as they stand now: messages still stored, plus any a
+    conversation deleted whole has gained since it was selected; conversations emptied by it."""
+    forced = _ids(deletion.conversation_ids)
+    ids = _ids([r[0] for r in db.execute(
+        """SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))
+           OR conversation_id IN (SELECT value FROM json_each(?))""", [_ids(deletion.message_ids), forced])])
+    conversations = [r[0] for r in db.execute("""
+        SELECT id FROM conversations WHERE id IN (SELECT value FROM json_each(?)) OR (
+            id IN (SELECT conversation_id FROM messages WHERE id IN (SELECT value FROM json_each(?)))
+            AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = conversations.id
+                            AND m.id NOT IN (SELECT value FROM json_each(?))))""", [forced, ids, ids])]
+    return ids, conversations
+
+
+def preview(db: sqlite_utils.Database, deletion: Deletion) -> dict[str, int]:
+    """What `delete` would remove, counted: messages, conversations, memories (chunks of those
+    messages) and adapters trained on them, which forgetting taints (withdraws)."""
+    ids, conversations = _resolved(db, deletion)
+    return {
+        "messages": len(json.loads(ids)),
+        "conversations": len(conversations),
+        "memories": db.execute("SELECT COUNT(*) FROM memory_chunks WHERE message_id IN "
+                               "(SELECT value FROM json_each(?))", [ids]).fetchone()[0],
+        "adapters_tainted": db.execute(
+            """SELECT COUNT(*) FROM adapters WHERE status != 'tainted' AND id IN (
+               SELECT adapter_id FROM adapter_sources WHERE message_id IN (SELECT value FROM json_each(?)))""",
+            [ids]).fetchone()[0],
+    }
+
+
+def preview_delete(db: sqlite_utils.Database, conversation_id: int) -> dict[str, int]:
+    """What deleting this conversation would remove (counts as `preview` gives them), or `NotFound`."""
+    return preview(db, select_conversation(db, conversation_id))
+
+
+def selected_messages(db: sqlite_utils.Database, deletion: Deletion) -> list[dict[str, Any]]:
+    """The messages a deletion would remove, oldest first, with their conversation's title."""
+    ids, _ = _resolved(db, deletion)
+    return [dict(row) for row in db.query("""
+        SELECT m.id, m.conversation_id, c.title, m.role, m.created, m.status, m.content
+        FROM messages m JOIN conversations c ON c.id = m.conversation_id
+        WHERE m.id IN (SELECT value FROM json_each(?)) ORDER BY m.conversation_id, m.id""", [ids])]
+
+
+def delete(db: sqlite_utils.Database, deletion: Deletion) -> dict[str, int]:
+    """Delete what was selected, in one transaction; returns the counts `preview` gives.
+
+    Deleting a message deletes its memories, and taints the adapters trained on it, by triggers.
     """
-    ids = list(message_ids)
     with transaction(db):
-        tainted = _tainted(db)
-        touched = {row["conversation_id"] for row in db.query(
-            f"SELECT DISTINCT conversation_id FROM messages WHERE id IN ({','.join('?' * len(ids))})", ids)}
-        for message_id in ids:
-            db["messages"].delete(message_id)
-        emptied = [cid for cid in touched
-                   if not db.execute("SELECT 1 FROM messages WHERE conversation_id = ?", [cid]).fetchone()]
-        for cid in emptied:
-            db["conversations"].delete(cid)
-        tainted = _tainted(db) - tainted
-    return {"messages": len(ids), "conversations": len(emptied), "adapters_tainted": tainted}
-
-
-def _tainted(db: sqlite_utils.Database) -> int:
-    return db.execute("SELECT COUNT(*) FROM adapters WHERE status = 'tainted'").fetchone()[0]
+        counts = preview(db, deletion)
+        ids, conversations = _resolved(db, deletion)
+        db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))", [ids])
+        db.execute("DELETE FROM conversations WHERE id IN (SELECT value FROM json_each(?))",
+                   [_ids(conversations)])
+    return counts
 
 
 def forget_message(db: sqlite_utils.Database, message_id: int) -> dict[str, int]:
     """Delete one message."""
-    if not db.execute("SELECT 1 FROM messages WHERE id = ?", [message_id]).fetchone():
-        raise NotFound(f"no message with id {message_id}; `ember history --json` shows message ids")
-    return _delete(db, [message_id])
+    return delete(db, select_message(db, message_id))
 
 
 def delete_conversation(db: sqlite_utils.Database, conversation_id: int) -> dict[str, int]:
     """Delete a conversation and all its messages."""
-    get_conversation(db, conversation_id)
-    ids = [row["id"] for row in db.query("SELECT id FROM messages WHERE conversation_id = ?",
-                                         [conversation_id])]
-    with transaction(db):
-        result = _delete(db, ids) if ids else {"messages": 0, "conversations": 0, "adapters_tainted": 0}
-        if db["conversations"].count_where("id = ?", [conversation_id]):
-            db["conversations"].delete(conversation_id)
-            result["conversations"] += 1
-    return result
+    return delete(db, select_conversation(db, conversation_id))
 
 
-def forget_matching(db: sqlite_utils.Database, text: str) -> dict[str, int]:
-    """Delete every message containing `text` (case-insensitive substring)."""
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    ids = [row["id"] for row in db.query(
-        "SELECT id FROM messages WHERE content LIKE ? ESCAPE '\\'", [f"%{escaped}%"])]
-    return _delete(db, ids) if ids else {"messages": 0, "conversations": 0, "adapters_tainted": 0}
+def forget_matching(db: sqlite_utils.Database, text: str, *, whole_exchanges: bool = True) -> dict[str, int]:
+    """Delete every message containing `text` (case-insensitive substring), with its exchange unless
+    `whole_exchanges` is False."""
+    return delete(db, select_matching(db, text, whole_exchanges=whole_exchanges))
 
 
 def forget_all(db: sqlite_utils.Database) -> dict[str, int]:
     """Delete every conversation and message."""
-    with transaction(db):
-        tainted = _tainted(db)
-        counts = {"messages": db["messages"].count, "conversations": db["conversations"].count}
-        db.execute("DELETE FROM messages")
-        db.execute("DELETE FROM conversations")
-        counts["adapters_tainted"] = _tainted(db) - tainted
-    return counts
+    return delete(db, select_all(db))
 
 
 def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:

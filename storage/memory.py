@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sqlite_utils
 
-from storage.conversations import forget_message, now
+from storage import conversations as convs
+from storage.conversations import now
 from storage.db import transaction
 from storage.errors import NotFound
 
@@ -195,18 +196,40 @@ def stats(db: sqlite_utils.Database) -> dict[str, Any]:
             "embedded": row[3] or 0, "imported_records": row[4], "oldest": row[5], "newest": row[6]}
 
 
-def delete_chunk(db: sqlite_utils.Database, chunk_id: int) -> dict[str, Any]:
-    """Forget a memory. An imported record goes whole; a chunk of a message forgets the message."""
+def _chunk(db: sqlite_utils.Database, chunk_id: int) -> dict[str, Any]:
     found = chunks_by_id(db, [chunk_id]).get(chunk_id)
     if found is None:
         raise NotFound(f"no memory with id {chunk_id}; `ember memory list` shows them")
+    return found
+
+
+def preview_delete_chunk(db: sqlite_utils.Database, chunk_id: int) -> dict[str, Any]:
+    """What forgetting this memory would remove, counted as `conversations.preview` counts (an imported
+    record goes whole; a message's memory takes the message), with the chunk's row under `chunk`."""
+    found = _chunk(db, chunk_id)
+    if found["source"] == "message":
+        counts = convs.preview(db, convs.select_message(db, found["message_id"]))
+    else:
+        counts = {"messages": 0, "conversations": 0, "adapters_tainted": 0,
+                  "memories": db.execute("SELECT COUNT(*) FROM memory_chunks WHERE source = 'import' "
+                                         "AND source_id = ?", [found["source_id"]]).fetchone()[0]}
+    return {"chunk": found, **counts}
+
+
+def delete_chunk(db: sqlite_utils.Database, chunk_id: int) -> dict[str, Any]:
+    """Forget a memory. An imported record goes whole; a chunk of a message forgets the message.
+
+    Returns the chunk's row, with what was deleted counted under `deleted`.
+    """
+    found = _chunk(db, chunk_id)
     with transaction(db):
         if found["source"] == "message":
-            forget_message(db, found["message_id"])
+            counts = convs.forget_message(db, found["message_id"])
         else:
-            db.execute("DELETE FROM memory_chunks WHERE source = 'import' AND source_id = ?",
-                       [found["source_id"]])
-    return found
+            memories = db.execute("DELETE FROM memory_chunks WHERE source = 'import' AND source_id = ?",
+                                  [found["source_id"]]).rowcount
+            counts = {"messages": 0, "conversations": 0, "memories": memories, "adapters_tainted": 0}
+    return {**found, "deleted": counts}
 
 
 def record_reply_memories(db: sqlite_utils.Database, message_id: int,

@@ -101,6 +101,15 @@ def rollback(db: sqlite_utils.Database) -> dict[str, Any] | None:
     return active(db)
 
 
+def preview_remove(db: sqlite_utils.Database, adapter_id: str) -> dict[str, Any]:
+    """What removing an adapter deletes: its record, its lineage rows (`sources`) and its file; `active`
+    says whether the chat falls back to the base model. `NotFound` for an unknown id."""
+    adapter = get(db, adapter_id)
+    return {"adapters": 1, "id": adapter_id, "path": adapter["path"], "status": adapter["status"],
+            "active": adapter["status"] == "active",
+            "sources": db["adapter_sources"].count_where("adapter_id = ?", [adapter_id])}
+
+
 def remove(db: sqlite_utils.Database, adapter_id: str) -> dict[str, Any]:
     """Delete an adapter's record and lineage; returns the row (the caller deletes the file)."""
     adapter = get(db, adapter_id)

@@ -127,8 +127,8 @@ def test_forgetting_a_source_message_withdraws_the_adapter(ember, home):
     db = open_db(home)
     adapter = registry.active(db)
     source = registry.sources(db, adapter["id"])[0]["message_id"]
-    result = ember("forget", "--message", str(source))
-    assert "withdrew 1 adapters" in result.out
+    result = ember("forget", "--message", str(source), "--yes")
+    assert "withdrawing 1 adapter trained on them" in result.out, result.err
     listed = {a["id"]: a for a in json.loads(ember("adapters", "list", "--json").out)}
     assert listed[adapter["id"]]["tainted"] and not listed[adapter["id"]]["active"]
     assert_clean_error(ember("adapters", "use", adapter["id"]), contains="tainted")

@@ -81,14 +81,14 @@ def test_history_export_and_forget(ember, home, tmp_path):
     md = ember("export", "--format", "md").out
     assert md.startswith("# Ember conversations") and "## Plan a picnic" in md and "**user**" in md
 
-    gone = json.loads(ember("forget", "--match", "picnic", "--json").out)
-    assert gone["deleted"]["messages"] >= 1
+    gone = json.loads(ember("forget", "--match", "picnic", "--yes", "--json").out)
+    assert gone["deleted"]["messages"] == 2        # the question and its reply
     assert json.loads(ember("history", "--search", "picnic", "--json").out) == []
     cid = history[0]["id"]
-    assert ember("forget", "--conversation", str(cid)).returncode == 0
+    assert ember("forget", "--conversation", str(cid), "--yes").returncode == 0
     remaining = json.loads(ember("history", "--json").out)
     assert all(c["id"] != cid for c in remaining)
-    assert ember("forget", "--all", "--json").returncode == 0
+    assert ember("forget", "--all", "--yes", "--json").returncode == 0
     assert json.loads(ember("history", "--json").out) == []
 
 

@@ -135,12 +135,13 @@ def test_forgetting_a_message_drops_a_paused_run_that_was_learning_from_it(user,
         pipeline._save_data(settings.cache_dir, run_id, data)
         pipeline._files_in(settings.cache_dir, run_id)[0].write_bytes(b"a checkpoint")
     forgotten = data.train[0].message_id
-    result = ember("forget", "--message", str(forgotten), "--json", env={"EMBER_CACHE": str(settings.cache_dir)})
+    result = ember("forget", "--message", str(forgotten), "--yes", "--json",
+                   env={"EMBER_CACHE": str(settings.cache_dir)})
     assert json.loads(result.out)["deleted"]["runs_dropped"] == 2, result.err
     for run_id in ("lora-paused", "lora-also-paused"):
         assert not any(f.exists() for f in pipeline._files_in(settings.cache_dir, run_id))
         assert runs.get(db, run_id)["status"] == "failed"
-    assert json.loads(ember("forget", "--message", str(data.train[1].message_id), "--json",
+    assert json.loads(ember("forget", "--message", str(data.train[1].message_id), "--yes", "--json",
                             env={"EMBER_CACHE": str(settings.cache_dir)}).out)["deleted"]["runs_dropped"] == 0
 
 

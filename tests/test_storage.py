@@ -14,6 +14,7 @@ import pytest
 import sqlite_utils
 
 from storage import conversations as convs
+from storage import memory, registry
 from storage.driver import sqlite3
 from storage.db import DB_NAME, integrity_ok, load_vector_extension, open_db, transaction
 from storage.errors import DatabaseCorrupt, DatabaseLocked, DataDirError, EmberError, NotFound
@@ -250,22 +251,51 @@ def test_forget_message_conversation_match_and_all(db):
     c = convs.create_conversation(db)
     convs.add_message(db, c, "user", "keep me")
 
-    assert convs.forget_message(db, m1) == {"messages": 1, "conversations": 0, "adapters_tainted": 0}
+    nothing = {"messages": 0, "conversations": 0, "memories": 0, "adapters_tainted": 0}
+    one = dict(nothing, messages=1)
+    assert convs.forget_message(db, m1) == one
     assert convs.search_messages(db, "4111") == []            # gone from the index too
-    assert convs.forget_message(db, m2) == {"messages": 1, "conversations": 1, "adapters_tainted": 0}
+    assert convs.forget_message(db, m2) == dict(one, conversations=1)
     with pytest.raises(NotFound):
         convs.get_conversation(db, a)
     # LIKE wildcards in the user's text are literal.
-    assert convs.forget_matching(db, "0% SURE about the_") == {"messages": 1, "conversations": 1, "adapters_tainted": 0}
-    assert convs.forget_matching(db, "_") == {"messages": 0, "conversations": 0, "adapters_tainted": 0}
-    assert convs.delete_conversation(db, c) == {"messages": 1, "conversations": 1, "adapters_tainted": 0}
+    assert convs.forget_matching(db, "0% SURE about the_") == dict(one, conversations=1)
+    assert convs.forget_matching(db, "_") == nothing
+    assert convs.delete_conversation(db, c) == dict(one, conversations=1)
     with pytest.raises(NotFound):
         convs.forget_message(db, 12345)
     d = convs.create_conversation(db)
     convs.add_message(db, d, "user", "x")
-    assert convs.forget_all(db) == {"messages": 1, "conversations": 1, "adapters_tainted": 0}
+    convs.create_conversation(db)                            # a conversation with no messages goes too
+    assert convs.forget_all(db) == dict(one, conversations=2)
     assert db.execute("SELECT count(*) FROM messages_fts").fetchone()[0] == 0
     assert integrity_ok(db)
+
+
+def test_forget_match_takes_whole_exchanges_and_previews_count_what_delete_does(db):
+    a = convs.create_conversation(db)
+    ids = [convs.add_message(db, a, role, text) for role, text in (
+        ("system", "Be brief."), ("user", "Plan a picnic"), ("assistant", "Bring bread and cheese."),
+        ("assistant", "And a blanket."), ("user", "What about drinks?"), ("assistant", "Lemonade."))]
+    b = convs.create_conversation(db)
+    convs.add_message(db, b, "user", "Is cheese healthy?")
+    memory.sync_messages(db)
+    registry.register(db, {"id": "a1", "path": "/nowhere", "kind": "lora", "method": "lora", "base_sha256": "x",
+                           "status": "inactive"}, [(ids[2], "train")], activate=True)
+    # A reply matches: its question and the whole reply go; so does a lone question with its (no) reply.
+    selected = convs.select_matching(db, "cheese")
+    assert set(selected.message_ids) == {ids[1], ids[2], ids[3]} | {
+        m["id"] for m in convs.messages(db, b)}
+    assert convs.select_matching(db, "cheese", whole_exchanges=False).message_ids == (
+        ids[2], convs.messages(db, b)[0]["id"])
+    expected = {"messages": 4, "conversations": 1, "memories": 4, "adapters_tainted": 1}
+    assert convs.preview(db, selected) == expected
+    assert [m["id"] for m in convs.selected_messages(db, selected)][:3] == ids[1:4]
+    assert convs.preview_delete(db, a) == {"messages": 6, "conversations": 1, "memories": 6,
+                                           "adapters_tainted": 1}
+    assert convs.delete(db, selected) == expected
+    assert [m["content"] for m in convs.messages(db, a)] == ["Be brief.", "What about drinks?", "Lemonade."]
+    assert registry.get(db, "a1")["status"] == "tainted"
 
 
 def test_a_write_while_another_process_holds_the_lock_is_a_clear_error(home):

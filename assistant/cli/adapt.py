@@ -12,7 +12,8 @@ import click
 
 from adapters.dataset import FACTS_SKIPPED
 from assistant import adaptation
-from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
+from assistant.cli.common import (Preview, carry_out, destructive_options, json_option, model_option, open_store,
+                                 plural, print_json, settings_from)
 from storage import registry
 
 
@@ -181,17 +182,26 @@ def rollback(model, as_json):
 
 @adapters.command()
 @click.argument("adapter_id")
+@destructive_options
 @model_option
 @json_option
-def remove(adapter_id, model, as_json):
-    """Delete adapter ADAPTER_ID and its file."""
+def remove(adapter_id, yes, dry_run, model, as_json):
+    """Delete adapter ADAPTER_ID and its file; asks first."""
     db = open_store(settings_from(model=model))
-    row = adaptation.remove_adapter(db, adapter_id)
-    if as_json:
-        return print_json({"removed": adapter_id})
-    click.echo(f"removed {adapter_id}" + (" (it was in use; now the base model)" if row["status"] == "active"
-                                          else ""))
-    return None
+    found = registry.preview_remove(db, adapter_id)
+    summary = (f"1 adapter, {adapter_id} ({found['status']}), with its file and the record of the "
+               f"{plural(found['sources'], 'message')} it learned from (the messages stay)"
+               + ("; it is in use, so the chat goes back to the base model" if found["active"] else ""))
+    counts = {"adapters": 1, "active": found["active"], "sources": found["sources"]}
+    preview = Preview(counts, summary, [f"{adapter_id}  {found['status']}  {found['path']}"], [found])
+
+    def act() -> dict:
+        row = adaptation.remove_adapter(db, adapter_id)
+        return {"removed": adapter_id, "was_active": row["status"] == "active", "deleted": counts}
+
+    carry_out(preview, act, lambda done: f"removed {adapter_id}" + (
+        " (it was in use; now the base model)" if done["was_active"] else ""),
+        yes=yes, dry_run=dry_run, as_json=as_json)
 
 
 COMMANDS = [adapt, adapters]

@@ -1,7 +1,9 @@
 """Options and helpers every command shares."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -9,6 +11,7 @@ import click
 import sqlite_utils
 
 from assistant.config import Settings, load_settings
+from assistant.errors import EmberError
 from storage import conversations as convs
 from storage.db import open_db
 
@@ -39,3 +42,81 @@ def open_store(settings: Settings) -> sqlite_utils.Database:
 def print_json(value: Any) -> None:
     """Print one JSON document."""
     click.echo(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+# Destructive commands (`forget`, `memory remove`, `adapters remove`): count, list, ask, then act.
+
+class NotConfirmed(EmberError):
+    """A destructive command went unconfirmed: the user said no, or stdin is not a terminal and --yes
+    was not given (a pipe's "y" or "n" is never taken as an answer)."""
+
+
+def destructive_options(fn: Callable) -> Callable:
+    """`--yes` (delete without asking; needed off a terminal) and `--dry-run` (list, delete nothing)."""
+    fn = click.option("--dry-run", is_flag=True, help="List what would be deleted, with counts; delete nothing.")(fn)
+    return click.option("--yes", is_flag=True,
+                        help="Delete without asking (required when stdin is not a terminal).")(fn)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 message`, `2 messages`."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+@dataclasses.dataclass
+class Preview:
+    """What a destructive command would delete: `counts` for --json, `summary` (one phrase, with the
+    counts) and `lines` (one per item) for people, `items` for `--dry-run --json`."""
+
+    counts: dict[str, Any]
+    summary: str
+    lines: list[str] = dataclasses.field(default_factory=list)
+    items: list[Any] = dataclasses.field(default_factory=list)
+    empty: bool = False
+
+
+SHOWN_BEFORE_ASKING = 10
+
+
+def confirm_deletion(preview: Preview, *, yes: bool) -> None:
+    """Ask on a terminal before deleting; off a terminal refuse unless `yes`. Raises `NotConfirmed`."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise NotConfirmed(f"not deleting {preview.summary}: stdin is not a terminal, so nobody can confirm; "
+                           "pass --yes to delete, or --dry-run to list what would go")
+    for line in preview.lines[:SHOWN_BEFORE_ASKING]:
+        click.echo(f"  {line}", err=True)
+    if len(preview.lines) > SHOWN_BEFORE_ASKING:
+        click.echo(f"  … and {len(preview.lines) - SHOWN_BEFORE_ASKING} more (--dry-run lists them all)", err=True)
+    if not click.confirm(f"Delete {preview.summary}?", default=False, err=True):
+        raise NotConfirmed("nothing was deleted")
+
+
+def carry_out(preview: Preview, act: Callable[[], dict[str, Any]], report: Callable[[dict[str, Any]], str], *,
+              yes: bool, dry_run: bool, as_json: bool) -> None:
+    """The one path of every destructive command: list (--dry-run), or confirm, act and report.
+
+    `act` deletes and returns the --json document; `report` turns that document into the sentence shown.
+    """
+    if dry_run:
+        if as_json:
+            print_json({"dry_run": True, "would_delete": preview.counts, "items": preview.items})
+            return
+        click.echo(f"Would delete {preview.summary}" + (":" if preview.lines else "."))
+        for line in preview.lines:
+            click.echo(f"  {line}")
+        click.echo("Dry run: nothing was deleted.")
+        return
+    if preview.empty:
+        if as_json:
+            print_json({"deleted": preview.counts})
+        else:
+            click.echo("Nothing to delete.")
+        return
+    confirm_deletion(preview, yes=yes)
+    document = act()
+    if as_json:
+        print_json(document)
+    else:
+        click.echo(report(document))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
+from assistant.cli.common import (Preview, carry_out, destructive_options, json_option, model_option, open_store,
+                                 plural, print_json, settings_from)
 from assistant.display import display_time, display_title, one_line
 from assistant.errors import InvalidInput
 from storage import conversations as convs
@@ -94,46 +95,78 @@ def export(fmt, output, model, as_json):
     click.echo(f"Exported {len(conversations)} conversations to {output}", err=True)
 
 
+def describe(counts: dict[str, int]) -> str:
+    """What a forget removes, as a phrase with counts ("3 messages, 1 whole conversation and 3 memories,
+    withdrawing 1 adapter trained on them")."""
+    parts = [plural(counts["messages"], "message")]
+    if counts.get("conversations"):
+        parts.append(plural(counts["conversations"], "whole conversation"))
+    if counts.get("memories"):
+        parts.append(plural(counts["memories"], "memory", "memories"))
+    phrase = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    also = []
+    if counts.get("adapters_tainted"):
+        also.append(f"withdrawing {plural(counts['adapters_tainted'], 'adapter')} trained on them")
+    if counts.get("runs_dropped"):
+        also.append(f"dropping {plural(counts['runs_dropped'], 'paused adaptation run')} holding them")
+    return phrase + (", " + " and ".join(also) if also else "")
+
+
+def _line(msg: dict) -> str:
+    return (f"#{msg['conversation_id']} {display_title(msg['title'], 40)}  [{msg['role']} {msg['id']}, "
+            f"{display_time(msg['created'])}] {one_line(msg['content'])[:80]}")
+
+
 @click.command()
 @click.option("--message", "message_id", type=int, default=None, help="Delete one message.")
 @click.option("--conversation", "conversation_id", type=int, default=None, help="Delete a conversation.")
-@click.option("--match", "text", default=None, help="Delete every message containing TEXT.")
+@click.option("--match", "text", default=None,
+              help="Delete every exchange (a question and its reply) with a message containing TEXT.")
+@click.option("--messages-only", is_flag=True,
+              help="With --match: delete only the matching messages, not the rest of their exchanges.")
 @click.option("--all", "everything", is_flag=True, help="Delete every conversation.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@destructive_options
 @model_option
 @json_option
-def forget(message_id, conversation_id, text, everything, yes, model, as_json):
-    """Delete messages for good, and withdraw (taint) the adapters trained on them."""
+def forget(message_id, conversation_id, text, messages_only, everything, yes, dry_run, model, as_json):
+    """Delete messages for good, and withdraw (taint) the adapters trained on them.
+
+    Says what it will delete, with counts, and asks first; off a terminal it needs --yes.
+    """
     chosen = [x for x in (message_id, conversation_id, text, everything or None) if x is not None]
     if len(chosen) != 1:
         raise InvalidInput("say what to forget: exactly one of --message ID, --conversation ID, "
                            "--match TEXT or --all")
     if text is not None and not text.strip():
         raise InvalidInput("--match needs some text")
+    if messages_only and text is None:
+        raise InvalidInput("--messages-only goes with --match TEXT")
     settings = settings_from(model=model)
     db = open_store(settings)
-    if everything and not yes and sys.stdin.isatty():
-        click.confirm("Delete every conversation and message?", abort=True, err=True)
     if message_id is not None:
-        counts = convs.forget_message(db, message_id)
+        deletion = convs.select_message(db, message_id)
     elif conversation_id is not None:
-        counts = convs.delete_conversation(db, conversation_id)
+        deletion = convs.select_conversation(db, conversation_id)
     elif text is not None:
-        counts = convs.forget_matching(db, text)
+        deletion = convs.select_matching(db, text, whole_exchanges=not messages_only)
     else:
-        counts = convs.forget_all(db)
+        deletion = convs.select_all(db)
     # A paused adaptation run keeps copies of its examples; one that holds a forgotten message goes too.
-    from adapters.pipeline import drop_runs_on_forgotten
+    from adapters.pipeline import drop_runs_on_forgotten, runs_holding
 
-    counts["runs_dropped"] = drop_runs_on_forgotten(db, settings.cache_dir)
-    if as_json:
-        print_json({"deleted": counts})
-    else:
-        click.echo(f"Forgot {counts['messages']} messages; removed {counts['conversations']} conversations"
-                   + (f"; withdrew {counts['adapters_tainted']} adapters trained on them"
-                      if counts["adapters_tainted"] else "")
-                   + (f"; dropped {counts['runs_dropped']} paused adaptation runs that held them"
-                      if counts["runs_dropped"] else "") + ".")
+    counts = convs.preview(db, deletion)
+    counts["runs_dropped"] = len(runs_holding(db, settings.cache_dir, deletion.message_ids))
+    matches = convs.selected_messages(db, deletion)
+    preview = Preview(counts, describe(counts), [_line(m) for m in matches], matches,
+                      empty=not (counts["messages"] or counts["conversations"]))
+
+    def act() -> dict:
+        deleted = convs.delete(db, deletion)
+        deleted["runs_dropped"] = drop_runs_on_forgotten(db, settings.cache_dir)
+        return {"deleted": deleted}
+
+    carry_out(preview, act, lambda done: f"Forgot {describe(done['deleted'])}.",
+              yes=yes, dry_run=dry_run, as_json=as_json)
 
 
 COMMANDS = [history, export, forget]

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
+from assistant.cli.common import (Preview, carry_out, destructive_options, json_option, model_option, open_store,
+                                 plural, print_json, settings_from)
+from assistant.display import one_line
 from assistant.errors import InvalidInput
 from assistant.memory_import import read_records
 from assistant.retrieval import retriever_for
@@ -147,19 +149,44 @@ def stats(model, as_json):
     return None
 
 
+def _removal(chunk: dict, counts: dict) -> str:
+    what = (f"memory {chunk['id']} (imported record {chunk['source_id']!r}, "
+            f"{plural(counts['memories'], 'chunk')})" if chunk["source"] == "import"
+            else f"memory {chunk['id']} and the message it comes from ({chunk['message_id']})")
+    extra = []
+    if counts["conversations"]:
+        extra.append("its conversation, left empty")
+    if counts["adapters_tainted"]:
+        extra.append(f"withdrawing {plural(counts['adapters_tainted'], 'adapter')} trained on it")
+    return what + (", " + " and ".join(extra) if extra else "")
+
+
 @memory.command()
 @click.argument("chunk_id", type=int)
+@destructive_options
 @model_option
 @json_option
-def remove(chunk_id, model, as_json):
-    """Forget one memory (a chat message's memory forgets that message)."""
-    db = open_store(settings_from(model=model))
-    removed = mem.delete_chunk(db, chunk_id)
-    if as_json:
-        return print_json({"removed": removed})
-    click.echo(f"Forgot memory {chunk_id}" + (f" and message {removed['message_id']}"
-                                             if removed["source"] == "message" else ""))
-    return None
+def remove(chunk_id, yes, dry_run, model, as_json):
+    """Forget one memory (a chat message's memory forgets that message); asks first."""
+    settings = settings_from(model=model)
+    db = open_store(settings)
+    counts = mem.preview_delete_chunk(db, chunk_id)
+    chunk = counts.pop("chunk")
+    summary = _removal(chunk, counts)
+    line = f"{chunk['id']} {str(chunk['time'] or '')[:10]} {chunk['speaker'] or chunk['source']}: {one_line(chunk['text'])[:100]}"
+    preview = Preview(counts, summary, [line], [chunk])
+
+    def act() -> dict:
+        removed = mem.delete_chunk(db, chunk_id)
+        deleted = removed.pop("deleted")
+        if removed["source"] == "message":
+            # A paused adaptation run holding the forgotten message goes too, as with `ember forget`.
+            from adapters.pipeline import drop_runs_on_forgotten
+
+            deleted["runs_dropped"] = drop_runs_on_forgotten(db, settings.cache_dir)
+        return {"removed": removed, "deleted": deleted}
+
+    carry_out(preview, act, lambda done: f"Forgot {summary}.", yes=yes, dry_run=dry_run, as_json=as_json)
 
 
 COMMANDS = [memory]
