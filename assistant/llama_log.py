@@ -43,7 +43,7 @@ class LlamaLog:
         self._lock = threading.Lock()
         self._callback: Any = None   # the ctypes thunk: must outlive every call llama.cpp makes into it
 
-    def feed(self, level: int, text: str) -> None:
+    def feed(self, level: int, text: str, *, echo: bool = True) -> None:
         """Take one piece of llama.cpp output; pieces join into lines (progress dots come as CONT)."""
         with self._lock:
             if level != CONT:
@@ -57,9 +57,11 @@ class LlamaLog:
                     self.lines.append((self._level, line.rstrip()))
                     if self._level in ("warn", "error"):
                         self.problems.append((self._level, line.rstrip()))
-        if self.verbose:
-            sys.stderr.write(text)
-            sys.stderr.flush()
+        if self.verbose and echo:
+            # The real stderr, even while `quiet_llama` holds sys.stderr: a crash must not lose these.
+            out = sys.__stderr__ or sys.stderr
+            out.write(text)
+            out.flush()
 
     def recent(self, n: int = 50, *, min_level: str = "info") -> list[str]:
         """The last `n` lines at `min_level` (info, warn or error) or above, oldest first, as 'level: text'."""
@@ -119,7 +121,7 @@ def quiet_llama(**kwargs: Any) -> Any:
     """`llama_cpp.Llama(**kwargs)` with nothing printed and no file descriptor redirected.
 
     llama.cpp's log goes to the installed `LlamaLog`; llama-cpp-python's own verbose prints (system
-    info, metadata, chat format) are captured into it too, as info lines.
+    info, metadata, chat format) are kept in it too, as info lines, but never printed.
     """
     log = install(verbose=_installed.verbose if _installed is not None else False)
     import llama_cpp
@@ -131,7 +133,7 @@ def quiet_llama(**kwargs: Any) -> Any:
         with contextlib.redirect_stderr(chatter):
             llm = llama_cpp.Llama(**{**kwargs, "verbose": True})
     finally:
-        for line in chatter.getvalue().splitlines():
-            log.feed(2, line + "\n")
+        for line in chatter.getvalue().splitlines():   # kept, never echoed: it is not llama.cpp's log
+            log.feed(2, line + "\n", echo=False)
     llm.verbose = False   # no timing prints after each completion
     return llm
