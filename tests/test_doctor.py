@@ -33,7 +33,9 @@ def test_doctor_reports_build_cpu_self_check_model_embedder_data_and_versions(em
     assert model["n_ctx_train"] == 8192 and model["chat_template"] == {"found": True, "chars": 368, "error": None}
     assert model["eos"] == {"id": 2, "text": "<|im_end|>"}
     assert {"id": 2, "text": "<|im_end|>"} in model["eog"]
-    assert report["embedder"]["package_version"] and report["embedder"]["extracted"] is None
+    embedder = report["embedder"]
+    assert embedder["package_version"] and embedder["archive"].endswith("model.zip") and embedder["error"] is None
+    assert embedder["libraries"]["onnxruntime"]
     assert report["data"] == {**report["data"], "path": str(home), "exists": False}
     assert report["resources"]["disk"]["free"] > 0 and report["resources"]["memory"]["total"] > 0
     assert report["ember"]["python"] == platform.python_version()
@@ -90,6 +92,9 @@ def test_doctor_uses_a_cached_pass_but_self_check_always_runs_again(ember, home)
     first = ember("doctor", "--self-check")
     assert first.returncode == 0, first.err
     assert first.out.startswith("self-check passed: llama.cpp decoded 2 tokens with ")
+    assert "embedder exported at " in first.out or "embedder found at " in first.out
+    # Set-up's check leaves an embedder every data directory of this installation finds.
+    assert doctor_json(ember)["embedder"]["onnx_export"]
     crash = {selfcheck.FAULT_ENV: "segv"}
     report = doctor_json(ember, env=crash)   # the cached pass: no child, so no crash
     assert report["self_check"]["ok"] is True and report["self_check"]["cached"] is True

