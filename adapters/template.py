@@ -6,7 +6,10 @@ from llama.cpp's own tokenizer (a vocab-only load takes ~0.1 s; no transformers 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
+
+from adapters.errors import EmberError
 
 # Used only when a GGUF carries no `tokenizer.chat_template` (llama.cpp's server does the same).
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -16,21 +19,38 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 Message = dict[str, str]
 
 
-class ChatTemplate:
-    """Render and tokenize messages the way a given llama.cpp model expects them."""
+class TemplateError(EmberError):
+    """A model's chat template cannot be used (a syntax error, or it raised while rendering)."""
 
-    def __init__(self, llm: Any):
+
+class ChatTemplate:
+    """Render and tokenize messages the way a given llama.cpp model expects them.
+
+    Only the template's own markers are special tokens: message content is tokenized as plain text,
+    so a user who writes `<|im_end|>` gets those characters, never the control token (in the chat and
+    in training examples alike).
+    """
+
+    def __init__(self, llm: Any, *, name: str = "the model"):
+        import jinja2
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.llm = llm
+        self.name = name
         model = llm._model
         eos, bos = llm.token_eos(), llm.token_bos()
-        options = dict(template=llm.metadata.get("tokenizer.chat_template") or CHATML,
+        source = llm.metadata.get("tokenizer.chat_template")
+        self.fallback = not source      # no template in the GGUF: ChatML, as llama.cpp's server does
+        options = dict(template=source or CHATML,
                        eos_token=model.token_get_text(eos) if eos != -1 else "",
                        bos_token=model.token_get_text(bos) if bos != -1 else "",
                        stop_token_ids=[eos])
-        self._prompt = Jinja2ChatFormatter(**options)
-        self._closed = Jinja2ChatFormatter(**options, add_generation_prompt=False)
+        try:
+            self._prompt = Jinja2ChatFormatter(**options)
+            self._closed = Jinja2ChatFormatter(**options, add_generation_prompt=False)
+        except jinja2.TemplateError as err:
+            raise TemplateError(f"the chat template of {name} cannot be used ({describe(err)}); "
+                                "pass another --model") from err
 
     @classmethod
     def from_gguf(cls, path: str) -> "ChatTemplate":
@@ -40,16 +60,45 @@ class ChatTemplate:
 
         # A vocab-only load still builds a context, and llama.cpp logs a spurious warning about it.
         with suppress_stdout_stderr(disable=False):
-            return cls(llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False))
+            return cls(llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False),
+                       name=Path(path).name)
 
     def tokenize(self, text: str, *, bos: bool = False) -> list[int]:
         """Tokens of `text`, template markers (e.g. `<|im_end|>`) read as special tokens."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True)
 
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Tokens of text a person wrote: marker-like strings stay characters."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def _render(self, formatter: Any, messages: Sequence[Message]) -> Any:
+        try:
+            return formatter(messages=list(messages))
+        except Exception as err:   # the template is the model's code: any failure of it is the model's
+            raise TemplateError(f"the chat template of {self.name} failed on this conversation "
+                                f"({describe(err)}); pass another --model") from err
+
+    def _tokenize_rendered(self, text: str, contents: Sequence[str], *, bos: bool) -> list[int]:
+        """Tokens of a rendered prompt: the template's text with special markers, each message's
+        content (found in order) as plain text."""
+        tokens = [self.llm.token_bos()] if bos else []
+        cursor = 0
+        for content in contents:
+            start = text.find(content, cursor) if content else -1
+            if start < 0 and content.strip():
+                content = content.strip()      # templates often trim what they are given
+                start = text.find(content, cursor)
+            if start < 0:
+                continue
+            tokens += self.tokenize(text[cursor:start]) + self.tokenize_plain(content)
+            cursor = start + len(content)
+        return tokens + self.tokenize(text[cursor:])
+
     def prompt(self, messages: Sequence[Message]) -> tuple[list[int], list[str]]:
         """Prompt tokens asking the model for the next assistant turn, and the template's stop strings."""
-        result = self._prompt(messages=list(messages))
-        tokens = self.tokenize(result.prompt, bos=not result.added_special)
+        result = self._render(self._prompt, messages)
+        tokens = self._tokenize_rendered(result.prompt, [m["content"] for m in messages],
+                                         bos=not result.added_special)
         stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         return tokens, stop
 
@@ -60,12 +109,20 @@ class ChatTemplate:
         learns where the turn stops; the context ends with the message's own header (e.g.
         `<|im_start|>user\\n`). Tokenizing the two parts apart matches how the model generates them.
         """
-        result = self._closed(messages=[*context, message])
+        result = self._render(self._closed, [*context, message])
         text = result.prompt
         start = text.rfind(message["content"]) if message["content"] else len(text.rstrip())
         if start < 0:
             raise ValueError("the chat template changed the message text; cannot locate it")
         end = start + len(message["content"])
         closing = text[end:].rstrip()   # e.g. "<|im_end|>"; the newline after it carries no signal
-        return (self.tokenize(text[:start], bos=not result.added_special),
-                self.tokenize(text[start:end] + closing))
+        return (self._tokenize_rendered(text[:start], [m["content"] for m in context],
+                                        bos=not result.added_special),
+                self.tokenize_plain(text[start:end]) + self.tokenize(closing))
+
+
+def describe(err: Exception) -> str:
+    """One line naming a template error and where it is."""
+    line = getattr(err, "lineno", None)
+    message = " ".join(str(getattr(err, "message", None) or err).split())
+    return f"{type(err).__name__}{f' at line {line}' if line else ''}: {message}"[:200]

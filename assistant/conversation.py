@@ -5,6 +5,7 @@ import dataclasses
 import datetime as dt
 import threading
 import time
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,7 @@ from adapters.errors import AdapterInvalid, AdapterMismatch
 from assistant import router
 from assistant.config import Settings
 from assistant.engine import Engine, Message
-from assistant.errors import InvalidInput, RouteUnavailable
+from assistant.errors import EmberError, InvalidInput, RouteUnavailable
 from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
 from assistant.router import Decision
 from storage import conversations as convs
@@ -24,15 +25,52 @@ ROUTES = ("auto", "base", "rag", "adapter", "both")
 SAVE_EVERY_SECONDS = 0.5   # how much of a streaming reply a SIGKILL can lose, at most
 
 
+# Characters that print nothing: a prompt made only of these (and whitespace) is empty.
+_INVISIBLE = {"Cc", "Cf", "Co", "Cn", "Zs", "Zl", "Zp"}
+
+
 def check_prompt(text: str) -> str:
-    """The prompt as given, or `InvalidInput` when it is empty or not encodable text."""
+    """The prompt as given, or `InvalidInput` when it is empty, invisible or not encodable text."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise InvalidInput("the prompt is not valid UTF-8 text") from err
-    if not text.strip():
-        raise InvalidInput("the prompt is empty; type a question")
+    if all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text):
+        raise InvalidInput("the prompt is empty (nothing visible); type a question")
     return text
+
+
+@dataclasses.dataclass
+class Question:
+    """A user's message, committed to the log before anything else is done with it."""
+
+    text: str
+    conversation_id: int | None
+    message_id: int | None          # None when not logged (`log=False`)
+    history: list[Message]          # the conversation before it, as the model sees it
+    history_ids: list[int] = dataclasses.field(default_factory=list)   # their message ids
+
+
+def log_question(db: sqlite_utils.Database, text: str, *, conversation_id: int | None = None,
+                 log: bool = True) -> Question:
+    """Check `text` and commit it as the user's message (a new conversation when None).
+
+    The first act of every request (CLI, chat, server, importer): routing, retrieval, probes, loading
+    the model and generation all come later and may fail, or be killed, without losing it.
+    """
+    check_prompt(text)
+    rows: list[dict] = []
+    if conversation_id is not None:
+        convs.get_conversation(db, conversation_id)
+        rows = _history_rows(db, conversation_id)
+    message_id = None
+    if log:
+        if conversation_id is None:
+            conversation_id = convs.create_conversation(db)
+        message_id = convs.add_message(db, conversation_id, "user", text)
+    return Question(text, conversation_id, message_id,
+                    [{"role": row["role"], "content": row["content"]} for row in rows],
+                    [row["id"] for row in rows])
 
 
 def resolve_route(route: str, engine: Engine) -> str:
@@ -69,11 +107,14 @@ def sync_adapter(db: sqlite_utils.Database, engine: Engine) -> str | None:
     return None
 
 
+def _history_rows(db: sqlite_utils.Database, conversation_id: int) -> list[dict]:
+    return [row for row in convs.messages(db, conversation_id)
+            if row["content"] and row["status"] != "generating"]
+
+
 def history(db: sqlite_utils.Database, conversation_id: int) -> list[Message]:
     """A conversation as chat messages for the model (empty and still-streaming replies left out)."""
-    return [{"role": row["role"], "content": row["content"]}
-            for row in convs.messages(db, conversation_id)
-            if row["content"] and row["status"] != "generating"]
+    return [{"role": row["role"], "content": row["content"]} for row in _history_rows(db, conversation_id)]
 
 
 @dataclasses.dataclass
@@ -88,76 +129,148 @@ class Exchange:
     adapter: str | None
     tokens: int
     seconds: float
-    status: str
+    status: str                     # complete | length | empty | cancelled | interrupted
     tokens_per_second: float | None
-    dropped_messages: int
+    dropped_messages: int           # the oldest messages of the conversation left out to fit the context
     memories: list[Hit] = dataclasses.field(default_factory=list)
     decision: Decision | None = None     # the router's, when the route was auto
+    prompt_tokens: int = 0
+    first_token_seconds: float | None = None
+    finish_reason: str | None = None     # stop | length | cancelled (llama.cpp's words)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def as_json(self) -> dict:
         return {"conversation_id": self.conversation_id, "message_id": self.message_id,
                 "text": self.text, "route": self.route, "adapter": self.adapter, "tokens": self.tokens,
                 "seconds": round(self.seconds, 3), "status": self.status,
+                "finish_reason": self.finish_reason,
                 "tokens_per_second": None if self.tokens_per_second is None
                 else round(self.tokens_per_second, 1),
+                "prompt_tokens": self.prompt_tokens,
+                "first_token_seconds": None if self.first_token_seconds is None
+                else round(self.first_token_seconds, 3),
+                "dropped_messages": self.dropped_messages,
                 "memories": [hit.as_json() for hit in self.memories],
-                "router": self.decision.as_json() if self.decision else None}
+                "router": self.decision.as_json() if self.decision else None,
+                "warnings": self.warnings}
+
+    @property
+    def notices(self) -> list[str]:
+        """What the user should be told about this reply besides its text (one line each)."""
+        out = list(self.warnings)
+        if self.dropped_messages:
+            n = self.dropped_messages
+            out.append(f"{n} earlier message{'s' if n != 1 else ''} no longer fit the model's context and "
+                       "were left out; they are in memory")
+        if self.status == "length":
+            out.append(f"the reply stopped at the token limit ({self.tokens} tokens); raise --max-tokens "
+                       "for a longer one")
+        elif self.status == "empty":
+            out.append("the model ended its turn without a word")
+        return out
+
+
+def reply_budget(engine: Engine, settings: Settings, max_tokens: int | None) -> int:
+    """Tokens kept for the reply: `max_tokens` as asked (checked against the context), or the
+    configured default capped at half the context, so that a small context still answers."""
+    if max_tokens is not None:
+        if max_tokens < 1 or max_tokens >= engine.n_ctx:
+            raise InvalidInput(f"--max-tokens must be between 1 and {engine.n_ctx - 1} "
+                               f"(the context holds {engine.n_ctx} tokens), not {max_tokens}")
+        return max_tokens
+    return max(1, min(settings.max_tokens, engine.n_ctx // 2))
 
 
 def recall(retriever: Retriever | None, engine: Engine, settings: Settings, text: str,
-           max_tokens: int, *, found: list[Hit] | None = None, now: dt.date | None = None) -> list[Hit]:
-    """The best memories for `text` (or those already `found`) that fit in half of what the prompt may take."""
+           budget: int, *, found: list[Hit] | None = None, now: dt.date | None = None,
+           exclude: set[int] | None = None) -> list[Hit]:
+    """The best memories for `text` (or those already `found`) that fit in `budget` tokens.
+
+    Memories that are messages already in the prompt (`exclude`, message ids) are left out: the
+    model would read them twice.
+    """
     if found is None:
         if retriever is None:
             raise RouteUnavailable("the rag route needs the memory index, which could not be opened")
         retriever.refresh()
         found = retriever.search(text, settings.memory_k, now=now)
-    budget = (engine.n_ctx - max_tokens) // 2
-    return fit_memories(found, engine.count_tokens, budget)
+    if exclude:
+        found = [hit for hit in found if hit.message_id is None or hit.message_id not in exclude]
+    return fit_memories(found, engine.count_tokens, budget) if budget > 0 else []
 
 
-def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text: str, *,
+def _memory_budget(engine: Engine, settings: Settings, question: str, max_tokens: int) -> int:
+    """Tokens the memories may take: half of what the reply leaves, and never so much that the
+    question itself (with the system prompt) would no longer fit: memories are trimmed, never refused."""
+    asked = [{"role": "user", "content": question}]
+    if settings.system_prompt:
+        asked.insert(0, {"role": "system", "content": settings.system_prompt})
+    free = engine.n_ctx - max_tokens - len(engine.tokenize_chat(asked)[0])
+    # The memory block's own framing (the join with the system prompt, turn markers) takes a few more.
+    return min((engine.n_ctx - max_tokens) // 2, free - 32)
+
+
+def _in_prompt(engine: Engine, settings: Settings, question: Question, reserved: int) -> set[int]:
+    """Ids of the messages the prompt will hold: the question and the history that still fits beside
+    `reserved` tokens (the reply and the memories). Memories are not to repeat them; the older
+    messages that no longer fit are exactly what memory may bring back."""
+    ids = {question.message_id} if question.message_id is not None else set()
+    if not question.history:
+        return ids
+    asked = ([{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []) + [
+        *question.history, {"role": "user", "content": question.text}]
+    try:
+        dropped = engine.fit(asked, min(reserved, engine.n_ctx - 1))[2]
+    except EmberError:   # not even the question fits beside the memories: none of the history does
+        dropped = len(question.history)
+    return ids | set(question.history_ids[dropped:])
+
+
+def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text: str | Question, *,
             log: bool = True, conversation_id: int | None = None, route: str = "auto",
             max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
             cancel: threading.Event | None = None, retriever: Retriever | None = None,
             on_piece: Callable[[str], None] | None = None, now: dt.date | None = None) -> Exchange:
     """Answer `text` in a conversation (a new one if None); with `log=False` nothing is stored.
 
-    The user's message is committed before generation starts; the reply is saved as it streams and
-    finally marked complete, cancelled (via `cancel`) or interrupted (Ctrl-C, SIGTERM). `now` is the
-    date questions like "last week" count from (today when None).
+    The one request path of every front-end. Its first act is committing the user's message
+    (`log_question`; a front-end with slow work to do first, like loading the model, calls it itself
+    and passes the `Question`); routing, retrieval, probes and generation follow and may fail without
+    losing it. The reply is saved as it streams and finally marked complete, length (the token
+    limit), empty, cancelled (via `cancel`) or interrupted (Ctrl-C, SIGTERM). `now` is the date
+    questions like "last week" count from (today when None).
     """
-    check_prompt(text)
+    question = text if isinstance(text, Question) else log_question(
+        db, text, conversation_id=conversation_id, log=log)
+    text, conversation_id = question.text, question.conversation_id
     chosen = resolve_route(route, engine)
+    max_tokens = reply_budget(engine, settings, max_tokens)
     decision = None
     if chosen == "auto":
         decision = router.decide(text, engine=engine, retriever=retriever, db=db,
                                  system=settings.system_prompt, k=settings.memory_k, now=now)
         chosen = decision.route
     engine.use_adapter(chosen in ("adapter", "both"))
-    max_tokens = max_tokens or settings.max_tokens
+    memories: list[Hit] = []
+    if chosen in ("rag", "both"):
+        budget = _memory_budget(engine, settings, text, max_tokens)
+        memories = recall(retriever, engine, settings, text, budget, now=now,
+                          found=decision.hits if decision else None,
+                          exclude=_in_prompt(engine, settings, question, max_tokens + max(budget, 0)))
     context: list[Message] = []
-    memories = (recall(retriever, engine, settings, text, max_tokens, now=now,
-                       found=decision.hits if decision else None)
-                if chosen in ("rag", "both") else [])
     system = "\n\n".join(part for part in (
         settings.system_prompt, memory_message(memories)["content"] if memories else None) if part)
     if system:
         context.append({"role": "system", "content": system})
-    if conversation_id is not None:
-        convs.get_conversation(db, conversation_id)
-        context += history(db, conversation_id)
+    context += question.history
     context.append({"role": "user", "content": text})
     gen = engine.generate(
         context, max_tokens=max_tokens,
         temperature=settings.temperature if temperature is None else temperature,
         top_p=settings.top_p, seed=settings.seed if seed is None else seed, cancel=cancel)
 
-    user_id = reply_id = None
+    reply_id = None
     if log:
-        if conversation_id is None:
-            conversation_id = convs.create_conversation(db)
-        user_id = convs.add_message(db, conversation_id, "user", text, model=engine.name)
         reply_id = convs.start_reply(db, conversation_id, model=engine.name, route=chosen,
                                      adapter_id=engine.adapter)
         if memories:
@@ -173,14 +286,26 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
             if reply_id is not None and time.monotonic() - saved >= SAVE_EVERY_SECONDS:
                 convs.update_reply(db, reply_id, gen.text)
                 saved = time.monotonic()
-        status = "cancelled" if gen.finish_reason == "cancelled" else "complete"
+        status = final_status(gen.finish_reason, gen.text)
     finally:
         if reply_id is not None:
             convs.finish_reply(db, reply_id, gen.text, status, tokens=gen.tokens,
                                seconds=round(gen.seconds, 3))
     if log:
         memory.sync_messages(db)   # the exchange becomes memory right away (BM25 now, vectors on use)
-    return Exchange(conversation_id=conversation_id, message_id=reply_id, user_message_id=user_id,
-                    text=gen.text, route=chosen, adapter=engine.adapter, tokens=gen.tokens,
-                    seconds=gen.seconds, status=status, tokens_per_second=gen.tokens_per_second,
-                    dropped_messages=gen.dropped_messages, memories=memories, decision=decision)
+    return Exchange(conversation_id=conversation_id, message_id=reply_id,
+                    user_message_id=question.message_id, text=gen.text, route=chosen, adapter=engine.adapter,
+                    tokens=gen.tokens, seconds=gen.seconds, status=status,
+                    tokens_per_second=gen.tokens_per_second, dropped_messages=gen.dropped_messages,
+                    memories=memories, decision=decision, prompt_tokens=gen.prompt_tokens,
+                    first_token_seconds=gen.first_token_seconds, finish_reason=gen.finish_reason,
+                    warnings=list(engine.warnings))
+
+
+def final_status(finish_reason: str | None, text: str) -> str:
+    """How a reply that ran to its end is stored: cancelled, length (the token limit), empty or complete."""
+    if finish_reason == "cancelled":
+        return "cancelled"
+    if finish_reason == "length":
+        return "length"
+    return "complete" if text.strip() else "empty"

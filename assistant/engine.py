@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from adapters.template import ChatTemplate, Message
-from assistant.errors import InvalidInput, ModelInvalid, ModelNotFound, PromptTooLong
+from adapters.template import ChatTemplate, Message, TemplateError, describe
+from assistant import llama_log, selfcheck
+from assistant.errors import EmberError, InvalidInput, ModelInvalid, ModelNotFound, PromptTooLong
 
 GGUF_MAGIC = b"GGUF"
 
@@ -69,13 +70,18 @@ class Engine:
         path = check_gguf(model_path)
         import llama_cpp  # lazy: keeps `ember --help` and the TUI's first paint fast
 
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                seed=seed, verbose=False)
-        except (ValueError, RuntimeError) as err:
-            raise ModelInvalid(f"llama.cpp could not load {path} (truncated, corrupt or unsupported "
-                               "GGUF); pass another --model") from err
+        self.warnings: list[str] = []    # one line each, for the CLI, the chat's status line and doctor
+        if cache_dir is not None:
+            # A tiny decode in a child process, once per model file and llama.cpp build: a native crash
+            # (an unsafe CPU path, a GGUF that kills llama.cpp) becomes one line, not a core dump.
+            selfcheck.ensure(path, cache_dir, n_threads)
+        self.llm = self._load(llama_cpp, path, n_ctx, n_threads, seed)
+        n_ctx_train = self.llm._model.n_ctx_train()
+        if 0 < n_ctx_train < self.llm.n_ctx():
+            # Past its training context a model degrades (llama.cpp warns "possible training context
+            # overflow"): run at the context it was trained for. Only such models pay a second load.
+            self.llm.close()
+            self.llm = self._load(llama_cpp, path, n_ctx_train, n_threads, seed)
         self.path = path
         self.cache_dir = cache_dir
         self.adapter: str | None = None          # applied to the next generation
@@ -84,7 +90,31 @@ class Engine:
         self._loaded: Any = None
         self._sha256: str | None = None
         self.name = self.llm.metadata.get("general.name") or path.stem
-        self.template = ChatTemplate(self.llm)
+        try:
+            self.template = ChatTemplate(self.llm, name=path.name)
+        except EmberError:
+            self.llm.close()
+            raise
+        self.template_fallback = self.template.fallback
+        if self.template_fallback:
+            self.warnings.append(f"{path.name} has no chat template; using ChatML, which may not be "
+                                 "the format it was trained on")
+
+    @staticmethod
+    def _load(llama_cpp: Any, path: Path, n_ctx: int, n_threads: int, seed: int) -> Any:
+        try:
+            # llama.cpp's own log goes to memory (`ember doctor`, --verbose), never onto the user's terminal.
+            return llama_log.quiet_llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, seed=seed)
+        except (ValueError, RuntimeError) as err:
+            raise ModelInvalid(f"llama.cpp could not load {path} (truncated, corrupt or unsupported "
+                               "GGUF); pass another --model") from err
+        except Exception as err:
+            # llama-cpp-python compiles the GGUF's chat template while loading: its errors are the model's.
+            if type(err).__module__.startswith("jinja2"):
+                raise TemplateError(f"the chat template of {path.name} cannot be used ({describe(err)}); "
+                                    "pass another --model") from err
+            raise
 
     @property
     def sha256(self) -> str:

@@ -7,7 +7,7 @@ import sys
 import click
 
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
-from assistant.conversation import ROUTES, respond, sync_adapter
+from assistant.conversation import ROUTES, log_question, respond, sync_adapter
 from assistant.engine import Engine
 from assistant.errors import InvalidInput
 from assistant.retrieval import retriever_for
@@ -48,25 +48,29 @@ def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, w
             raise InvalidInput("no prompt: pass it as an argument or pipe it on standard input")
         prompt = read_stdin()
     settings = settings_from(model=model)
+    signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill still marks the reply
     db = open_store(settings)
+    # Log first: the question is committed before the model loads, so no crash or kill can lose it.
+    question = log_question(db, prompt, conversation_id=conversation_id, log=not no_log)
     engine = Engine(settings.model_path, n_ctx=settings.n_ctx, n_threads=settings.threads,
                     seed=settings.seed or 0, cache_dir=settings.cache_dir)
     warning = sync_adapter(db, engine)
     if warning:
         click.echo(f"ember: warning: {warning}", err=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill still marks the reply
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    exchange = respond(db, engine, settings, prompt, log=not no_log, retriever=retriever_for(settings, db),
-                       conversation_id=conversation_id, route=route, max_tokens=max_tokens,
+    exchange = respond(db, engine, settings, question, log=not no_log, retriever=retriever_for(settings, db),
+                       route=route, max_tokens=max_tokens,
                        temperature=temperature, seed=seed, on_piece=None if as_json else show)
     if as_json:
         print_json(exchange.as_json())
     else:
         sys.stdout.write("\n")
+        for notice in exchange.notices:
+            click.echo(f"ember: {notice}", err=True)
         for i, hit in enumerate(exchange.memories, start=1):
             click.echo(f"  [{i}] {(hit.time or '')[:10]} {' '.join(hit.text.split())[:100]}", err=True)
         if why:
