@@ -50,12 +50,11 @@ class Evaluator:
     """A llama.cpp instance with all logits kept, to score sequences with and without an adapter."""
 
     def __init__(self, model_path: Path, *, n_ctx: int, threads: int, base_sha256: str | None):
-        import llama_cpp
+        from adapters.llama_log import quiet_llama
 
-        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                                   logits_all=True, n_threads=threads, n_threads_batch=threads,
-                                   seed=0, verbose=False)
-        self.template = ChatTemplate(self.llm)
+        self.llm = quiet_llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                               logits_all=True, n_threads=threads, n_threads_batch=threads, seed=0)
+        self.template = ChatTemplate(self.llm, name=Path(model_path).name)
         self.base_sha256 = base_sha256
         self.loaded: runtime.Loaded | None = None
 

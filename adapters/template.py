@@ -55,13 +55,11 @@ class ChatTemplate:
     @classmethod
     def from_gguf(cls, path: str) -> "ChatTemplate":
         """Load only the vocabulary and template of a GGUF (no weights)."""
-        import llama_cpp
-        from llama_cpp._utils import suppress_stdout_stderr
+        from adapters.llama_log import quiet_llama
 
-        # A vocab-only load still builds a context, and llama.cpp logs a spurious warning about it.
-        with suppress_stdout_stderr(disable=False):
-            return cls(llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False),
-                       name=Path(path).name)
+        # A vocab-only load still builds a context, and llama.cpp logs a spurious warning about it: the
+        # log goes to memory, and no file descriptor is redirected (another thread may be printing).
+        return cls(quiet_llama(model_path=str(path), vocab_only=True), name=Path(path).name)
 
     def tokenize(self, text: str, *, bos: bool = False) -> list[int]:
         """Tokens of `text`, template markers (e.g. `<|im_end|>`) read as special tokens."""

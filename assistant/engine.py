@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from adapters.template import ChatTemplate, Message, TemplateError, describe
-from assistant import llama_log, selfcheck
+from adapters import llama_log
+from assistant import selfcheck
 from assistant.errors import EmberError, InvalidInput, ModelInvalid, ModelNotFound, PromptTooLong
 
 GGUF_MAGIC = b"GGUF"

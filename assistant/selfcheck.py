@@ -357,7 +357,7 @@ def child_main(model_path: str, threads: int, out: Any, report: dict[str, Any]) 
     import llama_cpp
     import numpy as np
 
-    from assistant import llama_log
+    from adapters import llama_log
 
     # llama.cpp's log goes to our stderr, which the parent captures: after a crash it tells why.
     log = llama_log.install(verbose=True)

@@ -18,6 +18,21 @@ from storage.db import DB_NAME, open_db
 N_CTX = 2048
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory) -> Iterator[Path]:
+    """One cache for the whole run, as one installation has: the engine's self-check passes once, the
+    embedding model is unpacked and exported once. Every `ember` subprocess inherits it; a test that
+    needs a cache of its own sets EMBER_CACHE itself."""
+    cache = tmp_path_factory.mktemp("ember-cache")
+    before = os.environ.get("EMBER_CACHE")
+    os.environ["EMBER_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("EMBER_CACHE", None)
+    else:
+        os.environ["EMBER_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     return bundled_model()

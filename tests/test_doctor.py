@@ -14,6 +14,12 @@ from tests.conftest import assert_clean_error
 from tests.test_selfcheck import patched
 
 
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch):
+    """These tests look at the self-check's cache in the data dir: no session-wide EMBER_CACHE."""
+    monkeypatch.delenv("EMBER_CACHE", raising=False)
+
+
 def doctor_json(ember, *args, env=None) -> dict:
     result = ember("doctor", "--json", *args, env=env)
     assert result.returncode == 0, result.err

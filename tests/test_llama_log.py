@@ -11,7 +11,7 @@ import pytest
 # appeared in the middle of `ember ask` output.
 LOAD = """
 import sys
-from assistant import llama_log
+from adapters import llama_log
 log = llama_log.install(verbose={verbose})
 llm = llama_log.quiet_llama(model_path={model!r}, n_ctx=16384, n_threads=1, seed=0)
 for _ in llm.create_completion("Hi", max_tokens=2, stream=True):
@@ -44,7 +44,7 @@ def test_verbose_shows_llama_cpp_s_log(model_path):
 
 
 def test_lines_join_pieces_and_keep_problems_apart_from_chatter():
-    from assistant.llama_log import LlamaLog
+    from adapters.llama_log import LlamaLog
 
     log = LlamaLog(keep=8)
     log.feed(2, "llama_model_loader: loading")

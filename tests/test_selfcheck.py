@@ -26,6 +26,12 @@ from tests.conftest import assert_clean_error
 THREADS = 1
 
 
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch):
+    """These tests look at the self-check's cache in the data dir: no session-wide EMBER_CACHE."""
+    monkeypatch.delenv("EMBER_CACHE", raising=False)
+
+
 def patched(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
     """A copy of `src` with one same-length byte string of its header replaced."""
     assert len(old) == len(new)
