@@ -11,17 +11,17 @@ import calendar
 import dataclasses
 import datetime as dt
 import re
-from typing import Any, Callable
-
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 import numpy as np
-import sqlite_utils
 
 from assistant.embedder import Embedder
 from storage import memory
-from storage.db import db_path, open_db
+from storage.db import connections_of
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 RRF_K = 60
 POOL = 40            # candidates each ranking contributes before fusion
@@ -128,10 +128,12 @@ class Retriever:
         # torch both release the GIL, so the two overlap.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bm25")
         self._reader: sqlite_utils.Database | None = None
+        self._synced: tuple[int, int] | None = None     # the database's state after the last sync
+        self._embedded: tuple[int, int] | None = None   # ... after the last embedding of pending chunks
 
     def _bm25_reader(self, question: str, k: int) -> list[tuple[int, float]]:
         if self._reader is None:
-            self._reader = open_db(Path(db_path(self.db)).parent)
+            self._reader = connections_of(self.db).get("bm25")
         return memory.bm25_search(self._reader, question, k)
 
     @property
@@ -140,10 +142,35 @@ class Retriever:
             self._embedder = self._embedder()     # loaded on first use, not before
         return self._embedder
 
-    def refresh(self) -> None:
-        """Index new messages and embed every chunk without a vector."""
+    def _state(self) -> tuple[int, int]:
+        # Nothing can have changed unless a connection committed: another connection's commits move
+        # SQLite's data_version, this connection's own writes move its total_changes.
+        return self.db.execute("PRAGMA data_version").fetchone()[0], self.db.conn.total_changes
+
+    def sync(self) -> None:
+        """Index the log's new messages (BM25 sees them at once); no work when nothing was written since."""
+        if self._synced == self._state():
+            return
         memory.sync_messages(self.db)
-        embed_pending(self.db, self.embedder)
+        self._synced = self._state()
+
+    def embed_pending(self) -> int:
+        """Embed the chunks without a vector; no work when nothing was written since the last time, and
+        the embedding model is loaded only when there is something to embed."""
+        state = self._state()
+        if self._embedded == state:
+            return 0
+        done = embed_pending(self.db, self.embedder) if memory.unembedded(self.db, limit=1) else 0
+        after = self._state()
+        if self._synced == state:     # vectors are not messages: a sync that was current stays so
+            self._synced = after
+        self._embedded = after
+        return done
+
+    def refresh(self) -> None:
+        """Index new messages and embed every chunk without a vector (only what is new)."""
+        self.sync()
+        self.embed_pending()
 
     def bm25(self, question: str, k: int) -> list[tuple[int, float]]:
         return memory.bm25_search(self.db, question, k)
@@ -155,59 +182,98 @@ class Retriever:
     def _in_window(self, window: tuple[str, str], vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         return memory.rescore(self.db, memory.in_time_range(self.db, *window), vector, k)
 
-    def search(self, question: str, k: int = 5, *, mode: str = "hybrid",
-               now: dt.date | None = None) -> list[Hit]:
+    def search(self, question: str, k: int = 5, *, mode: str = "hybrid", now: dt.date | None = None,
+               exclude_message_ids: Collection[int] = ()) -> list[Hit]:
         """The `k` best memories for `question`, deduplicated, best first.
 
-        mode: hybrid (BM25 + dense + time, fused), bm25, or dense.
+        mode: hybrid (BM25 + dense + time, fused), bm25, or dense. Notes made from the messages
+        `exclude_message_ids` (those already in the prompt) are left out.
         """
-        return self.search_with_signals(question, k, mode=mode, now=now)[0]
+        return self.search_with_signals(question, k, mode=mode, now=now,
+                                        exclude_message_ids=exclude_message_ids)[0]
 
     def search_with_signals(self, question: str, k: int = 5, *, mode: str = "hybrid",
-                            now: dt.date | None = None,
-                            before_message: int | None = None) -> tuple[list[Hit], dict[str, float | None]]:
+                            now: dt.date | None = None, before_message: int | None = None,
+                            exclude_message_ids: Collection[int] = (),
+                            dense_if: Callable[[dict[str, Any]], bool] | None = None,
+                            ) -> tuple[list[Hit], dict[str, Any]]:
         """`search`, plus how good the match is: the best note's cosine similarity (`similarity`), its
-        margin over the second (`margin`) and the best BM25 score (`bm25`), None where there is none.
+        margin over the second (`margin`) and the best BM25 score (`bm25`), None where there is none,
+        and whether the question was embedded at all (`dense`).
 
-        `before_message` leaves out notes made from that message or later ones (memory as it was then).
+        `before_message` leaves out notes made from that message or later ones (memory as it was then);
+        `exclude_message_ids` leaves out notes made from those messages (already in the prompt).
+        `dense_if` (hybrid only): BM25 runs first, and the question is embedded only when
+        `dense_if(signals)` says so, given the BM25 signals; otherwise the hits are BM25's alone.
         """
         excluded = memory.chunks_from_message(self.db, before_message) if before_message is not None else set()
+        in_prompt = set(exclude_message_ids)
+        rows: dict[int, dict[str, Any]] = {}      # chunk rows fetched so far, by id
+
+        def fetch(ids: list[int]) -> None:
+            missing = [chunk_id for chunk_id in ids if chunk_id not in rows]
+            if missing:
+                rows.update(memory.chunks_by_id(self.db, missing))
 
         def kept(ranking: list[tuple[int, float]]) -> list[tuple[int, float]]:
-            return [item for item in ranking if item[0] not in excluded] if excluded else ranking
+            if excluded:
+                ranking = [item for item in ranking if item[0] not in excluded]
+            if in_prompt:
+                fetch([chunk_id for chunk_id, _ in ranking])
+                ranking = [item for item in ranking
+                           if item[0] in rows and rows[item[0]]["message_id"] not in in_prompt]
+            return ranking
 
-        pool = POOL + min(len(excluded), 5000)
-        signals: dict[str, float | None] = {"similarity": None, "margin": None, "bm25": None}
+        asked = _normalised(question)
+
+        def matching(ranking: list[tuple[int, float]]) -> list[tuple[int, float]]:
+            # The question itself, asked before (or just logged) and stored, is not a match for it.
+            fetch([chunk_id for chunk_id, _ in ranking])
+            return [item for item in ranking if item[0] in rows and _normalised(rows[item[0]]["text"]) != asked]
+
+        # Room for what is left out: a message is one chunk unless it is long.
+        pool = POOL + min(len(excluded), 5000) + min(len(in_prompt), 1000)
+        signals: dict[str, Any] = {"similarity": None, "margin": None, "bm25": None, "dense": False}
         if mode == "bm25":
-            ranked = kept(self.bm25(question, max(k * 3, pool)))
+            ranked = matching(kept(self.bm25(question, max(k * 3, pool))))
             signals["bm25"] = ranked[0][1] if ranked else None
         else:
-            lexical = self._pool.submit(self._bm25_reader, question, pool) if mode == "hybrid" else None
-            vector = self.embedder.encode_query(question)
-            dense = kept(self.dense(question, pool, vector))
-            # The question itself, asked before and stored, is not a match for it.
-            top = memory.chunks_by_id(self.db, [chunk_id for chunk_id, _ in dense[:6]])
-            scores = [score for chunk_id, score in dense[:6] if chunk_id in top
-                      and _normalised(top[chunk_id]["text"]) != _normalised(question)]
-            if scores:
-                signals["similarity"] = scores[0]
-                signals["margin"] = scores[0] - scores[1] if len(scores) > 1 else scores[0]
-            if lexical is None:
-                ranked = dense
-            else:
-                words = kept(lexical.result())
+            words: list[tuple[int, float]] | None = None
+            lexical = None
+            if mode == "hybrid" and dense_if is not None:
+                # BM25 first, on this thread: its answer decides whether the question is embedded.
+                words = matching(kept(self.bm25(question, pool)))
                 signals["bm25"] = words[0][1] if words else None
-                rankings = [words, dense]
-                window = time_window(question, now or dt.date.today())
-                if window:
-                    rankings.append(kept(self._in_window(window, vector, pool)))
-                fused: dict[int, float] = {}
-                for ranking in rankings:
-                    for rank, (chunk_id, _score) in enumerate(ranking, start=1):
-                        fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank)
-                ranked = sorted(fused.items(), key=lambda item: -item[1])
-        rows = memory.chunks_by_id(self.db, [chunk_id for chunk_id, _ in ranked[: k * 4]])
-        hits, seen = [], {_normalised(question)}   # the question asked before is not an answer
+            elif mode == "hybrid":
+                lexical = self._pool.submit(self._bm25_reader, question, pool)
+            if dense_if is not None and words is not None and not dense_if(signals):
+                ranked = words
+            else:
+                signals["dense"] = True
+                self.embed_pending()     # chunks synced since the last search get their vectors now
+                vector = self.embedder.encode_query(question)
+                dense = kept(self.dense(question, pool, vector))
+                scores = [score for _, score in matching(dense[:6])]
+                if scores:
+                    signals["similarity"] = scores[0]
+                    signals["margin"] = scores[0] - scores[1] if len(scores) > 1 else scores[0]
+                if lexical is not None:
+                    words = matching(kept(lexical.result()))
+                    signals["bm25"] = words[0][1] if words else None
+                if words is None:
+                    ranked = dense
+                else:
+                    rankings = [words, dense]
+                    window = time_window(question, now or dt.date.today())
+                    if window:
+                        rankings.append(kept(self._in_window(window, vector, pool)))
+                    fused: dict[int, float] = {}
+                    for ranking in rankings:
+                        for rank, (chunk_id, _score) in enumerate(ranking, start=1):
+                            fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank)
+                    ranked = sorted(fused.items(), key=lambda item: -item[1])
+        fetch([chunk_id for chunk_id, _ in ranked[: k * 4]])
+        hits, seen = [], {asked}   # the question asked before is not an answer
         for chunk_id, score in ranked:
             row = rows.get(chunk_id)
             if row is None:

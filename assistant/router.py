@@ -8,6 +8,10 @@ model, then applies a few explainable rules:
   RAG needs anyway: its hits are reused when memory is used), the BM25 match, the query's type (fact
   recall, temporal, task, open), the model's uncertainty on a short probe (mean entropy of the first
   PROBE_TOKENS greedy tokens) with and without the adapter, and the adapter's age and gate score;
+- cheap first: no memory, no search; BM25 runs before the question is embedded, and a task or open
+  question that shares no word with any note is not embedded at all (`needs_dense`); the probe runs only
+  when an adapter is loaded (without one its answer is never used), beside the chat's context, never in
+  it (assistant/probe.py), so the conversation's KV cache survives every decision;
 - rules, per query type: use memory when the best note is at least `min_similarity`; use the adapter
   when the probe says it makes the model surer by at least `min_adapter_gain` nats;
 - thresholds start from DEFAULTS and are fitted (`fit`) on the user's own log during idle time: replies
@@ -23,10 +27,11 @@ import datetime as dt
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 
 import numpy as np
 
+from assistant.probe import PROBE_MAX_TOKENS, PROBE_TOKENS, prober_for
 from assistant.retrieval import Hit, time_window
 from storage import registry
 from storage import routing as log
@@ -38,8 +43,6 @@ if TYPE_CHECKING:
     from assistant.retrieval import Retriever
 
 TYPES = ("recall", "temporal", "task", "open")
-PROBE_TOKENS = 2
-PROBE_MAX_TOKENS = 256
 NEVER = math.inf
 # Before any fitting: memory for questions about the user's past when a note is a fair match, and for
 # anything else only on a near-duplicate; the adapter when it makes the model clearly surer.
@@ -50,6 +53,12 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "open": {"min_similarity": 0.60, "min_adapter_gain": 0.5},
 }
 MIN_ITEMS_PER_TYPE = 4     # fewer labelled items of a type than this: its defaults stay
+# A task or open question that shares no content word with any note is not embedded when its type's
+# threshold asks for at least this similarity. On MemoryBank (benchmarks/dense_skip.py: 15 users' 566
+# exchanges as memory, 435 task and open questions) the 12 questions that matched no word had no note
+# above 0.32 cosine, while every one of the 104 with a note at 0.60 or more shared words with it.
+# Recall and temporal questions are always searched both ways: their thresholds are low (0.30-0.35).
+DENSE_SKIP_MIN_SIMILARITY = 0.5
 
 _RECALL = re.compile(
     r"\b(remember|recall|remind me|forgot|forget|mention(ed)?|told you|i told|i said|you said|you told|once|"
@@ -88,10 +97,11 @@ class Features:
     margin: float | None = None            # best minus second best
     bm25: float | None = None              # best BM25 score (None: no word matched)
     entropy_base: float | None = None      # mean entropy (nats) of the first probe tokens, base model
-    entropy_adapter: float | None = None   # ... with the adapter (None: no adapter)
+    entropy_adapter: float | None = None   # ... with the adapter (both None: no adapter, so no probe)
     adapter_age_hours: float | None = None
     adapter_eval_gain: float | None = None  # the gate's base loss minus the adapter's held-out loss
     memory_chunks: int = 0
+    dense_skipped: bool = False            # not embedded: no note shares a word with it (`needs_dense`)
 
     @property
     def adapter_gain(self) -> float | None:
@@ -129,7 +139,8 @@ def choose(features: Features, thresholds: dict[str, dict[str, float]], *, adapt
     why = [f"{features.query_type} question"]
     memory = False
     if features.similarity is None:
-        why.append("no memory to search")
+        why.append("no note shares a word with it (not embedded)" if features.dense_skipped
+                   else "no memory to search" if not features.memory_chunks else "no note found")
     else:
         memory = features.similarity >= rule["min_similarity"]
         why.append(f"best note {features.similarity:.2f} {'≥' if memory else '<'} {_show(rule['min_similarity'])}")
@@ -164,27 +175,6 @@ def _decode(value: float | str) -> float:
     return NEVER if value == "never" else -NEVER if value == "any" else float(value)
 
 
-def entropy_probe(llm: Any, tokens: Sequence[int], n: int = PROBE_TOKENS) -> float:
-    """Mean entropy (nats) of the model's next-token distribution over its first `n` greedy tokens."""
-    import llama_cpp
-
-    llm.reset()
-    n_vocab = llm.n_vocab()
-    entropies = []
-    feed = list(tokens)
-    for _ in range(n):
-        llm.eval(feed)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
-        z = logits.astype(np.float64) - logits.max()
-        p = np.exp(z)
-        p /= p.sum()
-        entropies.append(float(-(p[p > 0] * np.log(p[p > 0])).sum()))
-        feed = [int(np.argmax(logits))]
-        if feed[0] == llm.token_eos():
-            break
-    return float(np.mean(entropies))
-
-
 def _probe_prompt(engine: Engine, system: str | None, question: str) -> list[int]:
     """The question alone in the chat template, its text cut to fit PROBE_MAX_TOKENS (a pasted document
     need not be read twice more to know how the answer starts; the reply itself sees all of it)."""
@@ -199,34 +189,49 @@ def _probe_prompt(engine: Engine, system: str | None, question: str) -> list[int
     return tokens
 
 
+def needs_dense(kind: str, rule: dict[str, float]) -> Callable[[dict[str, Any]], bool]:
+    """Whether a question of type `kind` must be embedded, given its BM25 signals: always for recall and
+    temporal questions; for task and open ones only when a note shares a word with the question or the
+    threshold in use is low enough for a paraphrase to reach it (DENSE_SKIP_MIN_SIMILARITY)."""
+    def decide_dense(signals: dict[str, Any]) -> bool:
+        return (kind in ("recall", "temporal") or signals["bm25"] is not None
+                or rule["min_similarity"] < DENSE_SKIP_MIN_SIMILARITY)
+    return decide_dense
+
+
 def features_for(question: str, *, engine: Engine, retriever: Retriever | None, db: sqlite_utils.Database,
                  system: str | None, k: int, now: dt.date | None = None,
-                 before_message: int | None = None) -> tuple[Features, list[Hit]]:
+                 before_message: int | None = None, exclude_message_ids: Collection[int] = (),
+                 thresholds: dict[str, dict[str, float]] | None = None) -> tuple[Features, list[Hit]]:
     """Measure the features of one request; also returns the memories found (best first).
 
-    `before_message` searches memory as it was before that message (fitting on past questions).
+    `before_message` searches memory as it was before that message (fitting on past questions);
+    `exclude_message_ids` leaves out notes made from messages already in the prompt. With `thresholds`
+    (deciding), a question they cannot route to memory without a shared word is not embedded; without
+    (fitting), every feature is measured.
     """
-    from storage import memory
-
     f = Features(query_type=query_type(question, now))
     hits: list[Hit] = []
     if retriever is not None:
-        retriever.refresh()          # the log's newest messages become memory, with vectors
-    f.memory_chunks = memory.stats(db)["chunks"]
+        retriever.sync()             # the log's newest messages become memory (vectors when searched)
+        # A count, not memory.stats: stats scans every chunk (~20 ms at 10,000), this walks an index.
+        f.memory_chunks = db["memory_chunks"].count
     if retriever is not None and f.memory_chunks:
-        hits, signals = retriever.search_with_signals(question, k, now=now, before_message=before_message)
+        dense_if = None if thresholds is None else needs_dense(
+            f.query_type, thresholds.get(f.query_type, DEFAULTS[f.query_type]))
+        hits, signals = retriever.search_with_signals(question, k, now=now, before_message=before_message,
+                                                      exclude_message_ids=exclude_message_ids,
+                                                      dense_if=dense_if)
         f.similarity, f.margin, f.bm25 = signals["similarity"], signals["margin"], signals["bm25"]
-    tokens = _probe_prompt(engine, system, question)
-    active = engine.adapter
-    try:
-        engine.use_adapter(False)
-        f.entropy_base = entropy_probe(engine.llm, tokens)
-        if engine.loaded_adapter:
-            engine.use_adapter(True)
-            f.entropy_adapter = entropy_probe(engine.llm, tokens)
-    finally:
-        engine.use_adapter(active is not None)
-    row = registry.active(db)
+        f.dense_skipped = not signals["dense"]
+    loaded = engine._loaded if engine.loaded_adapter else None
+    if loaded is not None:
+        # Beside the chat's context, never in it: the conversation's KV cache stays for the reply.
+        tokens = _probe_prompt(engine, system, question)
+        prober = prober_for(engine)
+        f.entropy_base = prober.entropy(tokens)
+        f.entropy_adapter = prober.entropy(tokens, loaded)
+    row = registry.active(db) if loaded is not None else None
     if row and engine.loaded_adapter == row["id"]:
         created = dt.datetime.fromisoformat(row["created"])
         f.adapter_age_hours = (dt.datetime.now(created.tzinfo) - created).total_seconds() / 3600
@@ -237,12 +242,17 @@ def features_for(question: str, *, engine: Engine, retriever: Retriever | None, 
 
 
 def decide(question: str, *, engine: Engine, retriever: Retriever | None, db: sqlite_utils.Database,
-           system: str | None, k: int, now: dt.date | None = None) -> Decision:
-    """Features, then the route under the thresholds in use."""
+           system: str | None, k: int, now: dt.date | None = None,
+           exclude_message_ids: Collection[int] = ()) -> Decision:
+    """Features, then the route under the thresholds in use.
+
+    `exclude_message_ids`: the messages the prompt will hold (this conversation's turns that fit, and
+    the question): notes made from them are neither counted as matches nor returned as memories.
+    """
     started = time.perf_counter()
-    features, hits = features_for(question, engine=engine, retriever=retriever, db=db, system=system, k=k,
-                                  now=now)
     thresholds, policy_id = thresholds_in_use(db)
+    features, hits = features_for(question, engine=engine, retriever=retriever, db=db, system=system, k=k,
+                                  now=now, exclude_message_ids=exclude_message_ids, thresholds=thresholds)
     route, reason = choose(features, thresholds, adapter=engine.loaded_adapter is not None)
     return Decision(route, reason, features, hits, time.perf_counter() - started, policy_id)
 

@@ -5,10 +5,11 @@ import datetime as dt
 import json
 import math
 
+import numpy as np
 import pytest
 
 from adapters import dataset, facts
-from assistant import router
+from assistant import probe, router
 from assistant.conversation import respond
 from assistant.daemon import DaemonConfig, check
 from assistant.retrieval import Retriever
@@ -34,6 +35,23 @@ from tests.tui_helpers import random_adapter, register_adapter
 ])
 def test_query_types(question, kind):
     assert router.query_type(question, dt.date(2026, 5, 1)) == kind
+
+
+def probe_in_the_chats_context(llm, tokens, n=probe.PROBE_TOKENS):
+    """The router's probe as it was before it moved beside the chat: the question alone, evaluated in
+    the chat's own context after `llm.reset()` (the reference its values must keep)."""
+    import llama_cpp
+
+    llm.reset()
+    entropies, feed = [], list(tokens)
+    for _ in range(n):
+        llm.eval(feed)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+        entropies.append(probe.entropy(logits))
+        feed = [int(np.argmax(logits))]
+        if feed[0] == llm.token_eos():
+            break
+    return float(np.mean(entropies))
 
 
 def _features(kind, similarity, gain):
@@ -118,7 +136,8 @@ def test_auto_uses_memory_for_a_stored_fact_and_logs_the_decision(settings, engi
     logged = routing.decision_for(db, fact.message_id)
     assert logged["route"] == "rag" and logged["features"]["similarity"] == pytest.approx(
         fact.decision.features.similarity, abs=1e-4)
-    assert logged["features"]["entropy_base"] > 0 and logged["features"]["entropy_adapter"] is None
+    # No adapter: nothing to weigh it against, so no probe.
+    assert logged["features"]["entropy_base"] is None and logged["features"]["entropy_adapter"] is None
     assert fact.as_json()["router"]["route"] == "rag"
     other = respond(db, engine, settings, "Say hello in French.", retriever=retriever)
     assert other.route == "base" and "no adapter" in other.decision.reason
@@ -136,7 +155,7 @@ def test_the_probe_measures_the_adapter(settings, adapter_engine, db):
     assert f.entropy_base > 0 and f.entropy_adapter > 0 and f.adapter_gain != 0
     assert f.adapter_age_hours is not None and f.adapter_age_hours < 1
     assert adapter_engine.adapter == "lora-router"      # the probe leaves the adapter as it found it
-    with_adapter = router.entropy_probe(adapter_engine.llm, adapter_engine.tokenize_chat(
+    with_adapter = probe_in_the_chats_context(adapter_engine.llm, adapter_engine.tokenize_chat(
         [{"role": "user", "content": "How should I paint the fence?"}])[0])
     assert with_adapter == pytest.approx(f.entropy_adapter, rel=1e-5)
 
@@ -196,8 +215,11 @@ def test_ask_reports_the_route_and_why(ember):
     first = ember("ask", "Say hello.", "--json", "--max-tokens", "8", "--temperature", "0")
     assert first.returncode == 0, first.err
     decided = json.loads(first.out)["router"]
-    assert decided["route"] == "base" and decided["reason"] == "open question; no memory to search; no adapter"
-    assert decided["features"]["entropy_base"] > 0 and decided["seconds"] > 0
+    # The question is logged (and so in memory) before it is routed; it is no match for itself.
+    assert decided["route"] == "base" and decided["reason"] == (
+        "open question; no note shares a word with it (not embedded); no adapter")
+    assert decided["features"]["dense_skipped"] is True
+    assert decided["features"]["entropy_base"] is None and decided["seconds"] > 0   # no adapter, no probe
     why = ember("ask", "What did I just ask you?", "--why", "--max-tokens", "8", "--temperature", "0")
     assert why.returncode == 0 and "route " in why.err and "recall question; best note" in why.err
     by_hand = ember("ask", "Say hello.", "--route", "base", "--why", "--json", "--max-tokens", "4")
@@ -205,3 +227,156 @@ def test_ask_reports_the_route_and_why(ember):
     status = ember("status")
     assert "router    default thresholds (not fitted yet); " in status.out, status.out
     assert sum(json.loads(ember("status", "--json").out)["router"]["decisions"].values()) == 2
+
+
+# ---- the everyday decision: cheap, and never at the conversation's expense ----------------------
+
+def test_without_an_adapter_nothing_is_probed_and_the_chat_keeps_its_kv_cache(settings, engine, db):
+    engine.load_adapter(None, None)
+    first = respond(db, engine, settings, "Tell me about lighthouses.", route="base")
+    held, tokens = engine.llm.n_tokens, list(engine.llm.input_ids[:engine.llm.n_tokens])
+    assert held > 0
+    decision = router.decide("Why were they built on rocks?", engine=engine, retriever=None, db=db,
+                             system=settings.system_prompt, k=5)
+    assert decision.features.entropy_base is None and decision.features.entropy_adapter is None
+    assert engine.llm.n_tokens == held and list(engine.llm.input_ids[:held]) == tokens
+    assert first.text
+
+
+def test_the_probe_runs_beside_the_chat_and_its_next_reply_reuses_the_conversation(settings, adapter_engine, db):
+    import llama_cpp
+
+    engine = adapter_engine
+    first = respond(db, engine, settings, "Tell me about lighthouses.", route="adapter")
+    held, tokens = engine.llm.n_tokens, list(engine.llm.input_ids[:engine.llm.n_tokens])
+    decision = router.decide("Why were they built on rocks?", engine=engine, retriever=None, db=db,
+                             system=settings.system_prompt, k=5)
+    assert decision.features.entropy_base > 0 and decision.features.entropy_adapter > 0
+    # The chat's context still holds the conversation, under the adapter it had.
+    assert engine.llm.n_tokens == held and list(engine.llm.input_ids[:held]) == tokens
+    assert engine.adapter == "lora-router"
+    llama_cpp.llama_perf_context_reset(engine.llm._ctx.ctx)
+    respond(db, engine, settings, "Why were they built on rocks?", conversation_id=first.conversation_id,
+            route="adapter")
+    evaluated = llama_cpp.llama_perf_context(engine.llm._ctx.ctx).n_p_eval
+    assert 0 < evaluated < held      # only the new turn is read; the history's KV is reused
+
+
+def test_the_probe_beside_the_chat_measures_what_the_probe_in_it_measured(settings, adapter_engine, tmp_path):
+    engine = adapter_engine
+    prober = probe.prober_for(engine)
+    assert probe.prober_for(engine) is prober           # one per engine, reused across requests
+    questions = ["How should I paint the fence?", "What is the capital of France?",
+                 "Write a two-line note to my landlord about the heating, please."]
+    for question in questions + questions[:1]:          # prefixes shared with the previous probe, and not
+        tokens = engine.tokenize_chat([{"role": "system", "content": "You are Ember."},
+                                       {"role": "user", "content": question}])[0]
+        engine.use_adapter(False)
+        base = probe_in_the_chats_context(engine.llm, tokens)
+        engine.use_adapter(True)
+        adapted = probe_in_the_chats_context(engine.llm, tokens)
+        assert prober.entropy(tokens) == pytest.approx(base, rel=1e-5, abs=1e-6)
+        assert prober.entropy(tokens, engine._loaded) == pytest.approx(adapted, rel=1e-5, abs=1e-6)
+        assert base != pytest.approx(adapted, rel=1e-4)   # the adapter really is applied to the probe
+    # A hot-swapped adapter: the probe's KV cache from the old one is not reused.
+    other = random_adapter(tmp_path / "other.gguf", settings.model_path, settings.cache_dir, seed=11)
+    engine.load_adapter(other, "lora-other")
+    engine.use_adapter(True)
+    assert prober.entropy(tokens, engine._loaded) == pytest.approx(
+        probe_in_the_chats_context(engine.llm, tokens), rel=1e-5, abs=1e-6)
+
+
+def _notes(db):
+    memory.upsert_records(db, [{"id": "wifi", "text": "The wifi password at the cabin is pinecone42."},
+                               {"id": "car", "text": "I parked on level four of the garage."}])
+
+
+def test_a_task_sharing_no_word_with_memory_is_decided_without_embedding_it(settings, engine, embedder, db):
+    engine.load_adapter(None, None)
+    _notes(db)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return embedder
+
+    retriever = Retriever(db, load)
+    decided = router.decide("Write a haiku about autumn leaves.", engine=engine, retriever=retriever, db=db,
+                            system=None, k=5)
+    assert not loads                              # the embedding model was not even loaded
+    assert decided.route == "base" and decided.features.dense_skipped and decided.features.similarity is None
+    assert "no note shares a word with it (not embedded)" in decided.reason
+    assert decided.features.memory_chunks == 2
+    # A word in common (the garage), or a question about the user's past: searched both ways.
+    shared = router.decide("Any tips to clean the garage?", engine=engine, retriever=retriever, db=db,
+                           system=None, k=5)
+    assert loads and not shared.features.dense_skipped and shared.features.similarity is not None
+    recall = router.decide("What did I say about autumn?", engine=engine, retriever=retriever, db=db,
+                           system=None, k=5)
+    assert recall.features.query_type == "recall" and not recall.features.dense_skipped
+    # A threshold fitted low enough for a paraphrase to reach it: the task is embedded after all.
+    routing.save_policy(db, router.encode_thresholds({"task": {"min_similarity": 0.2, "min_adapter_gain": 1.0}}),
+                        4, None, {})
+    fitted = router.decide("Write a haiku about autumn leaves.", engine=engine, retriever=retriever, db=db,
+                           system=None, k=5)
+    assert not fitted.features.dense_skipped and fitted.features.similarity is not None
+
+
+def test_no_memory_no_search(settings, engine, db):
+    engine.load_adapter(None, None)
+    loads = []
+    retriever = Retriever(db, lambda: loads.append(1))
+    decided = router.decide("What is my sister's name?", engine=engine, retriever=retriever, db=db,
+                            system=None, k=5)
+    assert decided.route == "base" and "no memory to search" in decided.reason and not loads
+
+
+def test_memories_already_in_the_prompt_are_not_recalled(settings, engine, embedder, db):
+    engine.load_adapter(None, None)
+    memory.upsert_records(db, [{"id": "gym", "text": "The gym locker code is 9931."}])
+    said = respond(db, engine, settings, "Remember this: my bike lock code is 4512.", route="base")
+    in_prompt = {said.user_message_id, said.message_id}
+    retriever = Retriever(db, embedder)
+    question = "What is my bike lock code?"
+    anywhere = router.decide(question, engine=engine, retriever=retriever, db=db, system=None, k=5)
+    assert anywhere.hits[0].message_id == said.user_message_id       # without exclusion: the message itself
+    decided = router.decide(question, engine=engine, retriever=retriever, db=db, system=None, k=5,
+                            exclude_message_ids=in_prompt)
+    assert decided.hits and not {hit.message_id for hit in decided.hits} & in_prompt
+    assert decided.hits[0].public_id == "gym"
+    # The match it would have been does not count either: the best note is no longer the message.
+    assert decided.features.similarity < anywhere.features.similarity
+    found = retriever.search(question, 5, exclude_message_ids=in_prompt)
+    assert found and not {hit.message_id for hit in found} & in_prompt
+
+
+def test_refresh_does_only_the_new_work(settings, embedder, db, home):
+    from storage.db import open_db
+
+    loads = []
+
+    def load():
+        loads.append(1)
+        return embedder
+
+    retriever = Retriever(db, load)
+    _notes(db)
+    retriever.refresh()
+    assert len(loads) == 1 and memory.stats(db)["embedded"] == 2
+    statements = []
+    db.conn.set_trace_callback(statements.append)
+    try:
+        retriever.refresh()
+        retriever.refresh()
+    finally:
+        db.conn.set_trace_callback(None)
+    assert not [s for s in statements if "messages" in s or "memory_chunks" in s], statements
+    # Another process logs a message: the next refresh indexes and embeds it.
+    other = open_db(home)
+    try:
+        conversation = convs.create_conversation(other)
+        convs.add_message(other, conversation, "user", "My sister is called Ada.")
+    finally:
+        other.close()
+    retriever.refresh()
+    assert memory.stats(db)["from_messages"] == 1 and memory.stats(db)["embedded"] == 3

@@ -1,0 +1,158 @@
+"""The router's uncertainty probe, run beside the chat, never in it.
+
+The chat's llama.cpp context holds the conversation's KV cache: evaluating anything else in it throws
+that away, and the next reply re-reads the whole history. The probe therefore runs in small contexts of
+its own, created on the engine's loaded weights (no second copy of the model): one for the base model
+and one with the adapter applied to it alone. Each keeps the tokens of its last probe in its KV cache,
+so the next probe evaluates only what differs (the chat template's system prefix is shared).
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import weakref
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from assistant.engine import Engine
+
+PROBE_TOKENS = 2
+# The probe's prompt and its greedy tokens fill one 256-token context (llama.cpp pads contexts to
+# multiples of 256, so a bigger limit would double the probe's memory).
+PROBE_MAX_TOKENS = 256 - PROBE_TOKENS
+
+
+def entropy(logits: np.ndarray) -> float:
+    """Entropy (nats) of the softmax of `logits`."""
+    z = logits.astype(np.float64) - logits.max()
+    p = np.exp(z)
+    p /= p.sum()
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclasses.dataclass
+class _Lane:
+    """One probe context and the tokens its KV cache holds."""
+
+    ctx: Any                   # llama_cpp._internals.LlamaContext
+    tokens: list[int]
+    adapter: Any = None        # the adapters.runtime.Loaded applied to it (None: the base model)
+
+
+class Prober:
+    """Entropy probes for one engine, in contexts of their own on its loaded model."""
+
+    def __init__(self, engine: Engine):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        llm = engine.llm
+        self._model = llm._model
+        self._n_vocab = llm.n_vocab()
+        self._eos = llm.token_eos()
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)  # same threads, flags
+        params.n_ctx = params.n_batch = params.n_ubatch = PROBE_MAX_TOKENS + PROBE_TOKENS
+        params.n_seq_max = 1
+        self._params = params
+        self._new_context = lambda: _internals.LlamaContext(model=self._model, params=params, verbose=False)
+        self._batch = _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._lanes: dict[bool, _Lane] = {}
+
+    def entropy(self, tokens: Sequence[int], adapter: Any = None, n: int = PROBE_TOKENS) -> float:
+        """Mean entropy (nats) of the next-token distribution over the first `n` greedy tokens after
+        `tokens`, with `adapter` (an adapters.runtime.Loaded; None: the base model)."""
+        if self._model.model is None:
+            raise RuntimeError("the engine this prober belongs to is closed")
+        if not 0 < len(tokens) <= PROBE_MAX_TOKENS:
+            raise ValueError(f"a probe takes 1 to {PROBE_MAX_TOKENS} tokens, not {len(tokens)}")
+        lane = self._lane(adapter)
+        entropies = []
+        feed = self._reuse(lane, list(tokens))
+        for _ in range(n):
+            logits = self._decode(lane, feed)
+            entropies.append(entropy(logits))
+            feed = [int(np.argmax(logits))]
+            if feed[0] == self._eos:
+                break
+        return float(np.mean(entropies))
+
+    def _lane(self, adapter: Any) -> _Lane:
+        lane = self._lanes.get(adapter is not None)
+        if lane is None:
+            lane = self._lanes[adapter is not None] = _Lane(self._new_context(), [])
+        if adapter is not lane.adapter:
+            # Another adapter (or a hot-swap): its KV was computed under other weights.
+            _apply(lane.ctx, adapter)
+            lane.adapter = adapter
+            self._forget(lane, 0)
+        return lane
+
+    def _reuse(self, lane: _Lane, tokens: list[int]) -> list[int]:
+        """Keep the KV of the longest prefix `tokens` shares with the last probe; return what is left to
+        evaluate (at least the last token, whose logits the probe needs)."""
+        keep = 0
+        limit = min(len(lane.tokens), len(tokens) - 1)
+        while keep < limit and lane.tokens[keep] == tokens[keep]:
+            keep += 1
+        self._forget(lane, keep)
+        return tokens[keep:]
+
+    def _forget(self, lane: _Lane, keep: int) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(lane.ctx.memory, 0, keep, -1)
+        del lane.tokens[keep:]
+
+    def _decode(self, lane: _Lane, feed: list[int]) -> np.ndarray:
+        import llama_cpp
+
+        self._batch.set_batch(feed, n_past=len(lane.tokens), logits_all=False)
+        lane.ctx.decode(self._batch)
+        lane.tokens += feed
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lane.ctx.ctx, -1), shape=(self._n_vocab,))
+
+    def close(self) -> None:
+        """Free the probe contexts (they are also freed with the engine's model)."""
+        for lane in self._lanes.values():
+            lane.ctx.close()
+        self._lanes.clear()
+        self._batch.close()
+
+
+def _apply(ctx: Any, loaded: Any) -> None:
+    """Apply `loaded` (an adapters.runtime.Loaded, LoRA or control vector; None: none) to one context,
+    as adapters.runtime.apply does to the chat's."""
+    import llama_cpp
+
+    from adapters.errors import AdapterInvalid
+
+    vector = loaded.vector if loaded is not None else None
+    n_embd = llama_cpp.llama_model_n_embd(llama_cpp.llama_get_model(ctx.ctx))
+    if vector is None:
+        failed = llama_cpp.llama_set_adapter_cvec(ctx.ctx, None, 0, n_embd, 0, 0)
+    else:
+        failed = llama_cpp.llama_set_adapter_cvec(ctx.ctx, vector.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                  len(vector), n_embd, 1, len(vector) // n_embd)
+    if failed:
+        raise AdapterInvalid("llama.cpp could not apply the control vector to the router's probe")
+    if loaded is None or loaded.handle is None:
+        llama_cpp.llama_set_adapters_lora(ctx.ctx, None, 0, None)
+    else:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(loaded.handle)
+        scales = (ctypes.c_float * 1)(1.0)
+        if llama_cpp.llama_set_adapters_lora(ctx.ctx, adapters, 1, scales):
+            raise AdapterInvalid(f"llama.cpp could not apply adapter {loaded.path.name} to the router's probe")
+
+
+_PROBERS: "weakref.WeakKeyDictionary[Engine, Prober]" = weakref.WeakKeyDictionary()
+
+
+def prober_for(engine: Engine) -> Prober:
+    """The engine's prober, created on first use; its contexts are freed with the engine's model."""
+    prober = _PROBERS.get(engine)
+    if prober is None:
+        prober = _PROBERS[engine] = Prober(engine)
+    return prober
