@@ -60,7 +60,7 @@ def model_dir(cache: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     archive_path = model_archive()
-    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _writable(cache)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".extract-"))
     try:
         with zipfile.ZipFile(archive_path) as archive:
@@ -112,7 +112,10 @@ def find_export(cache: Path, *, shared=_INSTALL) -> Path | None:
 
 def _writable(root: Path) -> bool:
     try:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # one level at a time: mkdir(parents=True) would make the missing parents 0755
+        for directory in [*reversed(root.parents), root]:
+            if not directory.exists():
+                directory.mkdir(mode=0o700)
     except OSError:
         return False
     return os.access(root, os.W_OK | os.X_OK)

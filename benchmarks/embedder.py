@@ -8,6 +8,7 @@ peak RSS, and the largest cosine distance between the two backends' vectors.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def run(settings: Settings, rounds: int = 3) -> dict[str, Any]:
             a, b = vectors.values()
             distance = max(distance, float((1 - (a * b).sum(1)).max()))
     result = {b: {k: statistics.median(s[k] for s in samples[b]) for k in samples[b][0]} for b in BACKENDS}
-    return {"threads": threads, "rounds": rounds, "questions": QUESTIONS, "short_texts": 1000, "long_texts": 200,
+    return {"threads": threads, "rounds": rounds, "load_average": [round(x, 2) for x in os.getloadavg()], "questions": QUESTIONS, "short_texts": 1000, "long_texts": 200,
             "backends": result, "samples": samples, "max_cosine_distance": distance}
 
 
