@@ -5,6 +5,7 @@ the running chat (between replies, never during one), and an adaptation in progr
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable
@@ -19,11 +20,12 @@ from assistant.embedder import Embedder
 from assistant.engine import Engine
 from assistant.errors import EmberError
 from assistant.retrieval import retriever_for
+from assistant.tui.driver import PrivateOutputDriver
 from assistant.tui.screens.chat import ACTIONS, ChatScreen
 from assistant.tui.widgets.status_line import progress
 from storage import activity, registry, runs
 from storage import conversations as convs
-from storage.db import open_db
+from storage.db import connections
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -40,7 +42,8 @@ class EmberApp(App):
 
     def __init__(self, settings: Settings, *, conversation_id: int | None = None,
                  engine: Engine | None = None, embedder: Embedder | None = None) -> None:
-        super().__init__()
+        # On Linux and macOS the screen is written through a descriptor of its own (see tui/driver.py).
+        super().__init__(driver_class=PrivateOutputDriver if os.name == "posix" else None)
         self.settings = settings
         self.initial_conversation = conversation_id
         self.engine = engine
@@ -49,17 +52,20 @@ class EmberApp(App):
         # llama.cpp is not thread-safe: a reply and an adapter swap each hold this while they use the engine.
         self.engine_lock = threading.Lock()
         self._swapping = False
+        self.warned: set[str] = set()   # the engine's warnings already shown (each is shown once)
         self._run_seen: str | None = None   # the adaptation run last shown as in progress
         self._loading = False
         self._present_at = time.monotonic()
         self.painted_at: float | None = None   # perf_counter() at the first paint, for `ember bench`
-        self.db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
+        # One owner for the process's connections: the UI thread's and the reply worker's.
+        self.connections = connections(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
+        self.db = self.connections.get("ui")
         convs.recover_interrupted(self.db)
         activity.record(self.db, "chat_open")   # the idle-time daemon pauses when the user comes back
         if conversation_id is not None:
             convs.get_conversation(self.db, conversation_id)   # fail before the screen opens
         # Replies stream from a worker thread; it writes through its own connection.
-        self.reply_db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
+        self.reply_db = self.connections.get("reply")
         # Memory search runs in the reply worker too; the embedding model loads on first use.
         self.retriever = retriever_for(settings, self.reply_db, embedder)
 
