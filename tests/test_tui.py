@@ -34,8 +34,12 @@ def chat(app) -> ChatScreen:
 
 
 async def send(pilot, text: str) -> None:
+    """Type `text` and press Enter; returns once the prompt has sent it (Enter waits a moment to tell
+    typing from a paste)."""
     await type_text(pilot, text)
     await pilot.press("enter")
+    prompt = pilot.app.screen.query_one(PromptInput)
+    await wait_until(pilot, lambda: not prompt.submit_pending, timeout=10)
 
 
 def header(view: MessageView) -> str:
@@ -473,7 +477,7 @@ async def test_a_corrupt_adapter_is_a_warning_and_the_chat_keeps_working(setting
         await send(pilot, "Say hello.")
         await wait_until(pilot, lambda: not chat(app).generating)
         view = app.screen.query(MessageView)[-1]
-        assert view.status == "complete" and view.content and view.route == "base"
+        assert view.status in ("complete", "length") and view.content and view.route == "base"   # 8 tokens
         assert sum("lora-broken" in message for message in said) == 1   # said once, not at every check
 
 

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import pty
+import shlex
+import shutil
 import struct
+import subprocess
 import sys
 import termios
 import threading
@@ -17,7 +21,7 @@ from storage import conversations as convs
 from storage import registry
 
 
-async def wait_until(pilot, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+async def wait_until(pilot, condition: Callable[[], bool], timeout: float = 180.0) -> None:
     """Let the app run until `condition()` holds (the model works in a thread)."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -124,3 +128,89 @@ class TerminalRun:
             if time.monotonic() > deadline:
                 raise AssertionError("the process did not exit")
             time.sleep(0.05)
+
+
+def gguf_with_template(source: Path, target: Path, template: str | None) -> Path:
+    """A copy of a GGUF model with another chat template, or (None) with none at all, as model files
+    found in the wild come; llama.cpp loads the copy like the original."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(source, "r")
+    writer = gguf.GGUFWriter(target, arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
+                             endianess=reader.endianess)
+    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment.contents()
+    key = gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    new = {} if template is None else {key: MetadataDetails(gguf.GGUFValueType.STRING, template)}
+    copy_with_new_metadata(reader, writer, new, [key] if template is None else [])
+    return target
+
+
+_sessions = itertools.count()
+
+
+class TmuxRun:
+    """The real `ember` command in a tmux window (its own tmux server): `screen()` is what a person sees.
+
+    A terminal emulator, not a byte stream: what a frame lost on its way to the terminal does to the
+    screen shows here, as it did to the user.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str], size: tuple[int, int] = (120, 40)) -> None:
+        if shutil.which("tmux") is None:
+            import pytest
+
+            pytest.skip("tmux is not installed")
+        self.socket = f"ember-test-{os.getpid()}-{next(_sessions)}"
+        self.env = env
+        command = shlex.join([sys.executable, "-m", "assistant", *args])
+        # The window stays after the program ends, so that what it printed last can be read.
+        self._tmux("new-session", "-d", "-s", "ember", "-x", str(size[0]), "-y", str(size[1]), command,
+                   ";", "set-option", "-t", "ember", "remain-on-exit", "on")
+
+    def _tmux(self, *args: str, input: bytes | None = None) -> str:
+        result = subprocess.run(["tmux", "-L", self.socket, "-f", os.devnull, *args], env=self.env,
+                                input=input, capture_output=True, timeout=30)
+        return result.stdout.decode("utf-8", "replace") if result.returncode == 0 else ""
+
+    def screen(self) -> str:
+        """The window's text as it is shown now."""
+        return self._tmux("capture-pane", "-p", "-t", "ember")
+
+    def running(self) -> bool:
+        return self._tmux("display-message", "-p", "-t", "ember", "#{pane_dead}").strip() == "0"
+
+    def exit_status(self, timeout: float = 30) -> int:
+        """Wait for the program to end; its exit status."""
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() > deadline:
+                raise AssertionError("the program did not exit")
+            time.sleep(0.1)
+        return int(self._tmux("display-message", "-p", "-t", "ember", "#{pane_dead_status}").strip())
+
+    def wait_for(self, condition: Callable[[str], bool] | str, timeout: float = 120) -> str:
+        """Poll the screen until `condition(screen)` holds (or the text is on it); returns that screen."""
+        check = (lambda screen: condition in screen) if isinstance(condition, str) else condition
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if check(screen):
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the screen never showed what was awaited; it shows:\n{screen}")
+            time.sleep(0.1)
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        """Type keys (tmux names: Enter, C-j, Escape …), or with `literal` the characters as they are."""
+        self._tmux("send-keys", "-t", "ember", *(["-l"] if literal else []), *keys)
+
+    def paste(self, text: str) -> None:
+        """Paste as a terminal does: bracketed when the program asked for it, line feeds sent as returns."""
+        self._tmux("load-buffer", "-", input=text.encode())
+        self._tmux("paste-buffer", "-p", "-d", "-t", "ember")
+
+    def close(self) -> None:
+        self._tmux("kill-server")

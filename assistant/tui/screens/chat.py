@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 
-from textual import work
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message
-from textual.widgets import Footer, Input, Label, ListView
+from textual.widgets import Footer, Label, ListView
 
-from assistant.conversation import Exchange, check_prompt, resolve_route, respond
-from assistant.errors import EmberError
+from assistant.conversation import resolve_route
+from assistant.display import display_title, one_line
 from assistant.tui.errors import shows_errors
 from assistant.tui.screens.chat_feedback import FeedbackActions
+from assistant.tui.screens.chat_reply import BUSY, ReplyActions
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
 from assistant.tui.screens.search import SearchScreen
 from assistant.tui.widgets.conversation_list import EXCLUDED_MARK, ConversationItem, ConversationList
@@ -24,8 +23,6 @@ from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
 from storage import feedback, memory, routing
-
-PAINT_INTERVAL = 0.1   # seconds between repaints of a streaming reply
 
 # Every action here also appears in the command palette (see EmberApp.get_system_commands).
 ACTIONS = [
@@ -47,17 +44,9 @@ ACTIONS = [
 ]
 
 
-class ReplyPiece(Message):
-    """A piece of a streaming reply, posted from the generation thread."""
-
-    def __init__(self, view: MessageView, piece: str) -> None:
-        super().__init__()
-        self.view = view
-        self.piece = piece
-
-
-class ChatScreen(FeedbackActions):
-    """Chat with the model; every exchange is logged as it happens (feedback actions: `FeedbackActions`)."""
+class ChatScreen(ReplyActions, FeedbackActions):
+    """Chat with the model; every exchange is logged as it happens (sending and streaming: `ReplyActions`;
+    feedback: `FeedbackActions`)."""
 
     # Most used first: a narrow footer cuts off the last ones (all are in the palette, Ctrl+P).
     BINDINGS = [
@@ -101,6 +90,8 @@ class ChatScreen(FeedbackActions):
         self.refresh_sidebar()
         self.open_conversation(self.conversation_id)
         self.query_one(PromptInput).focus()
+        if self.app.engine is not None:
+            self.show_engine_warnings()
         self.call_after_refresh(self.app.chat_painted)
 
     def on_unmount(self) -> None:
@@ -108,10 +99,6 @@ class ChatScreen(FeedbackActions):
         # (The app's own unmount comes after its screens are gone.)
         if self.cancel is not None:
             self.cancel.set()
-
-    @property
-    def generating(self) -> bool:
-        return self.cancel is not None
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # Esc (and its footer key) only means something while a reply is being written.
@@ -169,7 +156,7 @@ class ChatScreen(FeedbackActions):
         """Show the open conversation's title as stored (titles change on the first message), and
         whether it is kept out of learning."""
         title = ("New conversation" if self.conversation_id is None
-                 else convs.get_conversation(self.app.db, self.conversation_id)["title"])
+                 else display_title(convs.get_conversation(self.app.db, self.conversation_id)["title"]))
         excluded = self.conversation_id is not None and feedback.is_excluded(self.app.db, self.conversation_id)
         label = self.query_one("#conversation-title", Label)
         label.update(f"{title}  {EXCLUDED_MARK} not used for learning" if excluded else title)
@@ -179,105 +166,22 @@ class ChatScreen(FeedbackActions):
         """Called by the app when the model has loaded."""
         if not self.generating:
             self.query_one(StatusLine).state = "ready"
+        self.show_engine_warnings()
 
-    # ---- sending and streaming ------------------------------------------------------------
-    @shows_errors
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        if not isinstance(event.input, PromptInput):
-            return
-        text = event.value
-        try:
-            check_prompt(text)
-        except EmberError as err:
-            self.notify(str(err), severity="warning")
-            return
-        if self.generating:
-            self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
-            return
-        if self.app.engine_error:
-            self.notify(self.app.engine_error, severity="error")
-            return
-        event.input.value = ""
-        if self.conversation_id is None:
-            self.conversation_id = convs.create_conversation(self.app.db)
-        log = self.query_one("#log", VerticalScroll)
-        reply = MessageView("assistant", status="generating")
-        log.mount_all([MessageView("user", text), reply])
-        log.anchor()
-        self.cancel = threading.Event()
-        self.refresh_bindings()
-        self.query_one(StatusLine).state = "thinking…" if self.app.engine else "waiting for the model…"
-        self.stream_reply(self.conversation_id, text, reply, self.cancel)
+    def show_engine_warnings(self) -> None:
+        """Say once, in the status line, what the user should know about the model (e.g. that its GGUF
+        has no chat template, so replies use a fallback format); the first reply clears it."""
+        warnings = [w for w in self.app.engine.warnings if w not in self.app.warned]
+        if warnings:
+            self.app.warned.update(warnings)
+            self.query_one(StatusLine).notice = "; ".join(one_line(w) for w in warnings)
 
-    @work(thread=True, group="reply")
-    def stream_reply(self, conversation_id: int, text: str, view: MessageView,
-                     cancel: threading.Event) -> None:
-        """Generate off the UI thread, with the app's second database connection."""
-        app = self.app
-        app.engine_ready.wait()
-        pending: list[str] = []
-        flushed = 0.0
-
-        def flush() -> None:
-            if pending:
-                self.post_message(ReplyPiece(view, "".join(pending)))
-                pending.clear()
-
-        def on_piece(piece: str) -> None:
-            # Paint at most ~16 times a second: per-token repaints take CPU from generation.
-            nonlocal flushed
-            pending.append(piece)
-            if time.monotonic() - flushed >= PAINT_INTERVAL:
-                flush()
-                flushed = time.monotonic()
-
-        try:
-            if app.engine is None:
-                raise EmberError(app.engine_error or "the model is not loaded")
-            with app.engine_lock:   # no adapter swap while the model writes
-                app.sync_adapter_locked(app.reply_db)   # a newly promoted adapter answers this one
-                exchange = respond(app.reply_db, app.engine, app.settings, text, route=self.route,
-                                   retriever=app.retriever, conversation_id=conversation_id,
-                                   cancel=cancel, on_piece=on_piece)
-        except EmberError as err:
-            app.call_from_thread(self._reply_failed, view, text, str(err))
-        else:
-            flush()
-            app.call_from_thread(self._reply_done, view, exchange)
-
-    async def on_reply_piece(self, message: ReplyPiece) -> None:
-        if message.view.is_attached:
-            self.query_one(StatusLine).state = "replying… (Esc cancels)"
-            await message.view.append(message.piece)
-
-    @shows_errors
-    async def _reply_done(self, view: MessageView, exchange: Exchange) -> None:
-        self.cancel = None
-        self.refresh_bindings()
-        view.message_id, view.route, view.adapter = exchange.message_id, exchange.route, exchange.adapter
-        if view.is_attached:
-            await view.end_stream()
-            view.set_status(exchange.status)
-            await view.show_memories([dict(h.as_json(), id=h.id) for h in exchange.memories])
-        status = self.query_one(StatusLine)
-        status.state = "ready" if exchange.status == "complete" else f"reply {exchange.status}"
-        status.speed = exchange.tokens_per_second or status.speed
-        self.show_engine_state()
-        if exchange.conversation_id == self.conversation_id:
-            self.show_title()
-        self.refresh_sidebar()
-
-    async def _reply_failed(self, view: MessageView, text: str, error: str) -> None:
-        self.cancel = None
-        self.refresh_bindings()
-        if view.is_attached:
-            await view.remove()
+    def on_paste(self, event: events.Paste) -> None:
+        # A paste while the sidebar (say) has focus goes to the prompt, whole, rather than nowhere.
         prompt = self.query_one(PromptInput)
-        if not prompt.value:
-            prompt.value = text   # nothing typed is lost
-        self.query_one(StatusLine).state = "ready" if self.app.engine else "model not loaded"
-        self.notify(error, severity="error", timeout=8)
-        self.refresh_sidebar()
+        if self.focused is not prompt:
+            prompt.focus()
+            prompt.replace(event.text, *prompt.selection, maintain_selection_offset=False)
 
     # ---- actions ----------------------------------------------------------------------------
     def action_cancel_reply(self) -> None:
@@ -289,7 +193,7 @@ class ChatScreen(FeedbackActions):
     @shows_errors
     def action_new_conversation(self) -> None:
         if self.generating:
-            self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
+            self.notify(BUSY, severity="warning")
             return
         self.open_conversation(None)
         self.refresh_sidebar()
@@ -303,7 +207,7 @@ class ChatScreen(FeedbackActions):
     def switch_to(self, conversation_id: int) -> None:
         """Open another conversation (not while a reply is being written)."""
         if self.generating:
-            self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
+            self.notify(BUSY, severity="warning")
             self.refresh_sidebar()
             return
         self.open_conversation(conversation_id)
@@ -315,7 +219,7 @@ class ChatScreen(FeedbackActions):
         if self.conversation_id is None:
             self.notify("Send a message first: a new conversation is saved when it has one.")
             return
-        current = convs.get_conversation(self.app.db, self.conversation_id)["title"]
+        current = one_line(convs.get_conversation(self.app.db, self.conversation_id)["title"])
         self.app.push_screen(RenameScreen(current), self._renamed)
 
     @shows_errors
@@ -330,17 +234,24 @@ class ChatScreen(FeedbackActions):
         if self.conversation_id is None:
             return
         if self.generating:
-            self.notify("Ember is still replying; Esc cancels the reply.", severity="warning")
+            self.notify(BUSY, severity="warning")
             return
-        title = convs.get_conversation(self.app.db, self.conversation_id)["title"]
-        self.app.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"), self._delete_answered)
+        title = display_title(convs.get_conversation(self.app.db, self.conversation_id)["title"])
+        counts = convs.preview_delete(self.app.db, self.conversation_id)
+        what = f"This deletes {counted(counts['messages'], 'message')} and {counted(counts['memories'], 'memory')}"
+        what += " made from them." if counts["messages"] else "."
+        if counts.get("adapters_tainted"):
+            what += f" {counted(counts['adapters_tainted'], 'adapter')} trained on them will be withdrawn."
+        self.app.push_screen(ConfirmScreen(f"Delete “{title}”?\n\n{what}"),
+                             functools.partial(self._delete_answered, self.conversation_id))
 
     @shows_errors
-    def _delete_answered(self, yes: bool | None) -> None:
-        if yes and self.conversation_id is not None:
-            title = convs.get_conversation(self.app.db, self.conversation_id)["title"]
-            convs.delete_conversation(self.app.db, self.conversation_id)
-            self.notify(f"Deleted “{title}”.")
+    def _delete_answered(self, conversation_id: int, yes: bool | None) -> None:
+        if yes:
+            title = display_title(convs.get_conversation(self.app.db, conversation_id)["title"])
+            done = convs.delete_conversation(self.app.db, conversation_id)
+            self.notify(f"Deleted “{title}”: {counted(done['messages'], 'message')}, "
+                        f"{counted(done['memories'], 'memory')}.")
             self.open_conversation(None)
             self.refresh_sidebar()
 
@@ -403,3 +314,10 @@ class ChatScreen(FeedbackActions):
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one(ConversationList)
         sidebar.display = not sidebar.display
+
+
+def counted(n: int, word: str) -> str:
+    """`1 message`, `3 messages`, `2 memories`."""
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"

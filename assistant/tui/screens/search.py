@@ -9,6 +9,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 
+from assistant.display import display_title, one_line
 from assistant.tui.errors import shows_errors
 from storage import conversations as convs
 
@@ -31,7 +32,7 @@ class SearchScreen(ModalScreen[int | None]):
         results = self.query_one(OptionList)
         results.clear_options()
         results.add_options(
-            Option(Text(f"{hit['title']} — {hit['role']}: {' '.join(hit['snippet'].split())}"),
+            Option(Text(f"{display_title(hit['title'])} — {hit['role']}: {one_line(hit['snippet'])}"),
                    id=f"{hit['conversation_id']}:{hit['message_id']}")
             for hit in hits)
         self.query_one("#search-help", Label).update(

@@ -5,6 +5,8 @@ from typing import Any, Collection
 
 from textual.widgets import Label, ListItem, ListView
 
+from assistant.display import display_title
+
 EXCLUDED_MARK = "⊘"   # kept out of learning
 
 
@@ -12,10 +14,11 @@ class ConversationItem(ListItem):
     """One conversation in the sidebar; a mark shows it is kept out of learning."""
 
     def __init__(self, conversation: dict[str, Any], *, excluded: bool = False) -> None:
-        title = f"{EXCLUDED_MARK} {conversation['title']}" if excluded else conversation["title"]
-        super().__init__(Label(title, markup=False))
+        # Shown sanitised: an empty title, or one with escapes or line breaks, would break the list.
+        title = display_title(conversation["title"])
+        super().__init__(Label(f"{EXCLUDED_MARK} {title}" if excluded else title, markup=False))
         self.conversation_id: int = conversation["id"]
-        self.title = conversation["title"]
+        self.title = title
         self.excluded = excluded
 
 

@@ -1,5 +1,6 @@
-"""One message in the chat log: a header line (who, route, how it ended, the user's rating) and a
-Markdown body (the user's edit of a reply, when there is one)."""
+"""One message in the chat log: a header line (who, route, how it ended, the user's rating) and a body
+(the user's words as written; a reply as Markdown, or the user's edit of it); and the note above a reply
+whose oldest messages no longer fit the model's context."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,12 +8,16 @@ from typing import Any
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import Button, Collapsible, Label, Markdown
+from textual.widgets import Button, Collapsible, Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from assistant.tui.widgets.status_line import short_id
 
-MARKS = {"cancelled": "⏹ cancelled", "interrupted": "⚠ interrupted", "generating": "…"}
+# How a reply ended, when not simply complete (statuses from storage/conversations.py, plus "failed": the
+# request raised before a reply was written, which the chat shows but does not store).
+MARKS = {"cancelled": "⏹ cancelled", "interrupted": "⚠ interrupted", "generating": "…",
+         "length": "✂ cut off at the token limit", "empty": "∅ empty reply", "failed": "⚠ not answered"}
+ENDED_SHORT = ("cancelled", "interrupted", "length", "empty")
 RATING_MARKS = {"up": "👍", "down": "👎"}
 
 
@@ -43,6 +48,16 @@ class MemoryItem(Horizontal):
         self.post_message(ForgetMemory(self.memory["id"]))
 
 
+class DroppedNote(Label):
+    """Above a reply: how many of the conversation's oldest messages the model no longer saw."""
+
+    def __init__(self, dropped: int) -> None:
+        what = (f"{dropped} earlier messages no longer fit; they are in memory" if dropped != 1
+                else "1 earlier message no longer fits; it is in memory")
+        super().__init__(f"⋯ {what}", classes="dropped-note", markup=False)
+        self.dropped = dropped
+
+
 class MessageView(Vertical):
     """A user or assistant message; assistant replies can be streamed into it."""
 
@@ -60,8 +75,10 @@ class MessageView(Vertical):
         self.adapter = adapter
         self.rating = rating         # up | down | None
         self.edit = edit             # what the user wanted the reply to say, or None
+        self.error: str | None = None   # why a failed request has no reply
         self._stream: MarkdownStream | None = None
-        self.set_class(status in ("cancelled", "interrupted"), "partial")
+        self._header_label: Label | None = None
+        self.set_class(status in ENDED_SHORT, "partial")
         self.set_class(edit is not None, "edited")
 
     @property
@@ -70,8 +87,13 @@ class MessageView(Vertical):
         return self.content if self.edit is None else self.edit
 
     def compose(self) -> ComposeResult:
-        yield Label(self._header(), classes="message-header", markup=False)
-        yield Markdown(self.text, classes="message-body")
+        self._header_label = Label(self._header(), classes="message-header", markup=False)
+        yield self._header_label
+        if self.role == "user":
+            # Literally, line for line: Markdown would join a pasted list's lines into one paragraph.
+            yield Static(self.text, classes="message-body", markup=False)
+        else:
+            yield Markdown(self.text, classes="message-body")
         if self.memories:
             yield self._memories_panel()
 
@@ -95,7 +117,7 @@ class MessageView(Vertical):
             uses_adapter = self.route in ("adapter", "both") and self.adapter
             parts.append(f"route: {self.route}" + (f" ({short_id(self.adapter)})" if uses_adapter else ""))
         if self.status in MARKS:
-            parts.append(MARKS[self.status])
+            parts.append(MARKS[self.status] + (f": {self.error}" if self.error else ""))
         if self.rating in RATING_MARKS:
             parts.append(RATING_MARKS[self.rating])
         if self.edit is not None:
@@ -103,13 +125,22 @@ class MessageView(Vertical):
         return " · ".join(parts)
 
     def _update_header(self) -> None:
-        if self.is_mounted:
-            self.query_one(".message-header", Label).update(self._header())
+        # The label, not `is_mounted`: a request that fails at once ends before the view's mount does.
+        if self._header_label is not None:
+            self._header_label.update(self._header())
 
     def set_status(self, status: str) -> None:
         """Show how the reply ended."""
         self.status = status
-        self.set_class(status != "complete", "partial")
+        self.set_class(status in ENDED_SHORT, "partial")
+        self._update_header()
+
+    def set_failed(self, error: str) -> None:
+        """Show that the request failed before a reply was written, and why (one line)."""
+        self.error = " ".join(error.split())
+        self.status = "failed"
+        self.remove_class("partial")
+        self.add_class("failed")
         self._update_header()
 
     def set_rating(self, rating: str | None) -> None:

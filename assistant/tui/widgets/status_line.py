@@ -1,5 +1,5 @@
-"""The status line: model, adapter in use, memory, route, speed of the last reply, what Ember is doing,
-and, while one runs, the adaptation's progress on a second line."""
+"""The status line: model, adapter in use, memory, route, speed of the last reply, what Ember is doing;
+below it, while there is one, a warning about the model (once, at start) and an adaptation's progress."""
 from __future__ import annotations
 
 from typing import Any
@@ -40,7 +40,7 @@ def progress(run: dict[str, Any]) -> str:
 
 
 class StatusLine(Static):
-    """The line at the bottom of the chat (two lines while an adaptation runs)."""
+    """The line at the bottom of the chat (one more line for a notice, one for an adaptation running)."""
 
     model: reactive[str] = reactive("")
     adapter: reactive[str | None] = reactive(None)
@@ -49,6 +49,7 @@ class StatusLine(Static):
     memory: reactive[str] = reactive("auto")     # auto (the router decides) | on | off
     route: reactive[str] = reactive("auto")     # the route the next reply takes (auto: decided per reply)
     adapting: reactive[str | None] = reactive(None, layout=True)
+    notice: reactive[str | None] = reactive(None, layout=True)   # e.g. the model has no chat template
 
     def render(self) -> Text:
         speed = f"{self.speed:.1f} tok/s" if self.speed else "– tok/s"
@@ -56,6 +57,8 @@ class StatusLine(Static):
         # Text, not markup: a model file name may contain brackets.
         text = Text(f"model: {self.model} │ adapter: {adapter} │ memory: {self.memory} │ "
                     f"route: {self.route} │ {speed} │ {self.state}")
+        if self.notice:
+            text.append(f"\n⚠ {self.notice}", style="bold")
         if self.adapting:
             text.append(f"\n{self.adapting}", style="italic")
         return text

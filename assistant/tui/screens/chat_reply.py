@@ -1,0 +1,165 @@
+"""The chat screen's sending and streaming: the user's words are stored first, then the reply streams.
+
+The message is committed (`log_question`) the moment the user sends it, before the model has even
+loaded; everything after (routing, memories, the chat template, generation) may fail without losing it.
+The reply streams from a worker thread through the app's second connection, and shows how it ended:
+its status mark, a note when old messages no longer fit, or the one-line error that stopped it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from textual import work
+from textual.containers import VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+
+from assistant.conversation import Exchange, Question, check_prompt, log_question, respond
+from assistant.errors import EmberError
+from assistant.tui.errors import shows_errors
+from assistant.tui.widgets.message import DroppedNote, MessageView
+from assistant.tui.widgets.prompt import PromptInput
+from assistant.tui.widgets.status_line import StatusLine
+
+PAINT_INTERVAL = 0.1   # seconds between repaints of a streaming reply
+BUSY = "Ember is still replying; Esc cancels the reply."
+
+
+class ReplyPiece(Message):
+    """A piece of a streaming reply, posted from the generation thread."""
+
+    def __init__(self, view: MessageView, piece: str) -> None:
+        super().__init__()
+        self.view = view
+        self.piece = piece
+
+
+class ReplyActions(Screen):
+    """Sending and streaming, mixed into `ChatScreen` (which provides the log, title and sidebar)."""
+
+    conversation_id: int | None
+    cancel: threading.Event | None
+    route: str
+
+    @property
+    def generating(self) -> bool:
+        """A reply is being written (Esc cancels it)."""
+        return self.cancel is not None
+
+    @shows_errors
+    def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
+        # Until the message is stored, every refusal leaves the text in the box.
+        text = event.text
+        try:
+            check_prompt(text)
+        except EmberError as err:
+            self.notify(str(err), severity="warning")
+            return
+        if self.generating:
+            self.notify(BUSY, severity="warning")
+            return
+        if self.app.engine_error:
+            self.notify(self.app.engine_error, severity="error")
+            return
+        question = log_question(self.app.db, text, conversation_id=self.conversation_id)
+        self.conversation_id = question.conversation_id
+        event.prompt.take(text)
+        log = self.query_one("#log", VerticalScroll)
+        reply = MessageView("assistant", status="generating")
+        log.mount_all([MessageView("user", text, message_id=question.message_id), reply])
+        log.anchor()
+        self.cancel = threading.Event()
+        self.refresh_bindings()
+        self.query_one(StatusLine).state = "thinking…" if self.app.engine else "waiting for the model…"
+        self.show_title()
+        self.refresh_sidebar()
+        self.stream_reply(question, reply, self.cancel)
+
+    @work(thread=True, group="reply")
+    def stream_reply(self, question: Question, view: MessageView, cancel: threading.Event) -> None:
+        """Generate off the UI thread, with the app's second database connection."""
+        app = self.app
+        app.engine_ready.wait()
+        pending: list[str] = []
+        flushed = 0.0
+
+        def flush() -> None:
+            if pending:
+                self.post_message(ReplyPiece(view, "".join(pending)))
+                pending.clear()
+
+        def on_piece(piece: str) -> None:
+            # Paint at most ~16 times a second: per-token repaints take CPU from generation.
+            nonlocal flushed
+            pending.append(piece)
+            if time.monotonic() - flushed >= PAINT_INTERVAL:
+                flush()
+                flushed = time.monotonic()
+
+        try:
+            if app.engine is None:
+                raise EmberError(app.engine_error or "the model is not loaded")
+            with app.engine_lock:   # no adapter swap while the model writes
+                app.sync_adapter_locked(app.reply_db)   # a newly promoted adapter answers this one
+                exchange = respond(app.reply_db, app.engine, app.settings, question, route=self.route,
+                                   retriever=app.retriever, cancel=cancel, on_piece=on_piece)
+        except EmberError as err:
+            app.call_from_thread(self._reply_failed, view, str(err))
+        except Exception as err:
+            # A bug, not the user's doing: one line, as `ember` prints it. Textual's crash report would
+            # print the worker's locals, the user's message among them. EMBER_DEBUG=1 shows it all.
+            if os.environ.get("EMBER_DEBUG"):
+                raise
+            app.call_from_thread(self._reply_failed, view,
+                                 f"internal error: {type(err).__name__}: {err} (EMBER_DEBUG=1 for details)")
+        else:
+            flush()
+            app.call_from_thread(self._reply_done, view, exchange)
+
+    async def on_reply_piece(self, message: ReplyPiece) -> None:
+        if message.view.is_attached:
+            self.query_one(StatusLine).state = "replying… (Esc cancels)"
+            await message.view.append(message.piece)
+
+    @shows_errors
+    async def _reply_done(self, view: MessageView, exchange: Exchange) -> None:
+        self.cancel = None
+        self.refresh_bindings()
+        view.message_id, view.route, view.adapter = exchange.message_id, exchange.route, exchange.adapter
+        if view.is_attached:
+            await view.end_stream()
+            view.set_status(exchange.status)
+            await view.show_memories([dict(h.as_json(), id=h.id) for h in exchange.memories])
+            if exchange.dropped_messages:
+                await self.query_one("#log", VerticalScroll).mount(DroppedNote(exchange.dropped_messages),
+                                                                  before=view)
+        status = self.query_one(StatusLine)
+        status.state = "ready" if exchange.status == "complete" else f"reply {exchange.status}"
+        status.speed = exchange.tokens_per_second or status.speed
+        status.notice = None   # a warning shown at start-up has been seen by now
+        self.show_engine_state()
+        if exchange.conversation_id == self.conversation_id:
+            self.show_title()
+        self.refresh_sidebar()
+
+    def _reply_failed(self, view: MessageView, error: str) -> None:
+        # The user's message is stored (it was committed before the request began): it stays on screen,
+        # and the reply says in one line why there is none.
+        self.cancel = None
+        self.refresh_bindings()
+        if view.is_attached:
+            view.set_failed(error)
+        self.query_one(StatusLine).state = "ready" if self.app.engine else "model not loaded"
+        self.notify(error, severity="error", timeout=8)
+        self.refresh_sidebar()
+
+    def show_title(self) -> None:   # provided by ChatScreen
+        raise NotImplementedError
+
+    def refresh_sidebar(self) -> None:   # provided by ChatScreen
+        raise NotImplementedError
+
+    def show_engine_state(self) -> None:   # provided by ChatScreen
+        raise NotImplementedError
