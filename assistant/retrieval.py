@@ -125,7 +125,7 @@ class Retriever:
         self.db = db
         self._embedder = embedder
         # BM25 runs on its own connection in a thread while the question is embedded: SQLite and
-        # torch both release the GIL, so the two overlap.
+        # onnxruntime both release the GIL, so the two overlap.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bm25")
         self._reader: sqlite_utils.Database | None = None
         self._synced: tuple[int, int] | None = None     # the database's state after the last sync

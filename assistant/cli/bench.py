@@ -11,6 +11,8 @@ from assistant.errors import InvalidInput
 
 BENCHMARKS = {
     "engine": "Ember's engine vs bare llama-cpp-python: decode tok/s, time to first token, chat start-up",
+    "embedder": "the embedder: onnxruntime (what Ember runs) vs sentence-transformers on torch: import, load, "
+                "question latency, bulk throughput, peak RSS, agreement",
     "memory": "memory ingest throughput and search latency at 10k and 100k chunks",
     "recall": "recall@5/10 of evidence turns on MemoryBank: BM25, dense and hybrid side by side",
     "adapt": "DP and non-DP LoRA on a synthetic user: s/step, examples/s, peak RSS, learning, canary exposure",
@@ -24,9 +26,11 @@ BENCHMARKS = {
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("benchmarks/results"), show_default=True)
+@click.option("--quick", is_flag=True,
+              help="A small run that checks the benchmark works (engine: 500 memory chunks, not 10,000).")
 @model_option
 @json_option
-def bench(name, rounds, output_dir, model, as_json):
+def bench(name, rounds, output_dir, model, as_json, quick):
     """Run benchmark NAME (omit it to list them)."""
     if name is None:
         for key, what in BENCHMARKS.items():
@@ -38,7 +42,7 @@ def bench(name, rounds, output_dir, model, as_json):
 
     module = importlib.import_module(f"benchmarks.{name}")
     settings = settings_from(model=model)
-    result = module.run(settings, rounds=rounds)
+    result = module.run(settings, rounds=rounds, **({"quick": True} if quick else {}))
     path = write_result(output_dir, name, result)
     if as_json:
         print_json(result)
