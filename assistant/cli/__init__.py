@@ -88,5 +88,10 @@ class EmberGroup(click.Group):
 
 @click.group(cls=EmberGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ember")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's own log on stderr (kept out of sight otherwise).")
+def main(verbose: bool) -> None:
     """Ember: a private assistant that runs and learns on this device."""
+    if verbose:
+        from adapters import llama_log
+
+        llama_log.install(verbose=True)
