@@ -50,7 +50,7 @@ def offenders(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
             for p in files for line, name in imports(p) if within(name, forbidden)]
 
 
-def test_the_walk_sees_imports_inside_functions_and_relative_ones(tmp_path):
+def test_the_walk_sees_imports_inside_functions():
     assert within("assistant.cli.adapt", FRONT_ENDS) and not within("assistant.client", FRONT_ENDS)
     daemon = ROOT / "assistant" / "daemon.py"
     assert any(name == "assistant.adaptation" for _, name in imports(daemon))   # imported inside a method
