@@ -27,7 +27,7 @@ from typing import Any, Callable
 from assistant.config import Settings
 from assistant.errors import EmberError, InvalidInput
 from storage import activity, ledger, runs
-from storage.db import open_db
+from storage.db import connections
 
 LOG_NAME = "daemon.jsonl"
 # Peak RSS of each method's run on the default model, used until this machine has finished runs of its
@@ -189,7 +189,7 @@ class Daemon:
         self.sensors = sensors or Sensors()
         self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
         self._adapt = adapt
-        self.db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
+        self.db = connections(settings.home, busy_timeout_ms=settings.busy_timeout_ms).get("daemon")
         self.stopping = threading.Event()
         self.busy = threading.Lock()        # held by a check and the run it starts
         self.seen_at_start: str | None = None

@@ -18,7 +18,9 @@ NEW_TITLE = "New conversation"
 TITLE_CHARS = 60
 ROLES = ("system", "user", "assistant")
 # A reply's life: written as `generating` while it streams, then one of the final states.
-FINAL_STATUSES = ("complete", "cancelled", "interrupted")
+# complete: the model ended its turn; length: it hit the token limit (a reply that may loop, never learned
+# from as approved text); empty: it ended without a word; cancelled, interrupted: cut short.
+FINAL_STATUSES = ("complete", "length", "empty", "cancelled", "interrupted")
 
 
 def now() -> str:

@@ -13,7 +13,7 @@ import sqlite_utils
 from assistant.config import Settings, load_settings
 from assistant.errors import EmberError
 from storage import conversations as convs
-from storage.db import open_db
+from storage.db import connections
 
 
 def model_option(fn: Callable) -> Callable:
@@ -34,7 +34,7 @@ def settings_from(**flags: Any) -> Settings:
 
 def open_store(settings: Settings) -> sqlite_utils.Database:
     """The user's database, with replies orphaned by a killed process marked interrupted."""
-    db = open_db(settings.home, busy_timeout_ms=settings.busy_timeout_ms)
+    db = connections(settings.home, busy_timeout_ms=settings.busy_timeout_ms).get("main")
     convs.recover_interrupted(db)
     return db
 
