@@ -54,10 +54,11 @@ DEFAULTS: dict[str, dict[str, float]] = {
 }
 MIN_ITEMS_PER_TYPE = 4     # fewer labelled items of a type than this: its defaults stay
 # A task or open question that shares no content word with any note is not embedded when its type's
-# threshold asks for at least this similarity. On MemoryBank (benchmarks/dense_skip.py: 15 users' 566
-# exchanges as memory, 435 task and open questions) the 12 questions that matched no word had no note
-# above 0.32 cosine, while every one of the 104 with a note at 0.60 or more shared words with it.
-# Recall and temporal questions are always searched both ways: their thresholds are low (0.30-0.35).
+# threshold asks for at least this similarity. Measured on MemoryBank (benchmarks/dense_skip.py: 1,340
+# task and open questions against 15 users' earlier days, alone and pooled): the 554 that shared no word
+# had no note above 0.42 cosine, and skipping them changed no route. Recall and temporal questions are
+# always embedded: their thresholds are low (0.30-0.35), and one temporal question sharing no word
+# did reach 0.34.
 DENSE_SKIP_MIN_SIMILARITY = 0.5
 
 _RECALL = re.compile(
