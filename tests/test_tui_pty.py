@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -82,6 +83,46 @@ def test_a_past_conversation_is_on_screen_at_first_paint(home, chat_env):
         finally:
             term.close()
     assert blank == 0, f"{blank} of 8 first paints left the conversation blank"
+
+
+# A Textual app that paints while another thread points descriptor 2 at /dev/null for a second, as
+# llama-cpp-python's quiet model load does (the engine no longer does, but any other loader may).
+REDIRECTING_APP = """
+import os, sys, threading, time
+from textual.app import App
+from textual.widgets import Static
+from assistant.tui.driver import PrivateOutputDriver
+
+class Probe(App):
+    def compose(self):
+        yield Static("starting", id="text")
+        yield Static("loading", id="status")
+
+    def on_mount(self):
+        self.call_after_refresh(threading.Thread(target=self.quiet_load).start)
+
+    def quiet_load(self):
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        self.call_from_thread(self.query_one("#text").update, "painted during the load")
+        time.sleep(1.0)
+        os.dup2(saved, 2)
+        self.call_from_thread(self.query_one("#status").update, "ready")   # as the chat's status line
+
+Probe(driver_class=PrivateOutputDriver if sys.argv[1] == "private" else None).run()
+"""
+
+
+@pytest.mark.parametrize("driver, shown", [("private", True), ("textual", False)])
+def test_frames_painted_while_stderr_is_redirected_reach_the_terminal(driver, shown, tmp_path):
+    """The chat's driver keeps frames that Textual's own loses (the control run shows the fault)."""
+    term = TmuxRun([driver], dict(os.environ), program=[sys.executable, "-c", REDIRECTING_APP])
+    try:
+        term.wait_for("ready", timeout=60)    # the "load" is over and what changed since is painted
+        time.sleep(0.5)
+        assert ("painted during the load" in term.screen()) is shown
+    finally:
+        term.close()
 
 
 def test_pastes_and_new_lines_in_a_real_terminal_are_stored_whole(home, chat_env, ember):

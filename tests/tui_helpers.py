@@ -158,14 +158,15 @@ class TmuxRun:
     screen shows here, as it did to the user.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str], size: tuple[int, int] = (120, 40)) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], size: tuple[int, int] = (120, 40), *,
+                 program: list[str] | None = None) -> None:
         if shutil.which("tmux") is None:
             import pytest
 
             pytest.skip("tmux is not installed")
         self.socket = f"ember-test-{os.getpid()}-{next(_sessions)}"
         self.env = env
-        command = shlex.join([sys.executable, "-m", "assistant", *args])
+        command = shlex.join([*(program or [sys.executable, "-m", "assistant"]), *args])
         # The window stays after the program ends, so that what it printed last can be read.
         self._tmux("new-session", "-d", "-s", "ember", "-x", str(size[0]), "-y", str(size[1]), command,
                    ";", "set-option", "-t", "ember", "remain-on-exit", "on")
