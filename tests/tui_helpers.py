@@ -170,6 +170,7 @@ class TmuxRun:
         # The window stays after the program ends, so that what it printed last can be read.
         self._tmux("new-session", "-d", "-s", "ember", "-x", str(size[0]), "-y", str(size[1]), command,
                    ";", "set-option", "-t", "ember", "remain-on-exit", "on")
+        self.socket_path = self._tmux("display-message", "-p", "#{socket_path}").strip()
 
     def _tmux(self, *args: str, input: bytes | None = None) -> str:
         result = subprocess.run(["tmux", "-L", self.socket, "-f", os.devnull, *args], env=self.env,
@@ -215,3 +216,5 @@ class TmuxRun:
 
     def close(self) -> None:
         self._tmux("kill-server")
+        if self.socket_path:   # tmux leaves its socket file behind when killed
+            Path(self.socket_path).unlink(missing_ok=True)
