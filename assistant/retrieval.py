@@ -239,9 +239,13 @@ class Retriever:
             signals["bm25"] = ranked[0][1] if ranked else None
         else:
             words: list[tuple[int, float]] | None = None
-            lexical = None
+            lexical = early = None
             if mode == "hybrid" and dense_if is not None:
-                # BM25 first, on this thread: its answer decides whether the question is embedded.
+                # BM25 first, on this thread: its answer decides whether the question is embedded. A model
+                # already loaded embeds it meanwhile on the other thread (not waited for when BM25 settles
+                # it); one not loaded yet is loaded only if it is needed.
+                if isinstance(self._embedder, Embedder):
+                    early = self._pool.submit(self._embedder.encode_query, question)
                 words = matching(kept(self.bm25(question, pool)))
                 signals["bm25"] = words[0][1] if words else None
             elif mode == "hybrid":
@@ -251,7 +255,7 @@ class Retriever:
             else:
                 signals["dense"] = True
                 self.embed_pending()     # chunks synced since the last search get their vectors now
-                vector = self.embedder.encode_query(question)
+                vector = early.result() if early is not None else self.embedder.encode_query(question)
                 dense = kept(self.dense(question, pool, vector))
                 scores = [score for _, score in matching(dense[:6])]
                 if scores:

@@ -229,9 +229,7 @@ def features_for(question: str, *, engine: Engine, retriever: Retriever | None, 
     if loaded is not None:
         # Beside the chat's context, never in it: the conversation's KV cache stays for the reply.
         tokens = _probe_prompt(engine, system, question)
-        prober = prober_for(engine)
-        f.entropy_base = prober.entropy(tokens)
-        f.entropy_adapter = prober.entropy(tokens, loaded)
+        f.entropy_base, f.entropy_adapter = prober_for(engine).entropies(tokens, loaded)
     row = registry.active(db) if loaded is not None else None
     if row and engine.loaded_adapter == row["id"]:
         created = dt.datetime.fromisoformat(row["created"])
