@@ -149,6 +149,9 @@ def choose(features: Features, thresholds: dict[str, dict[str, float]], *, adapt
     gain = features.adapter_gain
     if not adapter:
         why.append("no adapter")
+    elif not math.isfinite(rule["min_adapter_gain"]):   # fitted to always or never: no probe needed
+        use_adapter = rule["min_adapter_gain"] < 0
+        why.append(f"adapter {'always' if use_adapter else 'never'} for {features.query_type} questions")
     elif gain is not None:
         use_adapter = gain >= rule["min_adapter_gain"]
         why.append(f"adapter gain {gain:+.2f} nats {'≥' if use_adapter else '<'} {_show(rule['min_adapter_gain'])}")
@@ -226,7 +229,8 @@ def features_for(question: str, *, engine: Engine, retriever: Retriever | None, 
         f.similarity, f.margin, f.bm25 = signals["similarity"], signals["margin"], signals["bm25"]
         f.dense_skipped = not signals["dense"]
     loaded = engine._loaded if engine.loaded_adapter else None
-    if loaded is not None:
+    rule = (thresholds or DEFAULTS).get(f.query_type, DEFAULTS[f.query_type])
+    if loaded is not None and (thresholds is None or math.isfinite(rule["min_adapter_gain"])):
         # Beside the chat's context, never in it: the conversation's KV cache stays for the reply.
         tokens = _probe_prompt(engine, system, question)
         f.entropy_base, f.entropy_adapter = prober_for(engine).entropies(tokens, loaded)

@@ -291,6 +291,21 @@ def _notes(db):
                                {"id": "car", "text": "I parked on level four of the garage."}])
 
 
+def test_no_probe_when_the_fitted_policy_settles_the_adapter(settings, adapter_engine, db):
+    routing.save_policy(db, router.encode_thresholds({
+        "open": {"min_similarity": 0.6, "min_adapter_gain": math.inf},
+        "task": {"min_similarity": 0.75, "min_adapter_gain": -math.inf}}), 8, "lora-router", {})
+    never = router.decide("Tell me a joke about cats.", engine=adapter_engine, retriever=None, db=db,
+                          system=None, k=5)
+    assert never.route == "base" and never.features.entropy_base is None and "adapter never" in never.reason
+    always = router.decide("Write a note to my landlord.", engine=adapter_engine, retriever=None, db=db,
+                           system=None, k=5)
+    assert always.route == "adapter" and always.features.entropy_adapter is None
+    # The rules are the same ones the probe's gain would have given.
+    assert router.choose(_features("task", None, -5.0), {"task": {"min_similarity": 1, "min_adapter_gain": -math.inf}},
+                         adapter=True)[0] == "adapter"
+
+
 def test_a_task_sharing_no_word_with_memory_is_decided_without_embedding_it(settings, engine, embedder, db):
     engine.load_adapter(None, None)
     _notes(db)
