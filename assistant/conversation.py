@@ -12,6 +12,7 @@ from typing import Callable
 import sqlite_utils
 
 from adapters.errors import AdapterInvalid, AdapterMismatch
+from adapters.template import TemplateError
 from assistant import router
 from assistant.config import Settings
 from assistant.engine import Engine, Message
@@ -257,17 +258,16 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
         memories = recall(retriever, engine, settings, text, budget, now=now,
                           found=decision.hits if decision else None,
                           exclude=_in_prompt(engine, settings, question, max_tokens + max(budget, 0)))
-    context: list[Message] = []
-    system = "\n\n".join(part for part in (
-        settings.system_prompt, memory_message(memories)["content"] if memories else None) if part)
-    if system:
-        context.append({"role": "system", "content": system})
-    context += question.history
-    context.append({"role": "user", "content": text})
-    gen = engine.generate(
-        context, max_tokens=max_tokens,
-        temperature=settings.temperature if temperature is None else temperature,
-        top_p=settings.top_p, seed=settings.seed if seed is None else seed, cancel=cancel)
+    sampling = dict(max_tokens=max_tokens, temperature=settings.temperature if temperature is None else temperature,
+                    top_p=settings.top_p, seed=settings.seed if seed is None else seed, cancel=cancel)
+    try:
+        gen = engine.generate(prompt_messages(settings, question, memories), **sampling)
+    except TemplateError:
+        if not (memories and question.history):
+            raise
+        # A template that allows a system message only first (roles must alternate): the notes go
+        # into the question's own turn instead.
+        gen = engine.generate(prompt_messages(settings, question, memories, inline=True), **sampling)
 
     reply_id = None
     if log:
@@ -300,6 +300,30 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
                     memories=memories, decision=decision, prompt_tokens=gen.prompt_tokens,
                     first_token_seconds=gen.first_token_seconds, finish_reason=gen.finish_reason,
                     warnings=list(engine.warnings))
+
+
+def prompt_messages(settings: Settings, question: Question, memories: list[Hit], *,
+                    inline: bool = False) -> list[Message]:
+    """The messages the model reads: the system prompt, the conversation so far, then the memories just
+    before the question.
+
+    Memories sit after the history, not in the leading system message: the prompt's prefix (system
+    prompt and history) is then the same turn after turn, and llama.cpp reuses its KV cache instead of
+    evaluating the whole conversation again. A first question has no history, so its notes lead. With
+    `inline`, the notes open the question's own turn (for templates that refuse a system message
+    after the first).
+    """
+    head = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+    notes = memory_message(memories)["content"] if memories else None
+    if notes and not question.history and not inline:
+        head = [{"role": "system", "content": "\n\n".join(p for p in (settings.system_prompt, notes) if p)}]
+        notes = None
+    out: list[Message] = [*head, *question.history]
+    if notes and inline:
+        return out + [{"role": "user", "content": f"{notes}\n\n{question.text}"}]
+    if notes:
+        out.append({"role": "system", "content": notes})
+    return out + [{"role": "user", "content": question.text}]
 
 
 def final_status(finish_reason: str | None, text: str) -> str:

@@ -170,27 +170,38 @@ class Engine:
     def fit(self, messages: Sequence[Message], max_tokens: int) -> tuple[list[int], list[str], int]:
         """Drop the oldest turns until the prompt plus `max_tokens` fits the context.
 
-        System messages and the newest message are always kept; returns (tokens, stop, dropped).
+        The leading system messages and the newest message (with any system message just before it,
+        e.g. memories) are always kept, in place; returns (tokens, stop, dropped), `dropped` counting the
+        messages left out after the leading system ones.
         """
         if max_tokens < 1 or max_tokens >= self.n_ctx:
             raise InvalidInput(f"--max-tokens must be between 1 and {self.n_ctx - 1} "
                                f"(the context holds {self.n_ctx} tokens), not {max_tokens}")
         budget = self.n_ctx - max_tokens
-        system = [m for m in messages if m["role"] == "system"]
-        turns = [m for m in messages if m["role"] != "system"]
+        lead = 0
+        while lead < len(messages) and messages[lead]["role"] == "system":
+            lead += 1
+        head, turns = list(messages[:lead]), list(messages[lead:])
         if not turns:
             raise InvalidInput("nothing to answer: the conversation has no message")
 
         def prompt(start: int) -> tuple[list[int], list[str]]:
-            return self.tokenize_chat(system + turns[start:])
+            return self.tokenize_chat(head + turns[start:])
 
         tokens, stop = prompt(0)
         if len(tokens) <= budget:
             return tokens, stop, 0
-        # Keep whole exchanges: the kept history starts at a user turn (or is the newest turn alone).
-        starts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
-        if not starts or starts[-1] != len(turns) - 1:
-            starts.append(len(turns) - 1)
+        # Keep whole exchanges: the kept history starts at a user turn (with the system message that may
+        # introduce it), or is the newest turn alone.
+        def opening(i: int) -> int:
+            while i > 0 and turns[i - 1]["role"] == "system":
+                i -= 1
+            return i
+
+        last = opening(len(turns) - 1)
+        starts = sorted({opening(i) for i, m in enumerate(turns) if m["role"] == "user" and 0 < i < len(turns) - 1}
+                        | {last})
+        starts = [i for i in starts if 0 < i <= last] or [last]
         newest, newest_stop = prompt(starts[-1])
         if len(newest) > budget:
             raise PromptTooLong(

@@ -3,7 +3,10 @@
 Decode speed is tokens after the first divided by the time after the first; time to first token
 includes prompt evaluation (the KV cache is reset before every run so neither side reuses a prompt).
 Runs alternate between the two sides so that machine noise hits both alike. Also measured: how soon
-the chat app is ready to type in (imports plus first mount, the model loading in the background).
+the chat app is ready to type in (imports plus first mount, the model loading in the background), and
+the everyday path (benchmarks/everyday.py): whole `ember ask` processes on the default and base routes
+against a bare llama-cpp-python script, the router's decision in a warm engine, and ten turns of one
+conversation on every route.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 from assistant.config import Settings
 from assistant.engine import Engine
+from benchmarks import everyday
 
 PROMPT = [{"role": "user", "content": "Write a detailed story about a lighthouse keeper during a storm."}]
 MAX_TOKENS = 128
@@ -69,7 +73,7 @@ def startup_seconds(settings: Settings, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def run(settings: Settings, rounds: int = 5) -> dict[str, Any]:
+def run(settings: Settings, rounds: int = 5, quick: bool = False) -> dict[str, Any]:
     """Measure both sides and return the result document."""
     import llama_cpp
 
@@ -108,6 +112,7 @@ def run(settings: Settings, rounds: int = 5) -> dict[str, Any]:
         "ratio": {"decode_speed": round(decode_ratio, 3), "ttft_speed": round(ttft_ratio, 3)},
         "target": {"ratio_at_least": 0.95, "met": decode_ratio >= 0.95 and ttft_ratio >= 0.95},
         "chat_ready_to_type_s": round(startup_seconds(settings), 3),
+        "everyday": everyday.run(settings, rounds, ember, chunks=500 if quick else everyday.CHUNKS),
     }
 
 
@@ -120,4 +125,5 @@ def report(result: dict[str, Any]) -> str:
             f"ratio {result['ratio']['ttft_speed']:.3f}\n"
             f"target   ≥ {result['target']['ratio_at_least']} of bare: "
             f"{'met' if result['target']['met'] else 'NOT met'}\n"
-            f"chat ready to type in {result['chat_ready_to_type_s'] * 1000:.0f} ms")
+            f"chat ready to type in {result['chat_ready_to_type_s'] * 1000:.0f} ms\n"
+            + everyday.report(result["everyday"]))

@@ -13,10 +13,15 @@ def test_bench_lists_benchmarks_and_refuses_unknown_ones(ember):
 
 
 def test_engine_benchmark_compares_against_bare_llama_cpp(ember, tmp_path):
-    result = ember("bench", "engine", "--rounds", "1", "--output-dir", str(tmp_path), timeout=300)
+    result = ember("bench", "engine", "--quick", "--rounds", "1", "--output-dir", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.err
     written = json.loads((tmp_path / "engine.json").read_text())
     assert written["same_output"] is True     # same model, prompt and settings on both sides
     assert written["ember"]["decode_tps_median"] > 0 and written["bare_llama_cpp"]["decode_tps_median"] > 0
     assert written["ratio"]["decode_speed"] > 0 and written["chat_ready_to_type_s"] > 0
     assert written["machine"]["versions"]["llama-cpp-python"]
+    everyday = written["everyday"]
+    assert {"auto", "base", "bare"} <= set(everyday["whole_process"])
+    assert everyday["router_decision"]["with_adapter"]["p50_ms"] > 0
+    assert set(everyday["multi_turn"]) == {"base", "rag", "adapter", "both", "auto"}
+    assert all(len(turns["ttft_s"]) == 10 for turns in everyday["multi_turn"].values())

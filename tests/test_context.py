@@ -121,3 +121,45 @@ def test_memories_never_repeat_a_message_already_in_the_prompt(home, engine, set
     third = respond(db, engine, settings, "What is my locker code at the gym?", route="rag", retriever=retriever)
     assert first.user_message_id in [hit.message_id for hit in third.memories]
     db.close()
+
+
+def test_memories_follow_the_history_so_the_prompt_prefix_stays_the_same(settings):
+    from assistant.conversation import Question, prompt_messages
+    from assistant.retrieval import Hit
+
+    history = [{"role": "user", "content": "Tell me about lighthouses."},
+               {"role": "assistant", "content": "They guide ships."}]
+    question = Question("Who kept them?", 1, 3, history, [1, 2])
+    note = Hit(id=1, text="My grandfather kept a lighthouse.", score=1.0, source="import", source_id="n1",
+               message_id=None, time="2024-01-01", speaker=None)
+    with_notes = prompt_messages(settings, question, [note])
+    without = prompt_messages(settings, question, [])
+    # The history comes first, unchanged, on every route: llama.cpp reuses its KV cache across turns.
+    assert with_notes[:2] == without[:2] == history
+    assert with_notes[2]["role"] == "system" and "grandfather" in with_notes[2]["content"]
+    assert with_notes[-1] == {"role": "user", "content": "Who kept them?"}
+    inline = prompt_messages(settings, question, [note], inline=True)
+    assert inline[:2] == history and "grandfather" in inline[-1]["content"] and inline[-1]["role"] == "user"
+
+
+def test_a_template_that_refuses_a_later_system_message_gets_the_notes_in_the_question(home, engine, settings,
+                                                                                      monkeypatch):
+    from assistant.conversation import respond
+    from assistant.retrieval import retriever_for
+
+    db = open_db(home)
+    retriever = retriever_for(settings, db)
+    first = respond(db, engine, settings, "My locker code at the gym is 4417.", route="base", retriever=retriever)
+    respond(db, engine, settings, "I also keep my bike at the gym.", route="base", retriever=retriever)
+    real = engine.template._prompt
+
+    def alternating_only(messages):
+        if any(m["role"] == "system" for m in messages[1:]):
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return real(messages=messages)
+
+    monkeypatch.setattr(engine.template, "_prompt", lambda **kw: alternating_only(kw["messages"]))
+    second = respond(db, engine, settings, "Where is my bike, and what was the gym code I gave before?",
+                     route="rag", conversation_id=first.conversation_id, retriever=retriever)
+    assert second.status in ("complete", "length") and second.memories   # the notes went in, inline
+    db.close()

@@ -1,0 +1,237 @@
+"""The everyday path, measured as a user meets it: whole `ember ask` processes against a bare
+llama-cpp-python script, the router's decision in a warm engine, and a conversation turn after turn.
+
+Part of `ember bench engine` (benchmarks/engine.py). The user's home holds 10,000 memory chunks
+(benchmarks.memory's synthetic notes, embedded for real) and no adapter unless a run adds one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from assistant.config import Settings
+
+CHUNKS = 10_000
+STORY = "Write a detailed story about a lighthouse keeper during a storm."
+MAX_TOKENS = 128
+
+# The baseline: what a user would write with llama-cpp-python alone, the same model, prompt and answer.
+BARE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]),
+                      n_threads_batch=int(sys.argv[3]), seed=0, verbose=False)
+for chunk in llm.create_chat_completion([{"role": "user", "content": sys.argv[4]}], max_tokens=int(sys.argv[5]),
+                                        temperature=0.0, seed=0, stream=True):
+    sys.stdout.write(chunk["choices"][0]["delta"].get("content") or "")
+    sys.stdout.flush()
+"""
+
+
+def populate(home: Path, settings: Settings, chunks: int = CHUNKS) -> None:
+    """A user's home with `chunks` memory notes, every one embedded."""
+    from assistant.embedder import Embedder
+    from assistant.retrieval import embed_pending
+    from benchmarks.memory import _records, sentences
+    from storage import memory
+    from storage.db import open_db
+
+    db = open_db(home)
+    memory.upsert_records(db, _records(sentences(chunks), 0))
+    embed_pending(db, Embedder(settings.cache_dir, threads=settings.threads))
+    db.close()
+
+
+def _timed_process(args: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Wall time and peak RSS (MB) of one whole process, from fork to exit."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[2:4]} failed ({proc.returncode}): {err.decode(errors='replace')[-400:]}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "output": out.decode(errors="replace")}
+
+
+def whole_process(home: Path, settings: Settings, rounds: int) -> dict[str, Any]:
+    """Median wall time and peak RSS of `ember ask` (auto and base) and the bare script, interleaved."""
+    env = dict(os.environ, EMBER_HOME=str(home), EMBER_N_CTX=str(settings.n_ctx),
+               EMBER_THREADS=str(settings.threads))
+    env.pop("EMBER_DEBUG", None)
+    sides = {
+        "bare": [sys.executable, "-c", BARE, str(settings.model_path), str(settings.n_ctx),
+                 str(settings.threads), STORY, str(MAX_TOKENS)],
+        "auto": [sys.executable, "-m", "assistant", "ask", "--max-tokens", str(MAX_TOKENS), "--temperature", "0",
+                 "--seed", "0", STORY],
+        "base": [sys.executable, "-m", "assistant", "ask", "--route", "base", "--max-tokens", str(MAX_TOKENS),
+                 "--temperature", "0", "--seed", "0", STORY],
+    }
+    for args in sides.values():     # warm the page cache and every one-time cache (exported embedder, self-check)
+        _timed_process(args, env)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    for i in range(rounds):
+        names = list(sides) if i % 2 == 0 else list(reversed(sides))
+        for name in names:
+            runs[name].append(_timed_process(sides[name], env))
+    out: dict[str, Any] = {}
+    for name, measured in runs.items():
+        out[name] = {"seconds_median": round(statistics.median(r["seconds"] for r in measured), 3),
+                     "peak_rss_mb_median": round(statistics.median(r["peak_rss_mb"] for r in measured), 1),
+                     "seconds": [round(r["seconds"], 3) for r in measured]}
+    out["same_answer"] = runs["auto"][0]["output"].strip() == runs["bare"][0]["output"].strip()
+    bare = out["bare"]["seconds_median"]
+    out["ratio"] = {"auto_vs_bare": round(out["auto"]["seconds_median"] / bare, 3),
+                    "base_vs_bare": round(out["base"]["seconds_median"] / bare, 3),
+                    "auto_rss_vs_base": round(out["auto"]["peak_rss_mb_median"] / out["base"]["peak_rss_mb_median"], 3)}
+    out["target"] = {"auto_vs_bare_at_most": 1.25, "base_vs_bare_at_most": 1.10, "auto_rss_vs_base_at_most": 1.3}
+    out["met"] = (out["ratio"]["auto_vs_bare"] <= 1.25 and out["ratio"]["base_vs_bare"] <= 1.10
+                  and out["ratio"]["auto_rss_vs_base"] <= 1.3)
+    return out
+
+
+QUESTIONS = ["What did I say about the restaurant with my sister?", "When did I visit the museum?",
+             "Write a short note to my neighbour about the garden.", "What is the capital of France?",
+             "Do you remember my passport trip?", "Give me three tips for a marathon.",
+             "How should I fix a broken bicycle?", "What did my cousin cook on Monday?",
+             "Summarise my week in two lines.", "Which concert did I book in Oslo?"]
+
+
+def router_decisions(home: Path, settings: Settings, engine: Any, *, adapter: Path | None,
+                     repeats: int = 3) -> dict[str, Any]:
+    """p50 and p95 of the router's decision in a warm engine (model loaded, memory open, one
+    decision already made), over QUESTIONS × `repeats`."""
+    from assistant import router
+    from assistant.retrieval import retriever_for
+    from storage.db import open_db
+
+    db = open_db(home)
+    engine.load_adapter(adapter, "bench-adapter" if adapter else None)
+    retriever = retriever_for(settings, db)
+    router.decide(QUESTIONS[0], engine=engine, retriever=retriever, db=db, system=None, k=settings.memory_k)
+    times = []
+    routes: dict[str, int] = {}
+    for _ in range(repeats):
+        for question in QUESTIONS:
+            started = time.perf_counter()
+            decision = router.decide(question, engine=engine, retriever=retriever, db=db, system=None,
+                                     k=settings.memory_k)
+            times.append((time.perf_counter() - started) * 1000)
+            routes[decision.route] = routes.get(decision.route, 0) + 1
+    engine.load_adapter(None, None)
+    db.close()
+    times.sort()
+    return {"p50_ms": round(statistics.median(times), 1), "p95_ms": round(times[int(0.95 * len(times)) - 1], 1),
+            "decisions": len(times), "routes": routes}
+
+
+TURNS = ["Tell me about lighthouses in about a hundred words.", "Why were they built on rocks?",
+         "Who kept them running?", "What did a keeper eat?", "How did they get fresh water?",
+         "What happened in big storms?", "Were keepers lonely?", "When were they automated?",
+         "Which one is the most famous?", "Summarise what we said in one line."]
+
+
+def multi_turn(home: Path, settings: Settings, engine: Any, route: str, *, adapter: Path | None) -> dict[str, Any]:
+    """Ten turns of one conversation on `route`: time to first token and prompt size per turn, and how
+    many memories repeated a message already in the prompt."""
+    import dataclasses
+
+    from assistant.conversation import respond
+    from assistant.retrieval import retriever_for
+    from storage import conversations as convs
+    from storage.db import open_db
+
+    db = open_db(home)
+    engine.load_adapter(adapter, "bench-adapter" if adapter else None)
+    turn_settings = dataclasses.replace(settings, max_tokens=100, temperature=0.0, seed=0)
+    retriever = retriever_for(settings, db)
+    engine.llm.reset()
+    conversation_id = None
+    ttft, prompt_tokens, repeated = [], [], 0
+    for text in TURNS:
+        exchange = respond(db, engine, turn_settings, text, conversation_id=conversation_id, route=route,
+                           retriever=retriever)
+        conversation_id = exchange.conversation_id
+        in_prompt = {m["id"] for m in convs.messages(db, conversation_id)}
+        repeated += sum(hit.message_id in in_prompt for hit in exchange.memories)
+        ttft.append(exchange.first_token_seconds or exchange.seconds)
+        prompt_tokens.append(exchange.prompt_tokens)
+    engine.load_adapter(None, None)
+    db.close()
+    return {"ttft_s": [round(t, 3) for t in ttft], "prompt_tokens": prompt_tokens,
+            "turn10_vs_turn2": round(ttft[9] / ttft[1], 2), "repeated_memories": repeated,
+            "met": ttft[9] <= 1.5 * ttft[1] and repeated == 0}
+
+
+def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS) -> dict[str, Any]:
+    """Every everyday-path measurement, in one home built for the run with `chunks` memory notes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        started = time.perf_counter()
+        populate(home, settings, chunks)
+        built = time.perf_counter() - started
+        adapter = _adapter(Path(tmp), settings)
+        result: dict[str, Any] = {"memory_chunks": chunks, "home_built_s": round(built, 1)}
+        result["whole_process"] = whole_process(home, settings, rounds)
+        result["router_decision"] = {
+            "no_adapter": router_decisions(home, settings, engine, adapter=None),
+            "with_adapter": router_decisions(home, settings, engine, adapter=adapter)}
+        rd = result["router_decision"]
+        rd["target"] = {"no_adapter_p50_ms_at_most": 30, "with_adapter_p50_ms_at_most": 150}
+        rd["met"] = rd["no_adapter"]["p50_ms"] <= 30 and rd["with_adapter"]["p50_ms"] <= 150
+        result["multi_turn"] = {route: multi_turn(home, settings, engine, route,
+                                                  adapter=adapter if route in ("adapter", "both", "auto") else None)
+                                for route in ("base", "rag", "adapter", "both", "auto")}
+    return result
+
+
+def _adapter(workdir: Path, settings: Settings) -> Path:
+    """A small random LoRA for the bundled model (r=2, q/v of the last layer): the router probes it."""
+    import numpy as np
+
+    from adapters.base import file_sha256
+    from adapters.export import write_lora_gguf
+
+    rng = np.random.default_rng(0)
+    hidden, kv_out, rank = 576, 192, 2
+    weights = {"model.layers.29.self_attn.q_proj": (rng.standard_normal((rank, hidden)) / hidden ** 0.5,
+                                                    rng.standard_normal((hidden, rank)) * 0.05),
+               "model.layers.29.self_attn.v_proj": (rng.standard_normal((rank, hidden)) / hidden ** 0.5,
+                                                    rng.standard_normal((kv_out, rank)) * 0.05)}
+    return write_lora_gguf(workdir / "bench-adapter.gguf", weights, alpha=rank, n_head=9, n_head_kv=3,
+                           base_sha256=file_sha256(settings.model_path, settings.cache_dir),
+                           base_name=settings.model_path.name)
+
+
+def report(result: dict[str, Any]) -> str:
+    """A few readable lines."""
+    wp, rd = result["whole_process"], result["router_decision"]
+    lines = [f"whole process ({result['memory_chunks']} memory chunks): auto {wp['auto']['seconds_median']:.2f} s, "
+             f"base {wp['base']['seconds_median']:.2f} s, bare {wp['bare']['seconds_median']:.2f} s "
+             f"(auto {wp['ratio']['auto_vs_bare']:.2f}x ≤ 1.25, base {wp['ratio']['base_vs_bare']:.2f}x ≤ 1.10); "
+             f"peak RSS auto {wp['auto']['peak_rss_mb_median']:.0f} MB vs base {wp['base']['peak_rss_mb_median']:.0f} MB "
+             f"({wp['ratio']['auto_rss_vs_base']:.2f}x ≤ 1.3)",
+             f"router decision warm: p50 {rd['no_adapter']['p50_ms']:.1f} ms (≤ 30) without adapter, "
+             f"{rd['with_adapter']['p50_ms']:.1f} ms (≤ 150) with one"]
+    for route, turns in result["multi_turn"].items():
+        lines.append(f"10 turns on {route:7}: ttft turn 2 {turns['ttft_s'][1] * 1000:.0f} ms, turn 10 "
+                     f"{turns['ttft_s'][9] * 1000:.0f} ms ({turns['turn10_vs_turn2']:.2f}x ≤ 1.5), "
+                     f"repeated memories {turns['repeated_memories']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":   # pragma: no cover - a quick look without the rest of `ember bench engine`
+    from assistant.config import load_settings
+    from assistant.engine import Engine
+
+    s = load_settings({})
+    e = Engine(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads, seed=0, cache_dir=s.cache_dir)
+    print(json.dumps(run(s, 3, e), indent=1))
