@@ -4,6 +4,9 @@ BM25 (SQLite FTS5) finds exact words and names; dense similarity (all-MiniLM-L6-
 finds paraphrases. Their rankings are fused by reciprocal rank fusion (Cormack et al., SIGIR 2009),
 with a third ranking when the question names a time ("last week", "on May 4th"): the chunks of that
 period, ordered by similarity.
+
+The router asks for less when it can (`dense_if`): BM25 first, and the question embedded only when the
+words leave its decision open. Notes of messages already in the prompt are left out (`exclude_message_ids`).
 """
 from __future__ import annotations
 
