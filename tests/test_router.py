@@ -395,3 +395,19 @@ def test_refresh_does_only_the_new_work(settings, embedder, db, home):
         other.close()
     retriever.refresh()
     assert memory.stats(db)["from_messages"] == 1 and memory.stats(db)["embedded"] == 3
+
+
+def test_the_probe_contexts_go_with_the_engine(settings, model_path, tmp_path, db):
+    from assistant.engine import Engine
+
+    own = Engine(model_path, n_ctx=512, n_threads=2, seed=0, cache_dir=settings.cache_dir)
+    path = random_adapter(tmp_path / "own.gguf", settings.model_path, settings.cache_dir, seed=5)
+    own.load_adapter(path, "lora-own")
+    decided = router.decide("How should I paint the fence?", engine=own, retriever=None, db=db, system=None, k=5)
+    assert decided.features.entropy_adapter > 0
+    lanes = list(probe.prober_for(own)._lanes.values())
+    assert len(lanes) == 2 and all(lane.ctx.ctx is not None for lane in lanes)
+    own.close()      # frees the probe contexts before the model they were made on
+    assert all(lane.ctx.ctx is None for lane in lanes)
+    with pytest.raises(RuntimeError, match="closed"):
+        probe.prober_for(own).entropy([1, 2, 3])
