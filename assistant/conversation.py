@@ -194,7 +194,7 @@ def recall(retriever: Retriever | None, engine: Engine, settings: Settings, text
         if retriever is None:
             raise RouteUnavailable("the rag route needs the memory index, which could not be opened")
         retriever.refresh()
-        found = retriever.search(text, settings.memory_k, now=now)
+        found = retriever.search(text, settings.memory_k, now=now, exclude_message_ids=exclude or ())
     if exclude:
         found = [hit for hit in found if hit.message_id is None or hit.message_id not in exclude]
     return fit_memories(found, engine.count_tokens, budget) if budget > 0 else []
@@ -246,18 +246,19 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     text, conversation_id = question.text, question.conversation_id
     chosen = resolve_route(route, engine)
     max_tokens = reply_budget(engine, settings, max_tokens)
+    budget = _memory_budget(engine, settings, text, max_tokens)
+    in_prompt = _in_prompt(engine, settings, question, max_tokens + max(budget, 0))
     decision = None
     if chosen == "auto":
         decision = router.decide(text, engine=engine, retriever=retriever, db=db,
-                                 system=settings.system_prompt, k=settings.memory_k, now=now)
+                                 system=settings.system_prompt, k=settings.memory_k, now=now,
+                                 exclude_message_ids=in_prompt)
         chosen = decision.route
     engine.use_adapter(chosen in ("adapter", "both"))
     memories: list[Hit] = []
     if chosen in ("rag", "both"):
-        budget = _memory_budget(engine, settings, text, max_tokens)
         memories = recall(retriever, engine, settings, text, budget, now=now,
-                          found=decision.hits if decision else None,
-                          exclude=_in_prompt(engine, settings, question, max_tokens + max(budget, 0)))
+                          found=decision.hits if decision else None, exclude=in_prompt)
     sampling = dict(max_tokens=max_tokens, temperature=settings.temperature if temperature is None else temperature,
                     top_p=settings.top_p, seed=settings.seed if seed is None else seed, cancel=cancel)
     try:

@@ -70,10 +70,12 @@ def whole_process(home: Path, settings: Settings, rounds: int) -> dict[str, Any]
     sides = {
         "bare": [sys.executable, "-c", BARE, str(settings.model_path), str(settings.n_ctx),
                  str(settings.threads), STORY, str(MAX_TOKENS)],
-        "auto": [sys.executable, "-m", "assistant", "ask", "--max-tokens", str(MAX_TOKENS), "--temperature", "0",
-                 "--seed", "0", STORY],
-        "base": [sys.executable, "-m", "assistant", "ask", "--route", "base", "--max-tokens", str(MAX_TOKENS),
+        # --no-log: every run is the user's first question on this memory (a logged story would share
+        # words with the next run's and change what the router does).
+        "auto": [sys.executable, "-m", "assistant", "ask", "--no-log", "--max-tokens", str(MAX_TOKENS),
                  "--temperature", "0", "--seed", "0", STORY],
+        "base": [sys.executable, "-m", "assistant", "ask", "--no-log", "--route", "base", "--max-tokens",
+                 str(MAX_TOKENS), "--temperature", "0", "--seed", "0", STORY],
     }
     for args in sides.values():     # warm the page cache and every one-time cache (exported embedder, self-check)
         _timed_process(args, env)

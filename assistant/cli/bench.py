@@ -13,6 +13,7 @@ BENCHMARKS = {
     "engine": "Ember's engine vs bare llama-cpp-python: decode tok/s, time to first token, chat start-up",
     "embedder": "the embedder: onnxruntime (what Ember runs) vs sentence-transformers on torch: import, load, "
                 "question latency, bulk throughput, peak RSS, agreement",
+    "dense_skip": "the router's BM25-first rule on MemoryBank: questions not embedded, routes changed (must be 0)",
     "memory": "memory ingest throughput and search latency at 10k and 100k chunks",
     "recall": "recall@5/10 of evidence turns on MemoryBank: BM25, dense and hybrid side by side",
     "adapt": "DP and non-DP LoRA on a synthetic user: s/step, examples/s, peak RSS, learning, canary exposure",
