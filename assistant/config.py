@@ -47,7 +47,7 @@ class Settings:
     top_p: float = 0.9
     seed: int | None = None
     system_prompt: str | None = None   # None: whatever the model's chat template says
-    busy_timeout_ms: int = 3000
+    busy_timeout_ms: int = 10000       # a busy database is waited for (SQLite retries), not an error: 10 s covers a loaded machine
     memory_k: int = 5                  # memories put in front of the model on the rag route
     privacy_budget: float = 32.0       # total ε all adapters together may spend (basic composition)
     adapt_epsilon: float = 8.0         # ε of one adaptation run, unless --epsilon says otherwise

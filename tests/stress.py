@@ -103,7 +103,8 @@ def chat_side(home: Path, side: Side, stop: threading.Event) -> None:
             chat.type(text)
             time.sleep(0.2)
             chat.type("\r")
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 180   # a reply on two loaded cores can take a while
+            retry_at = time.monotonic() + 15
             while True:
                 rows = _stored(home, "SELECT m.id, m.conversation_id FROM messages m WHERE m.content = ? "
                                "AND m.role = 'user'", (text,))
@@ -112,10 +113,16 @@ def chat_side(home: Path, side: Side, stop: threading.Event) -> None:
                                     "AND role = 'assistant' ORDER BY id LIMIT 1", (rows[0][1], rows[0][0]))
                     if reply and reply[0][0] != "generating":
                         break
+                elif time.monotonic() > retry_at:
+                    # Enter while the last reply is still being finished is refused with a notice and
+                    # the text stays in the box (the chat's rule): press it again, as a person would.
+                    chat.type("\r")
+                    retry_at = time.monotonic() + 15
                 if time.monotonic() > deadline:
                     side.errors.append(f"{text!r} (or its reply) never became visible to other processes")
                     return
                 time.sleep(0.2)
+            time.sleep(0.5)   # let the chat finish painting the reply before the next message
             side.written.append(text)
             side.runs += 1
             i += 1
