@@ -202,7 +202,7 @@ def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS) -
         started = time.perf_counter()
         populate(home, settings, chunks)
         built = time.perf_counter() - started
-        adapter = _adapter(Path(tmp), settings)
+        adapter = random_adapter(Path(tmp) / "bench-adapter.gguf", settings.model_path, settings.cache_dir)
         result: dict[str, Any] = {"memory_chunks": chunks, "home_built_s": round(built, 1)}
         result["whole_process"] = whole_process(home, settings, rounds)
         result["router_decision"] = {
@@ -217,22 +217,22 @@ def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS) -
     return result
 
 
-def _adapter(workdir: Path, settings: Settings) -> Path:
-    """A small random LoRA for the bundled model (r=2, q/v of the last layer): the router probes it."""
+def random_adapter(path: Path, model_path: Path, cache_dir: Path | None, *, seed: int = 0) -> Path:
+    """A small random LoRA adapter for the bundled SmolLM2-135M: r=2 on the last layer's q_proj and
+    v_proj (the router probes it here; the tests use it too)."""
     import numpy as np
 
     from adapters.base import file_sha256
     from adapters.export import write_lora_gguf
 
-    rng = np.random.default_rng(0)
-    hidden, kv_out, rank = 576, 192, 2
+    rng = np.random.default_rng(seed)
+    hidden, kv_out, rank = 576, 192, 2   # 9 heads of 64; 3 key/value heads
     weights = {"model.layers.29.self_attn.q_proj": (rng.standard_normal((rank, hidden)) / hidden ** 0.5,
                                                     rng.standard_normal((hidden, rank)) * 0.05),
                "model.layers.29.self_attn.v_proj": (rng.standard_normal((rank, hidden)) / hidden ** 0.5,
                                                     rng.standard_normal((kv_out, rank)) * 0.05)}
-    return write_lora_gguf(workdir / "bench-adapter.gguf", weights, alpha=rank, n_head=9, n_head_kv=3,
-                           base_sha256=file_sha256(settings.model_path, settings.cache_dir),
-                           base_name=settings.model_path.name)
+    return write_lora_gguf(path, weights, alpha=rank, n_head=9, n_head_kv=3,
+                           base_sha256=file_sha256(model_path, cache_dir), base_name=model_path.name)
 
 
 def report(result: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from benchmarks.everyday import random_adapter  # noqa: F401  (the tests' random LoRA, shared with the benchmark)
 from storage import conversations as convs
 from storage import registry
 
@@ -47,23 +48,6 @@ def seed_conversations(db) -> list[int]:
         ids.append(cid)
     db.conn.commit()
     return ids
-
-
-def random_adapter(path: Path, model_path: Path, cache_dir: Path, *, seed: int = 0) -> Path:
-    """A small random LoRA adapter for the bundled SmolLM2-135M: r=2 on the last layer's q_proj and v_proj."""
-    import numpy as np
-
-    from adapters.base import file_sha256
-    from adapters.export import write_lora_gguf
-
-    rng = np.random.default_rng(seed)
-    hidden, kv_out, rank = 576, 192, 2   # 9 heads of 64; 3 key/value heads
-    weights = {"model.layers.29.self_attn.q_proj": (rng.standard_normal((rank, hidden)) / hidden ** 0.5,
-                                                    rng.standard_normal((hidden, rank)) * 0.05),
-               "model.layers.29.self_attn.v_proj": (rng.standard_normal((rank, hidden)) / hidden ** 0.5,
-                                                    rng.standard_normal((kv_out, rank)) * 0.05)}
-    return write_lora_gguf(path, weights, alpha=rank, n_head=9, n_head_kv=3,
-                           base_sha256=file_sha256(model_path, cache_dir), base_name=model_path.name)
 
 
 def register_adapter(db, adapter_id: str, path: Path, sources: list[int]) -> None:
