@@ -246,8 +246,10 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     text, conversation_id = question.text, question.conversation_id
     chosen = resolve_route(route, engine)
     max_tokens = reply_budget(engine, settings, max_tokens)
-    budget = _memory_budget(engine, settings, text, max_tokens)
-    in_prompt = _in_prompt(engine, settings, question, max_tokens + max(budget, 0))
+    budget, in_prompt = 0, set()
+    if chosen in ("auto", "rag", "both"):   # only these may use memory: base and adapter never tokenize twice
+        budget = _memory_budget(engine, settings, text, max_tokens)
+        in_prompt = _in_prompt(engine, settings, question, max_tokens + max(budget, 0))
     decision = None
     if chosen == "auto":
         decision = router.decide(text, engine=engine, retriever=retriever, db=db,
