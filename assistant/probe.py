@@ -25,7 +25,10 @@ import numpy as np
 if TYPE_CHECKING:
     from assistant.engine import Engine
 
-PROBE_TOKENS = 2
+# The entropy of the answer's first token: a second greedy token cost one more decode per lane (~25 ms
+# of the ~230 ms decision with an adapter, measured by `ember bench engine`) for a feature the router
+# fits from the log either way.
+PROBE_TOKENS = 1
 # The probe's prompt and its greedy tokens fill one 256-token context (llama.cpp pads contexts to
 # multiples of 256, so a bigger limit would double the probe's memory).
 PROBE_MAX_TOKENS = 256 - PROBE_TOKENS

@@ -163,9 +163,12 @@ TURNS = ["Tell me about lighthouses in about a hundred words.", "Why were they b
          "Which one is the most famous?", "Summarise what we said in one line."]
 
 
-def multi_turn(home: Path, settings: Settings, engine: Any, route: str, *, adapter: Path | None) -> dict[str, Any]:
-    """Ten turns of one conversation on `route`: time to first token and prompt size per turn, and how
-    many memories repeated a message already in the prompt."""
+def multi_turn(home: Path, settings: Settings, engine: Any, route: str, *, adapter: Path | None,
+               rounds: int = 1) -> dict[str, Any]:
+    """Ten turns of one conversation on `route`, `rounds` times (a new conversation each): the median
+    time to first token and the prompt size per turn, and how many memories repeated a message
+    already in the prompt. Each round's conversation is deleted after it. One turn is a few hundred ms, so a single run is at the mercy of whatever
+    else the machine does; the per-turn median over rounds is what the target is checked on."""
     import dataclasses
 
     from assistant.conversation import respond
@@ -177,22 +180,30 @@ def multi_turn(home: Path, settings: Settings, engine: Any, route: str, *, adapt
     engine.load_adapter(adapter, "bench-adapter" if adapter else None)
     turn_settings = dataclasses.replace(settings, max_tokens=100, temperature=0.0, seed=0)
     retriever = retriever_for(settings, db)
-    engine.llm.reset()
-    conversation_id = None
-    ttft, prompt_tokens, repeated = [], [], 0
-    for text in TURNS:
-        exchange = respond(db, engine, turn_settings, text, conversation_id=conversation_id, route=route,
-                           retriever=retriever)
-        conversation_id = exchange.conversation_id
-        in_prompt = {m["id"] for m in convs.messages(db, conversation_id)}
-        repeated += sum(hit.message_id in in_prompt for hit in exchange.memories)
-        ttft.append(exchange.first_token_seconds or exchange.seconds)
-        prompt_tokens.append(exchange.prompt_tokens)
+    runs: list[list[float]] = []
+    prompt_tokens: list[int] = []
+    repeated = 0
+    for _ in range(max(1, rounds)):
+        engine.llm.reset()
+        conversation_id = None
+        ttft: list[float] = []
+        prompt_tokens = []
+        for text in TURNS:
+            exchange = respond(db, engine, turn_settings, text, conversation_id=conversation_id, route=route,
+                               retriever=retriever)
+            conversation_id = exchange.conversation_id
+            in_prompt = {m["id"] for m in convs.messages(db, conversation_id)}
+            repeated += sum(hit.message_id in in_prompt for hit in exchange.memories)
+            ttft.append(exchange.first_token_seconds or exchange.seconds)
+            prompt_tokens.append(exchange.prompt_tokens)
+        runs.append(ttft)
+        convs.delete_conversation(db, conversation_id)   # every round and route starts from the same memory
     engine.load_adapter(None, None)
     db.close()
-    return {"ttft_s": [round(t, 3) for t in ttft], "prompt_tokens": prompt_tokens,
-            "turn10_vs_turn2": round(ttft[9] / ttft[1], 2), "repeated_memories": repeated,
-            "met": ttft[9] <= 1.5 * ttft[1] and repeated == 0}
+    median = [statistics.median(run[turn] for run in runs) for turn in range(len(TURNS))]
+    return {"ttft_s": [round(t, 3) for t in median], "rounds": len(runs), "prompt_tokens": prompt_tokens,
+            "turn10_vs_turn2": round(median[9] / median[1], 2), "repeated_memories": repeated,
+            "met": median[9] <= 1.5 * median[1] and repeated == 0}
 
 
 def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS) -> dict[str, Any]:
@@ -211,7 +222,7 @@ def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS) -
         rd = result["router_decision"]
         rd["target"] = {"no_adapter_p50_ms_at_most": 30, "with_adapter_p50_ms_at_most": 150}
         rd["met"] = rd["no_adapter"]["p50_ms"] <= 30 and rd["with_adapter"]["p50_ms"] <= 150
-        result["multi_turn"] = {route: multi_turn(home, settings, engine, route,
+        result["multi_turn"] = {route: multi_turn(home, settings, engine, route, rounds=rounds,
                                                   adapter=adapter if route in ("adapter", "both", "auto") else None)
                                 for route in ("base", "rag", "adapter", "both", "auto")}
     return result
