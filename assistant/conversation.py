@@ -13,7 +13,7 @@ import sqlite_utils
 
 from adapters.errors import AdapterInvalid, AdapterMismatch
 from adapters.template import TemplateError
-from assistant import router
+from assistant import evidence, router
 from assistant.config import Settings
 from assistant.engine import Engine, Message
 from assistant.errors import EmberError, InvalidInput, RouteUnavailable
@@ -139,6 +139,7 @@ class Exchange:
     first_token_seconds: float | None = None
     finish_reason: str | None = None     # stop | length | cancelled (llama.cpp's words)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    evidence: list[evidence.Evidence] = dataclasses.field(default_factory=list)   # what the answer rests on
 
     def as_json(self) -> dict:
         return {"conversation_id": self.conversation_id, "message_id": self.message_id,
@@ -152,6 +153,7 @@ class Exchange:
                 else round(self.first_token_seconds, 3),
                 "dropped_messages": self.dropped_messages,
                 "memories": [hit.as_json() for hit in self.memories],
+                "evidence": [item.as_json() for item in self.evidence],
                 "router": self.decision.as_json() if self.decision else None,
                 "warnings": self.warnings}
 
@@ -272,6 +274,10 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
         # into the question's own turn instead.
         gen = engine.generate(prompt_messages(settings, question, memories, inline=True), **sampling)
 
+    # Memory-block markup never reaches the screen or the log; a direct recall question gets its
+    # evidence first when the answer does not carry it (assistant/evidence.py).
+    cited = evidence.evidence_for(memories, text, "")
+    shown = evidence.Shown(text, cited[0] if cited else None, markup=bool(memories))
     reply_id = None
     if log:
         reply_id = convs.start_reply(db, conversation_id, model=engine.name, route=chosen,
@@ -284,25 +290,31 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     try:
         saved = time.monotonic()
         for piece in gen:
-            if on_piece is not None:
+            piece = shown.feed(piece)
+            if on_piece is not None and piece:
                 on_piece(piece)
             if reply_id is not None and time.monotonic() - saved >= SAVE_EVERY_SECONDS:
-                convs.update_reply(db, reply_id, gen.text)
+                convs.update_reply(db, reply_id, shown.text)
                 saved = time.monotonic()
-        status = final_status(gen.finish_reason, gen.text)
+        rest = shown.flush()
+        if on_piece is not None and rest:
+            on_piece(rest)
+        status = final_status(gen.finish_reason, shown.text)
     finally:
         if reply_id is not None:
-            convs.finish_reply(db, reply_id, gen.text, status, tokens=gen.tokens,
+            shown.flush()   # what was held back when the reply was interrupted is kept
+            convs.finish_reply(db, reply_id, shown.text, status, tokens=gen.tokens,
                                seconds=round(gen.seconds, 3))
     if log:
         memory.sync_messages(db)   # the exchange becomes memory right away (BM25 now, vectors on use)
     return Exchange(conversation_id=conversation_id, message_id=reply_id,
-                    user_message_id=question.message_id, text=gen.text, route=chosen, adapter=engine.adapter,
+                    user_message_id=question.message_id, text=shown.text, route=chosen, adapter=engine.adapter,
                     tokens=gen.tokens, seconds=gen.seconds, status=status,
                     tokens_per_second=gen.tokens_per_second, dropped_messages=gen.dropped_messages,
                     memories=memories, decision=decision, prompt_tokens=gen.prompt_tokens,
                     first_token_seconds=gen.first_token_seconds, finish_reason=gen.finish_reason,
-                    warnings=list(engine.warnings))
+                    warnings=list(engine.warnings),
+                    evidence=evidence.evidence_for(memories, text, shown.text))
 
 
 def prompt_messages(settings: Settings, question: Question, memories: list[Hit], *,

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable, Collection
 
 import numpy as np
 
+from assistant import evidence
 from assistant.embedder import Embedder
-from storage import memory
+from storage import feedback, memory
 from storage.db import connections_of
 
 if TYPE_CHECKING:
@@ -46,15 +47,26 @@ class Hit:
     source: str
     source_id: str
     message_id: int | None
+    session: str | None = None
+    similarity: float | None = None    # cosine to the question, when it was embedded
+    origin: str = "user"               # whose words: user | edited | approved | assistant (assistant/evidence.py)
+    replaced_by: int | None = None     # the chunk id of a later statement of the same fact
 
     @property
     def public_id(self) -> str:
         """The id a user knows: their imported record's id, or `message:<id>` for the chat log."""
         return self.source_id if self.source == "import" else f"message:{self.message_id}"
 
+    @property
+    def conversation_id(self) -> int | None:
+        """The conversation a chat message belongs to (None for an imported note)."""
+        return int(self.session) if self.source == "message" and (self.session or "").isdigit() else None
+
     def as_json(self) -> dict[str, Any]:
-        return {"id": self.public_id, "chunk_id": self.id, "text": self.text, "score": round(self.score, 5), "time": self.time,
-                "speaker": self.speaker, "source": self.source}
+        return {"id": self.public_id, "chunk_id": self.id, "text": self.text, "score": round(self.score, 5),
+                "time": self.time, "speaker": self.speaker, "source": self.source, "origin": self.origin,
+                "conversation_id": self.conversation_id, "replaced_by": self.replaced_by,
+                "similarity": None if self.similarity is None else round(self.similarity, 4)}
 
 
 def time_window(question: str, now: dt.date) -> tuple[str, str] | None:
@@ -212,20 +224,28 @@ class Retriever:
         excluded = memory.chunks_from_message(self.db, before_message) if before_message is not None else set()
         in_prompt = set(exclude_message_ids)
         rows: dict[int, dict[str, Any]] = {}      # chunk rows fetched so far, by id
+        reviews: dict[int, dict[str, Any]] = {}   # the user's feedback on the assistant replies among them
+        about_assistant = evidence.asks_about_assistant(question)
 
         def fetch(ids: list[int]) -> None:
             missing = [chunk_id for chunk_id in ids if chunk_id not in rows]
             if missing:
-                rows.update(memory.chunks_by_id(self.db, missing))
+                found = memory.chunks_by_id(self.db, missing)
+                rows.update(found)
+                replies = [r["message_id"] for r in found.values()
+                           if r["message_id"] is not None and evidence.is_assistant(r["speaker"])]
+                reviews.update(feedback.of_messages(self.db, replies))
 
         def kept(ranking: list[tuple[int, float]]) -> list[tuple[int, float]]:
+            # Whose words may answer (assistant/evidence.py): an assistant's reply only when asked about
+            # what it said, or when the user approved or edited it. Then what the prompt already holds.
             if excluded:
                 ranking = [item for item in ranking if item[0] not in excluded]
-            if in_prompt:
-                fetch([chunk_id for chunk_id, _ in ranking])
-                ranking = [item for item in ranking
-                           if item[0] in rows and rows[item[0]]["message_id"] not in in_prompt]
-            return ranking
+            fetch([chunk_id for chunk_id, _ in ranking])
+            return [item for item in ranking if item[0] in rows
+                    and rows[item[0]]["message_id"] not in in_prompt
+                    and evidence.admissible(rows[item[0]]["speaker"], reviews.get(rows[item[0]]["message_id"]),
+                                            about_assistant)]
 
         asked = _normalised(question)
 
@@ -237,6 +257,7 @@ class Retriever:
         # Room for what is left out: a message is one chunk unless it is long.
         pool = POOL + min(len(excluded), 5000) + min(len(in_prompt), 1000)
         signals: dict[str, Any] = {"similarity": None, "margin": None, "bm25": None, "dense": False}
+        cosine: dict[int, float] = {}
         if mode == "bm25":
             ranked = matching(kept(self.bm25(question, max(k * 3, pool))))
             signals["bm25"] = ranked[0][1] if ranked else None
@@ -260,6 +281,7 @@ class Retriever:
                 self.embed_pending()     # chunks synced since the last search get their vectors now
                 vector = early.result() if early is not None else self.embedder.encode_query(question)
                 dense = kept(self.dense(question, pool, vector))
+                cosine = dict(dense)
                 scores = [score for _, score in matching(dense[:6])]
                 if scores:
                     signals["similarity"] = scores[0]
@@ -281,7 +303,7 @@ class Retriever:
                     ranked = sorted(fused.items(), key=lambda item: -item[1])
         fetch([chunk_id for chunk_id, _ in ranked[: k * 4]])
         hits, seen = [], {asked}   # the question asked before is not an answer
-        for chunk_id, score in ranked:
+        for chunk_id, score in ranked[: k * 4]:
             row = rows.get(chunk_id)
             if row is None:
                 continue
@@ -291,27 +313,70 @@ class Retriever:
             seen.add(key)
             hits.append(Hit(id=chunk_id, text=row["text"], score=score, time=row["time"],
                             speaker=row["speaker"], source=row["source"], source_id=row["source_id"],
-                            message_id=row["message_id"]))
-            if len(hits) == k:
-                break
-        return hits, signals
+                            message_id=row["message_id"], session=row["session"], similarity=cosine.get(chunk_id)))
+        # Whose words they are, and the newest statement of a fact first (assistant/evidence.py).
+        hits = evidence.supersede(evidence.admit(hits, question, reviews), question)
+        return hits[:k], signals
 
 
-# Short on purpose: SmolLM2-135M follows this wording; longer instructions made it refuse to answer.
-MEMORY_PROMPT = ("You are Ember, the user's private assistant. Below are numbered notes from the "
-                 "user's own past conversations. Answer using them, cite like [1].\n\n{notes}")
+# How the memories are put in front of the model. The first style numbered each note with its date and
+# speaker in brackets ("[1] (2026-11-29, user) …") and asked for citations like [1]: the bundled model
+# copied that markup into its answers, and the answers came back as memory. `ember bench evidence`
+# measures how often each style's framing shows up in replies; the default is the one echoed least.
+# Short on purpose: SmolLM2-135M follows short wording; longer instructions made it refuse to answer.
+MEMORY_STYLES = {
+    "numbered": ("You are Ember, the user's private assistant. Below are numbered notes from the user's own "
+                 "past conversations. Answer using them, cite like [1].\n\n{notes}",
+                 "[{n}] ({date}{speaker}) {text}"),
+    "prose": ("You are Ember, the user's private assistant. What you know from earlier conversations:\n\n{notes}",
+              "On {day}, {who} said: {text}"),
+    "plain": ("You are Ember, the user's private assistant. Facts from the user's past conversations, "
+              "newest last:\n{notes}", "- {text}"),
+    "dated": ("You are Ember, the user's private assistant. Notes from the user's past conversations, "
+              "oldest first:\n{notes}", "{date}: {text}"),
+}
+# Echo markers per style: a reply matching one repeated the block's framing instead of answering.
+MEMORY_ECHO = {
+    "numbered": re.compile(r"\[\d+\]|[\[(]\d{4}-\d{2}-\d{2}|\b(user|assistant)[\])]", re.IGNORECASE),
+    "prose": re.compile(r"\b(the user|ember|you) said:|\bon \d{1,2} \w+ \d{4},", re.IGNORECASE),
+    "plain": re.compile(r"^\s*- |facts from the user", re.IGNORECASE | re.MULTILINE),
+    "dated": re.compile(r"\b\d{4}-\d{2}-\d{2}:|notes from the user", re.IGNORECASE),
+}
+MEMORY_STYLE = "numbered"
 
 
-def memory_message(hits: list[Hit]) -> dict[str, str]:
-    """The system message that puts `hits` in front of the model, numbered for citation."""
-    notes = "\n".join(f"[{i}] ({(h.time or '')[:10] or 'undated'}{', ' + h.speaker if h.speaker else ''}) "
-                      f"{h.text}" for i, h in enumerate(hits, start=1))
-    return {"role": "system", "content": MEMORY_PROMPT.format(notes=notes)}
+def _who(hit: Hit) -> str:
+    """Who said it, in the block's words: the user, Ember, another app's assistant, or an imported name."""
+    if hit.origin in ("assistant", "approved"):
+        return "Ember" if hit.source == "message" else "an assistant"
+    speaker = (hit.speaker or "").strip()
+    if hit.origin == "edited" or hit.source == "message" or speaker.lower() in ("", "user", "me", "human"):
+        return "the user"
+    return speaker
+
+
+def memory_message(hits: list[Hit], style: str = MEMORY_STYLE) -> dict[str, str]:
+    """The system message that puts `hits` in front of the model, in one of MEMORY_STYLES, oldest first
+    (a later statement of a fact is read last). Replaced statements are never shown."""
+    frame, line = MEMORY_STYLES[style]
+    shown = sorted((h for h in hits if h.replaced_by is None), key=lambda h: (h.time or "", h.id))
+    notes = "\n".join(line.format(
+        n=i, date=(h.time or "")[:10] or "undated", speaker=", " + _who(h),
+        day=_day(h.time), who=_who(h), text=" ".join(h.text.split())) for i, h in enumerate(shown, start=1))
+    return {"role": "system", "content": frame.format(notes=notes)}
+
+
+def _day(stamp: str | None) -> str:
+    try:
+        return dt.date.fromisoformat((stamp or "")[:10]).strftime("%-d %B %Y")
+    except ValueError:
+        return "an unknown day"
 
 
 def fit_memories(hits: list[Hit], count_tokens: Callable[[str], int], budget: int) -> list[Hit]:
-    """The best hits whose memory message fits in `budget` tokens (whole hits only, best first)."""
-    kept = list(hits)
+    """The best hits whose memory message fits in `budget` tokens (whole hits only, best first);
+    statements a later one replaced are left out."""
+    kept = [h for h in hits if h.replaced_by is None]
     while kept and count_tokens(memory_message(kept)["content"]) > budget:
         kept.pop()
     return kept

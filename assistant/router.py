@@ -74,11 +74,17 @@ _TASK = re.compile(
     r"\b(tips|advice|ideas) (to|for|on)\b|\bbest way to\b", re.IGNORECASE)
 _ABOUT_ME = re.compile(r"\b(i|i'm|i've|my|me|mine|we|our|us)\b", re.IGNORECASE)
 _WHEN = re.compile(r"\b(when (did|was|were|do|will)|how long ago|what (day|date|time))\b", re.IGNORECASE)
+_PAST = re.compile(r"\b(did|was|were|had|ago|yesterday|last|earlier|before|went|said|told)\b", re.IGNORECASE)
 
 
 def query_type(question: str, now: dt.date | None = None) -> str:
-    """recall (about the user's past or stated facts), temporal (about when), task (a request), or open."""
-    if time_window(question, now or dt.date.today()) or _WHEN.search(question):
+    """recall (about the user's past or stated facts), temporal (about when), task (a request), or open.
+
+    A request about the present or future that names a time ("what should I cook tonight?") is a task:
+    the time says when to do it, not what to look up."""
+    if _WHEN.search(question):
+        return "temporal"
+    if time_window(question, now or dt.date.today()) and not (_TASK.search(question) and not _PAST.search(question)):
         return "temporal"
     if _RECALL.search(question):
         return "recall"

@@ -1,7 +1,7 @@
 """What the user said about replies (up, down, edited) and which conversations not to learn from."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import sqlite_utils
 
@@ -80,5 +80,22 @@ def state(db: sqlite_utils.Database, conversation_id: int | None = None) -> dict
         if row["kind"] == "edit":
             entry["edit"] = row["content"]
         else:
+            entry["rating"] = None if row["kind"] == "clear" else row["kind"]
+    return out
+
+
+def of_messages(db: sqlite_utils.Database, message_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """`state` for the given messages only (those with no feedback are left out)."""
+    ids = sorted(set(message_ids))
+    if not ids:
+        return {}
+    out: dict[int, dict[str, Any]] = {}
+    sql = (f"SELECT message_id, kind, content FROM feedback WHERE message_id IN ({','.join('?' * len(ids))}) "
+           "ORDER BY id")
+    for row in db.query(sql, ids):
+        entry = out.setdefault(row["message_id"], {"rating": None, "edit": None})
+        if row["kind"] == "edit":
+            entry["edit"] = row["content"]
+        elif row["kind"] in ("up", "down", "clear"):
             entry["rating"] = None if row["kind"] == "clear" else row["kind"]
     return out

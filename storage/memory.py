@@ -57,7 +57,10 @@ def _insert_chunks(db: sqlite_utils.Database, source: str, source_id: str, text:
 
 
 def sync_messages(db: sqlite_utils.Database) -> int:
-    """Chunk every finished message not yet in memory (new ones, and edited ones); return how many."""
+    """Chunk every finished message not yet in memory (new ones, and edited ones); return how many.
+
+    A reply's sentences copied from the memories it was given are not indexed again: they are already
+    memory, and a copy would come back as a second, newer witness of the same words."""
     pending = list(db.query("""
         SELECT m.id, m.role, m.content, m.created, m.conversation_id FROM messages m
         WHERE m.status != 'generating' AND m.content != ''
@@ -66,9 +69,30 @@ def sync_messages(db: sqlite_utils.Database) -> int:
     if pending:
         with transaction(db):
             for m in pending:
-                _insert_chunks(db, "message", str(m["id"]), m["content"], message_id=m["id"],
+                text = m["content"]
+                if m["role"] == "assistant":
+                    text = without_copies(text, [row["text"] for row in reply_memories(db, m["id"])])
+                _insert_chunks(db, "message", str(m["id"]), text, message_id=m["id"],
                                time=m["created"], speaker=m["role"], session=str(m["conversation_id"]))
     return len(pending)
+
+
+COPY_MIN_WORDS = 5   # a shorter sentence ("Yes.", "Your sister.") is not a copy of a note, whatever it matches
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def without_copies(text: str, sources: Sequence[str]) -> str:
+    """`text` without its sentences (of COPY_MIN_WORDS words or more) that appear word for word in one
+    of `sources`."""
+    if not sources:
+        return text
+    given = [_words(source) for source in sources]
+    kept = [sentence for sentence in re.split(r"(?<=[.!?])\s+|\n+", text) if sentence.strip()
+            and not (len(_words(sentence).split()) >= COPY_MIN_WORDS and any(_words(sentence) in g for g in given))]
+    return " ".join(kept)
 
 
 def upsert_records(db: sqlite_utils.Database, records: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -169,6 +193,39 @@ def chunks_by_id(db: sqlite_utils.Database, ids: Iterable[int]) -> dict[int, dic
     rows = db.query(f"SELECT id, source, source_id, part, message_id, text, time, speaker, session "
                     f"FROM memory_chunks WHERE id IN ({','.join('?' * len(ids))})", ids)
     return {row["id"]: row for row in rows}
+
+
+def by_public_id(db: sqlite_utils.Database, public_id: str, context: int = 2) -> dict[str, Any]:
+    """One memory by the id users see: `message:<id>`, an imported record's id, or a chunk number. Its
+    whole text (all chunks), time and speaker; for a message, its conversation and the `context`
+    messages either side. `NotFound` when there is none."""
+    public_id = public_id.strip()
+    if public_id.startswith("message:") and public_id[8:].isdigit():
+        where, params = "source = 'message' AND message_id = ?", [int(public_id[8:])]
+    else:
+        where, params = "source = 'import' AND source_id = ?", [public_id]
+        if public_id.isdigit() and not db.execute(f"SELECT 1 FROM memory_chunks WHERE {where}", params).fetchone():
+            where, params = "id = ?", [int(public_id)]
+    rows = list(db.query(f"SELECT id, source, source_id, message_id, text, time, speaker, session FROM memory_chunks "
+                         f"WHERE {where} ORDER BY part", params))
+    if not rows:
+        raise NotFound(f"no memory {public_id!r}; `ember memory search` and `ember memory list` show ids")
+    first = rows[0]
+    out = {k: first[k] for k in ("source", "source_id", "message_id", "time", "speaker")}
+    out.update(id=public_id, chunk_ids=[r["id"] for r in rows], text=" ".join(r["text"] for r in rows),
+               conversation_id=None)
+    if first["source"] == "message" and first["message_id"] is not None:
+        found = list(db["messages"].rows_where("id = ?", [first["message_id"]]))
+        if found:
+            conversation_id = found[0]["conversation_id"]
+            out["conversation_id"] = conversation_id
+            out["text"] = found[0]["content"]
+            around = list(db.query(
+                "SELECT id, role, content, created FROM messages WHERE conversation_id = ? AND id BETWEEN ? AND ? "
+                "ORDER BY id", [conversation_id, first["message_id"] - 2 * context, first["message_id"] + 2 * context]))
+            i = next(n for n, r in enumerate(around) if r["id"] == first["message_id"])
+            out["context"] = around[max(0, i - context): i + context + 1]
+    return out
 
 
 def in_time_range(db: sqlite_utils.Database, start: str, end: str, limit: int = 1000) -> list[int]:

@@ -131,7 +131,9 @@ def test_memory_prompt_fits_the_budget_and_numbers_its_notes(db, embedder, engin
     assert 0 < len(kept) < len(hits)
     assert engine.count_tokens(memory_message(kept)["content"]) <= 90
     text = memory_message(hits[:2])["content"]
-    assert "[1] (2026-03-10" in text and "[2]" in text
+    assert all(" ".join(hit.text.split()) in text for hit in hits[:2])
+    dated = memory_message(hits[:2], "numbered")["content"]
+    assert "[1] (2026-02-01" in dated and "[2] (2026-03-10" in dated   # oldest first: a later statement is read last
 
 
 def test_bad_jsonl_reports_the_line_and_imports_nothing(tmp_path):

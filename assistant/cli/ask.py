@@ -71,8 +71,8 @@ def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, w
         sys.stdout.write("\n")
         for notice in exchange.notices:
             click.echo(f"ember: {notice}", err=True)
-        for i, hit in enumerate(exchange.memories, start=1):
-            click.echo(f"  [{i}] {(hit.time or '')[:10]} {' '.join(hit.text.split())[:100]}", err=True)
+        for item in exchange.evidence:   # what the answer rests on, quoted, with where to find it
+            click.echo(f"  ↳ {item.line()}", err=True)
         if why:
             click.echo(f"route {exchange.route}: " + (exchange.decision.reason if exchange.decision
                                                      else "chosen with --route"), err=True)

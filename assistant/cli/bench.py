@@ -16,6 +16,8 @@ BENCHMARKS = {
     "dense_skip": "the router's BM25-first rule on MemoryBank: questions not embedded, routes changed (must be 0)",
     "memory": "memory ingest throughput and search latency at 10k and 100k chunks",
     "recall": "recall@5/10 of evidence turns on MemoryBank: BM25, dense and hybrid side by side",
+    "evidence": "memory you can trust on MemoryBank: echo of each memory style, answer F1/EM with and without "
+                "the evidence first, the memory gate's precision and everyday requests kept off memory",
     "adapt": "DP and non-DP LoRA on a synthetic user: s/step, examples/s, peak RSS, learning, canary exposure",
     "zo": "forward-only (ZO) training vs backprop: peak RSS against inference, held-out loss at equal wall time, canary",
     "router": "base, RAG, adapter, both and the router on facts (MemoryBank) and style tasks: quality and latency",

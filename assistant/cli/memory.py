@@ -110,9 +110,38 @@ def search(query, k, queries, mode, now, model, as_json):
         return print_json([h.as_json() for h in hits])
     if not hits:
         click.echo("Nothing found in memory.")
+    ids = {hit.id: hit.public_id for hit in hits}
     for i, hit in enumerate(hits, start=1):
         when = (hit.time or "")[:10]
-        click.echo(f"{i}. [{hit.public_id}] {when} {' '.join(hit.text.split())[:160]}  ({hit.score:.4f})")
+        marks = [ORIGINS[hit.origin]] if hit.origin in ORIGINS else []
+        if hit.replaced_by is not None:
+            marks.append(f"replaced by {ids.get(hit.replaced_by, f'memory {hit.replaced_by}')}")
+        mark = f" ({'; '.join(marks)})" if marks else ""
+        click.echo(f"{i}. [{hit.public_id}] {when}{mark} {' '.join(hit.text.split())[:160]}  ({hit.score:.4f})")
+    return None
+
+
+# How search results say whose words they are (the user's own need no mark).
+ORIGINS = {"assistant": "Ember said", "approved": "Ember said, you approved", "edited": "your correction"}
+
+
+@memory.command()
+@click.argument("memory_id")
+@model_option
+@json_option
+def show(memory_id, model, as_json):
+    """Open one memory by the id search and answers cite (`message:12`, an imported record's id, or a
+    chunk number): its whole text, when, who said it, and for a message its conversation."""
+    db = open_store(settings_from(model=model))
+    mem.sync_messages(db)
+    found = mem.by_public_id(db, memory_id)
+    if as_json:
+        return print_json(found)
+    click.echo(f"{memory_id} · {(found['time'] or 'undated')[:19]} · {found['speaker'] or found['source']}"
+               + (f" · conversation {found['conversation_id']}" if found.get("conversation_id") else ""))
+    click.echo(found["text"])
+    for row in found.get("context", []):
+        click.echo(f"  {'>' if row['id'] == found.get('message_id') else ' '} {row['role']}: {one_line(row['content'])[:120]}")
     return None
 
 

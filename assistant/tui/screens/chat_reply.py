@@ -132,6 +132,7 @@ class ReplyActions(Screen):
             await view.end_stream()
             view.set_status(exchange.status)
             await view.show_memories([dict(h.as_json(), id=h.id) for h in exchange.memories])
+            await view.show_evidence([item.line() for item in exchange.evidence])
             if exchange.dropped_messages:
                 await self.query_one("#log", VerticalScroll).mount(DroppedNote(exchange.dropped_messages),
                                                                   before=view)

@@ -110,6 +110,13 @@ class MessageView(Vertical):
         if memories:
             await self.mount(self._memories_panel())
 
+    async def show_evidence(self, lines: list[str]) -> None:
+        """Quote, under the answer, the sentences of memory it rests on (date, conversation, memory id)."""
+        for old in self.query(".evidence"):
+            await old.remove()
+        if lines:
+            await self.mount(Static("\n".join(f"↳ {line}" for line in lines), classes="evidence", markup=False))
+
     def _header(self) -> str:
         who = "You" if self.role == "user" else "Ember"
         parts = [who]
