@@ -146,8 +146,8 @@ def embed_pending(db: sqlite_utils.Database, embedder: Embedder, batch: int = 25
     """Embed every chunk that has no vector yet, then re-make up to `stale` (None: all) out-of-date
     vectors (`memory.stale`); return how many.
 
-    `in_context=False` makes the vectors of Ember before 0.2, of the chunk's words alone (the
-    benchmark's baseline); they are marked stale.
+    `in_context=False` makes the vectors of Ember before 0.2, of the chunk's words alone, for the
+    benchmark's baseline; they are not marked stale, so searches keep them as they are.
     """
     done = 0
 
@@ -156,7 +156,6 @@ def embed_pending(db: sqlite_utils.Database, embedder: Embedder, batch: int = 25
             memory.store_embeddings(db, ids, vectors_in_context(db, embedder, ids))
         else:
             memory.store_embeddings(db, ids, embedder.encode(texts))
-            memory.mark_stale(db, ids)
 
     while pending := memory.unembedded(db, limit=batch):
         ids, texts = zip(*pending)

@@ -139,13 +139,6 @@ def store_embeddings(db: sqlite_utils.Database, ids: Sequence[int], vectors: np.
                        [chunk_id, blob])
 
 
-def mark_stale(db: sqlite_utils.Database, ids: Sequence[int]) -> None:
-    """Mark chunks' vectors out of date: they stay in use until `store_embeddings` replaces them."""
-    with transaction(db):
-        for chunk_id in ids:
-            db.execute("UPDATE memory_chunks SET vector_stale = 1 WHERE id = ?", [chunk_id])
-
-
 def keywords(text: str) -> list[str]:
     """The content words of a question, for BM25."""
     return [w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS and len(w) > 1]
