@@ -2,7 +2,8 @@
 
 Chunks come from two sources: the chat log (every finished message, indexed incrementally by
 `sync_messages`) and imported records (`upsert_records`). Embeddings are computed by the caller
-(storage never loads a model) and stored twice: float32 in `memory_chunks.embedding` for exact
+(storage never loads a model; `in_context` gives it each chunk's neighbours in its session, which
+its vector reads too) and stored twice: float32 in `memory_chunks.embedding` for exact
 re-scoring, and as sign bits in the sqlite-vec table `memory_vec` for a fast candidate scan.
 """
 from __future__ import annotations
@@ -122,6 +123,31 @@ def unembedded(db: sqlite_utils.Database, limit: int = 10_000) -> list[tuple[int
         "SELECT id, text FROM memory_chunks WHERE embedding IS NULL ORDER BY id LIMIT ?", [limit])]
 
 
+def stale(db: sqlite_utils.Database, limit: int = 10_000) -> list[tuple[int, str]]:
+    """Chunks whose vector is still in use but out of date (a neighbour came after it was made, or it
+    was made before vectors read neighbours), oldest first."""
+    return [(row[0], row[1]) for row in db.execute(
+        "SELECT id, text FROM memory_chunks WHERE vector_stale = 1 ORDER BY id LIMIT ?", [limit])]
+
+
+def in_context(db: sqlite_utils.Database, ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+    """For each chunk, its row between its neighbours' in the same session (the chunk before and the one
+    after it, by id, from the same source), in order: [previous?, chunk, next?]."""
+    ids = list(ids)
+    if not ids:
+        return {}
+    links = db.execute(f"""
+        SELECT c.id,
+               (SELECT MAX(p.id) FROM memory_chunks p
+                WHERE p.source = c.source AND p.session = c.session AND p.id < c.id),
+               (SELECT MIN(n.id) FROM memory_chunks n
+                WHERE n.source = c.source AND n.session = c.session AND n.id > c.id)
+        FROM memory_chunks c WHERE c.id IN ({','.join('?' * len(ids))})""", ids).fetchall()
+    rows = chunks_by_id(db, {i for link in links for i in link if i is not None})
+    return {link[0]: [rows[i] for i in (link[1], link[0], link[2]) if i is not None and i in rows]
+            for link in links}
+
+
 def store_embeddings(db: sqlite_utils.Database, ids: Sequence[int], vectors: np.ndarray) -> None:
     """Store unit-length float32 vectors for chunks, and their sign bits in the vector index."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -130,7 +156,8 @@ def store_embeddings(db: sqlite_utils.Database, ids: Sequence[int], vectors: np.
     with transaction(db):
         for chunk_id, vector in zip(ids, vectors):
             blob = vector.tobytes()
-            db.execute("UPDATE memory_chunks SET embedding = ? WHERE id = ?", [blob, chunk_id])
+            db.execute("UPDATE memory_chunks SET embedding = ?, vector_stale = 0 WHERE id = ?",
+                       [blob, chunk_id])
             db.execute("DELETE FROM memory_vec WHERE rowid = ?", [chunk_id])
             db.execute("INSERT INTO memory_vec(rowid, embedding) VALUES (?, vec_quantize_binary(?))",
                        [chunk_id, blob])

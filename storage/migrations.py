@@ -320,3 +320,41 @@ def m009_routing(db: sqlite_utils.Database) -> None:
             report TEXT
         );
     """)
+
+
+@migration
+def m010_vectors_in_context(db: sqlite_utils.Database) -> None:
+    """A chunk's vector is made from its words and its neighbours in the same session (the turns just
+    before and after it), so a reply like "Yes, twice last summer" is found by what it answers.
+
+    Vectors made before this read the chunk alone: they stay in use, marked `vector_stale`, and are
+    re-made a batch at a time (`assistant.retrieval.embed_pending`). A new chunk makes its previous
+    neighbour's vector stale. Forgetting a chunk drops its neighbours' vectors at once (they were made
+    partly from the forgotten words); they are re-made from what is left at the next search.
+    """
+    db.executescript("""
+        ALTER TABLE memory_chunks ADD COLUMN vector_stale INTEGER NOT NULL DEFAULT 0;
+        UPDATE memory_chunks SET vector_stale = 1 WHERE embedding IS NOT NULL;
+        CREATE INDEX idx_memory_chunks_session ON memory_chunks (source, session, id);
+        CREATE INDEX idx_memory_chunks_stale ON memory_chunks (id) WHERE vector_stale = 1;
+        CREATE TRIGGER memory_chunks_neighbour_ai AFTER INSERT ON memory_chunks
+        WHEN new.session IS NOT NULL BEGIN
+            UPDATE memory_chunks SET vector_stale = 1
+            WHERE embedding IS NOT NULL AND id = (
+                SELECT MAX(id) FROM memory_chunks
+                WHERE source = new.source AND session = new.session AND id < new.id);
+        END;
+        CREATE TRIGGER memory_chunks_neighbour_ad AFTER DELETE ON memory_chunks
+        WHEN old.session IS NOT NULL BEGIN
+            DELETE FROM memory_vec WHERE rowid IN (
+                (SELECT MAX(id) FROM memory_chunks
+                 WHERE source = old.source AND session = old.session AND id < old.id),
+                (SELECT MIN(id) FROM memory_chunks
+                 WHERE source = old.source AND session = old.session AND id > old.id));
+            UPDATE memory_chunks SET embedding = NULL, vector_stale = 0 WHERE id IN (
+                (SELECT MAX(id) FROM memory_chunks
+                 WHERE source = old.source AND session = old.session AND id < old.id),
+                (SELECT MIN(id) FROM memory_chunks
+                 WHERE source = old.source AND session = old.session AND id > old.id));
+        END;
+    """)

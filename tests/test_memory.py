@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import numpy as np
 import pytest
 
 from assistant.errors import InvalidInput
@@ -105,8 +106,13 @@ def test_messages_are_indexed_incrementally_and_forget_removes_chunks_fts_and_ve
     convs.forget_message(db, mid)
     counts = [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
               for t in ("memory_chunks", "memory_fts_docsize", "memory_vec")]
-    assert counts == [1, 1, 1]     # only the assistant's message is left, in all three
+    # only the assistant's message is left; its vector went too, as it was made reading the forgotten one
+    assert counts == [1, 1, 0]
     assert all(h.message_id != mid for h in retriever.search("gym locker code", 5))
+    # the search re-made it from what is left: the reply's own words alone
+    assert db.execute("SELECT COUNT(*) FROM memory_vec").fetchone()[0] == 1
+    stored = np.frombuffer(db.execute("SELECT embedding FROM memory_chunks").fetchone()[0], dtype=np.float32)
+    assert float(stored @ embedder.encode(["assistant: Noted: locker 4412."])[0]) > 0.9999
 
 
 def test_deleting_a_memory(db, embedder):
@@ -200,3 +206,75 @@ def test_ask_with_the_rag_route_puts_memories_in_the_prompt_and_records_them(emb
     assert "pinecone42" not in base["text"].lower() and base["memories"] == []
     db = open_db(home)
     assert [m["source_id"] for m in memory.reply_memories(db, answer["message_id"])][0] == "n5"
+
+
+TURNS = [  # one conversation, one turn a record, as `ember memory import` takes a long chat
+    {"id": "t1", "speaker": "Caroline", "session": "s1", "time": "2023-05-08",
+     "text": "Did you ever get to try the pottery class you signed up for?"},
+    {"id": "t2", "speaker": "Melanie", "session": "s1", "time": "2023-05-08",
+     "text": "Yes! Twice already, and I made a lopsided bowl."},
+    {"id": "t3", "speaker": "Caroline", "session": "s2", "time": "2023-06-01",
+     "text": "The parking at the new office is a nightmare."},
+]
+
+
+def test_a_turn_is_embedded_with_its_speaker_and_its_neighbours_in_the_session(db, embedder):
+    memory.upsert_records(db, TURNS)
+    Retriever(db, embedder).refresh()
+    vector = {row["source_id"]: np.frombuffer(row["embedding"], dtype=np.float32)
+              for row in db.query("SELECT source_id, embedding FROM memory_chunks")}
+    own = embedder.encode(["Melanie: " + TURNS[1]["text"]])[0]
+    read = embedder.encode([f"Caroline: {TURNS[0]['text']}\nMelanie: {TURNS[1]['text']}"])[0]
+    expected = (own + read) / np.linalg.norm(own + read)
+    assert float(vector["t2"] @ expected) > 0.9999
+    # t3 is alone in its session: its vector is its own words'
+    assert float(vector["t3"] @ embedder.encode(["Caroline: " + TURNS[2]["text"]])[0]) > 0.9999
+    # the short answer is nearer a question about what it answers than its own words are
+    question = embedder.encode_query("Did Melanie go to her pottery class?")
+    assert float(vector["t2"] @ question) > float(own @ question) + 0.05
+
+
+def test_a_new_turn_makes_its_neighbours_vector_stale_and_a_search_remakes_it(db, embedder):
+    memory.upsert_records(db, TURNS[:1])
+    retriever = Retriever(db, embedder)
+    retriever.refresh()
+    before = db.execute("SELECT embedding FROM memory_chunks WHERE source_id = 't1'").fetchone()[0]
+    memory.upsert_records(db, TURNS[1:2])
+    assert [source_id for _, source_id in db.execute(
+        "SELECT id, source_id FROM memory_chunks WHERE vector_stale = 1")] == ["t1"]
+    retriever.search("pottery", 2)
+    after = db.execute("SELECT embedding, vector_stale FROM memory_chunks WHERE source_id = 't1'").fetchone()
+    assert after[1] == 0 and after[0] != before
+
+
+def test_recently_names_no_period(db, embedder):
+    now = dt.date(2026, 3, 12)
+    assert time_window("what did I eat recently?", now) is None
+    assert time_window("what did I eat recently?", now, recently=True) == ("2026-03-05", "2026-03-13")
+    # an old note asked about "recently" is not pushed below the last week's unrelated ones
+    memory.upsert_records(db, NOTES)
+    hits = Retriever(db, embedder).search("Where did I park the car recently?", 1, now=now)
+    assert ids(hits) == ["n2"]
+
+
+def test_vectors_made_before_they_read_neighbours_stay_in_use_and_are_remade(tmp_path, embedder):
+    from storage.db import DB_NAME
+    from storage.migrations import migrate
+    from tests.test_storage import _database
+
+    (tmp_path / "home").mkdir(mode=0o700)
+    old = _database(tmp_path / "home" / DB_NAME)
+    migrate(old, target=9)          # the schema before m010_vectors_in_context
+    memory.upsert_records(old, TURNS)
+    for chunk_id, text in memory.unembedded(old):
+        blob = embedder.encode([text])[0].tobytes()
+        old.execute("UPDATE memory_chunks SET embedding = ? WHERE id = ?", [blob, chunk_id])
+        old.execute("INSERT INTO memory_vec(rowid, embedding) VALUES (?, vec_quantize_binary(?))", [chunk_id, blob])
+    old.conn.commit()
+    old.close()
+    old = open_db(tmp_path / "home")      # upgrades it
+    assert len(memory.stale(old)) == 3 and not memory.unembedded(old)
+    assert len(memory.vector_search(old, embedder.encode_query("pottery"), 3)) == 3   # still in use
+    Retriever(old, embedder).search("pottery class", 2)
+    assert not memory.stale(old)
+    old.close()
