@@ -245,10 +245,12 @@ def search_messages(db: sqlite_utils.Database, text: str, limit: int = 50) -> li
 @dataclasses.dataclass(frozen=True)
 class Deletion:
     """What a forget removes: these messages, and these conversations whole (with any messages they
-    gain before the delete runs). A conversation left with no messages goes too."""
+    gain before the delete runs). A conversation left with no messages goes too. `import_ids`: imports
+    (`ember forget --source`) whose notes go as well, and whose records of having been imported."""
 
     message_ids: tuple[int, ...]
     conversation_ids: tuple[int, ...] = ()
+    import_ids: tuple[int, ...] = ()
 
 
 def _ids(ids: Iterable[int]) -> str:
@@ -335,7 +337,8 @@ def preview(db: sqlite_utils.Database, deletion: Deletion) -> dict[str, int]:
         "messages": len(json.loads(ids)),
         "conversations": len(conversations),
         "memories": db.execute("SELECT COUNT(*) FROM memory_chunks WHERE message_id IN "
-                               "(SELECT value FROM json_each(?))", [ids]).fetchone()[0],
+                               "(SELECT value FROM json_each(?)) OR (source = 'import' AND import_id IN "
+                               "(SELECT value FROM json_each(?)))", [ids, _ids(deletion.import_ids)]).fetchone()[0],
         "adapters_tainted": db.execute(
             """SELECT COUNT(*) FROM adapters WHERE status != 'tainted' AND id IN (
                SELECT adapter_id FROM adapter_sources WHERE message_id IN (SELECT value FROM json_each(?)))""",
@@ -368,6 +371,10 @@ def delete(db: sqlite_utils.Database, deletion: Deletion) -> dict[str, int]:
         db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))", [ids])
         db.execute("DELETE FROM conversations WHERE id IN (SELECT value FROM json_each(?))",
                    [_ids(conversations)])
+        if deletion.import_ids:
+            db.execute("DELETE FROM memory_chunks WHERE source = 'import' AND import_id IN "
+                       "(SELECT value FROM json_each(?))", [_ids(deletion.import_ids)])
+            db.execute("DELETE FROM imports WHERE id IN (SELECT value FROM json_each(?))", [_ids(deletion.import_ids)])
     return counts
 
 
@@ -393,14 +400,29 @@ def forget_all(db: sqlite_utils.Database) -> dict[str, int]:
 
 
 def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    """Every conversation with its messages, oldest conversation first, for export."""
+    """Every conversation with its messages, oldest conversation first, for export.
+
+    With what `ember import` needs to read it back losslessly: whether the conversation is excluded from
+    learning, and for imported ones the source's ids and the import they came from."""
+    excluded = {r[0] for r in db.execute("""
+        SELECT conversation_id FROM feedback f WHERE kind = 'exclude' AND id = (
+            SELECT MAX(id) FROM feedback g WHERE g.conversation_id = f.conversation_id
+            AND g.kind IN ('exclude', 'include'))""")}
+    imports = {r[0]: {"app": r[1], "sha256": r[2]} for r in db.execute("SELECT id, app, sha256 FROM imports")}
     out = []
     for conv in reversed(list_conversations(db)):
         conv = dict(conv)
         conv.pop("messages")
+        stored = get_conversation(db, conv["id"])
+        conv["excluded"] = conv["id"] in excluded
+        if stored.get("external_id"):
+            conv["external_id"] = stored["external_id"]
+            conv["source"] = imports.get(stored.get("import_id"))
+        rows = messages(db, conv["id"])
         conv["messages"] = [
             {k: row[k] for k in ("id", "role", "content", "created", "status", "model", "route",
                                  "adapter_id", "tokens", "seconds")}
-            for row in messages(db, conv["id"])]
+            | ({"external_id": row["external_id"]} if row.get("external_id") else {})
+            for row in rows]
         out.append(conv)
     return out

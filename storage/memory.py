@@ -47,27 +47,33 @@ def chunk_text(text: str, words: int = CHUNK_WORDS, overlap: int = CHUNK_OVERLAP
 
 def _insert_chunks(db: sqlite_utils.Database, source: str, source_id: str, text: str, *,
                    message_id: int | None = None, time: str | None = None, speaker: str | None = None,
-                   session: str | None = None) -> int:
+                   session: str | None = None, import_id: int | None = None) -> int:
     stamp = now()
     rows = [{"source": source, "source_id": source_id, "part": part, "message_id": message_id,
-             "text": piece, "time": time, "speaker": speaker, "session": session, "created": stamp}
+             "text": piece, "time": time, "speaker": speaker, "session": session, "created": stamp,
+             **({"import_id": import_id} if import_id is not None else {})}
             for part, piece in enumerate(chunk_text(text))]
     if rows:
         db["memory_chunks"].insert_all(rows)
     return len(rows)
 
 
-def sync_messages(db: sqlite_utils.Database) -> int:
+def sync_messages(db: sqlite_utils.Database, batch: int = 2000) -> int:
     """Chunk every finished message not yet in memory (new ones, and edited ones); return how many.
 
-    A reply's sentences copied from the memories it was given are not indexed again: they are already
-    memory, and a copy would come back as a second, newer witness of the same words."""
-    pending = list(db.query("""
-        SELECT m.id, m.role, m.content, m.created, m.conversation_id FROM messages m
-        WHERE m.status != 'generating' AND m.content != ''
-          AND NOT EXISTS (SELECT 1 FROM memory_chunks c WHERE c.message_id = m.id)
-        ORDER BY m.id"""))
-    if pending:
+    Works in batches of `batch` messages, each its own transaction, so an import of thousands of
+    conversations is indexed in bounded memory. A reply's sentences copied from the memories it was
+    given are not indexed again: they are already memory, and a copy would come back as a second,
+    newer witness of the same words."""
+    done, after = 0, 0
+    while True:
+        pending = list(db.query("""
+            SELECT m.id, m.role, m.content, m.created, m.conversation_id FROM messages m
+            WHERE m.id > ? AND m.status != 'generating' AND m.content != ''
+              AND NOT EXISTS (SELECT 1 FROM memory_chunks c WHERE c.message_id = m.id)
+            ORDER BY m.id LIMIT ?""", [after, batch]))
+        if not pending:
+            return done
         with transaction(db):
             for m in pending:
                 text = m["content"]
@@ -75,7 +81,8 @@ def sync_messages(db: sqlite_utils.Database) -> int:
                     text = without_copies(text, [row["text"] for row in reply_memories(db, m["id"])])
                 _insert_chunks(db, "message", str(m["id"]), text, message_id=m["id"],
                                time=m["created"], speaker=m["role"], session=str(m["conversation_id"]))
-    return len(pending)
+        done += len(pending)
+        after = pending[-1]["id"]
 
 
 COPY_MIN_WORDS = 5   # a shorter sentence ("Yes.", "Your sister.") is not a copy of a note, whatever it matches
@@ -96,7 +103,8 @@ def without_copies(text: str, sources: Sequence[str]) -> str:
     return " ".join(kept)
 
 
-def upsert_records(db: sqlite_utils.Database, records: Sequence[dict[str, Any]]) -> dict[str, int]:
+def upsert_records(db: sqlite_utils.Database, records: Sequence[dict[str, Any]], *,
+                   import_id: int | None = None) -> dict[str, int]:
     """Import records ({id, text, time?, speaker?, session?}); an existing id is replaced in place.
 
     All records go in one transaction: either every record is stored or none.
@@ -113,7 +121,8 @@ def upsert_records(db: sqlite_utils.Database, records: Sequence[dict[str, Any]])
             else:
                 added += 1
             chunks += _insert_chunks(db, "import", record["id"], record["text"], time=record.get("time"),
-                                     speaker=record.get("speaker"), session=record.get("session"))
+                                     speaker=record.get("speaker"), session=record.get("session"),
+                                     import_id=import_id)
     return {"added": added, "updated": updated, "chunks": chunks}
 
 
@@ -146,6 +155,11 @@ def in_context(db: sqlite_utils.Database, ids: Sequence[int]) -> dict[int, list[
     rows = chunks_by_id(db, {i for link in links for i in link if i is not None})
     return {link[0]: [rows[i] for i in (link[1], link[0], link[2]) if i is not None and i in rows]
             for link in links}
+
+
+def unembedded_count(db: sqlite_utils.Database) -> int:
+    """How many chunks wait for an embedding."""
+    return db.execute("SELECT COUNT(*) FROM memory_chunks WHERE embedding IS NULL").fetchone()[0]
 
 
 def store_embeddings(db: sqlite_utils.Database, ids: Sequence[int], vectors: np.ndarray) -> None:

@@ -358,3 +358,36 @@ def m010_vectors_in_context(db: sqlite_utils.Database) -> None:
                  WHERE source = old.source AND session = old.session AND id > old.id));
         END;
     """)
+
+
+@migration
+def m011_imports(db: sqlite_utils.Database) -> None:
+    """Chat history and notes brought in from other apps (`ember import`), and where each came from.
+
+    An import is one export file (app + the file's SHA-256). Conversations, messages and notes point at
+    the latest import that held them, so `ember forget --source` can remove an import whole.
+    `external_id` is the source's own id (prefixed with its app), which makes re-imports idempotent;
+    `content_hash` tells an edited message from an unchanged one.
+    """
+    db.executescript("""
+        CREATE TABLE imports (
+            id INTEGER PRIMARY KEY,
+            app TEXT NOT NULL,
+            file TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            created TEXT NOT NULL,
+            updated TEXT NOT NULL,
+            counts TEXT NOT NULL DEFAULT '{}',
+            UNIQUE (app, sha256)
+        );
+        ALTER TABLE conversations ADD COLUMN import_id INTEGER;
+        ALTER TABLE conversations ADD COLUMN external_id TEXT;
+        ALTER TABLE messages ADD COLUMN import_id INTEGER;
+        ALTER TABLE messages ADD COLUMN external_id TEXT;
+        ALTER TABLE messages ADD COLUMN content_hash TEXT;
+        ALTER TABLE memory_chunks ADD COLUMN import_id INTEGER;
+        CREATE UNIQUE INDEX idx_conversations_external ON conversations (external_id)
+            WHERE external_id IS NOT NULL;
+        CREATE INDEX idx_conversations_import ON conversations (import_id) WHERE import_id IS NOT NULL;
+        CREATE INDEX idx_memory_chunks_import ON memory_chunks (import_id) WHERE import_id IS NOT NULL;
+    """)

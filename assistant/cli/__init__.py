@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("assistant.cli.log:export", "Everything the user has, in a portable form."),
     "forget": ("assistant.cli.log:forget",
                "Delete messages for good, and withdraw (taint) the adapters trained on them."),
+    "import": ("assistant.cli.importing:import_",
+               "Import chat history and notes from other apps into the log and memory."),
     "memory": ("assistant.cli.memory:memory", "What Ember remembers: your messages and imported notes."),
     "feedback": ("assistant.cli.feedback:feedback", "Rate or edit replies, exclude conversations from learning."),
     "adapt": ("assistant.cli.adapt:adapt",

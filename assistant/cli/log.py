@@ -125,18 +125,21 @@ def _line(msg: dict) -> str:
 @click.option("--messages-only", is_flag=True,
               help="With --match: delete only the matching messages, not the rest of their exchanges.")
 @click.option("--all", "everything", is_flag=True, help="Delete every conversation.")
+@click.option("--source", "source", default=None,
+              help="Delete an import whole: an app (chatgpt, claude, …), an import number or an export's "
+                   "SHA-256 prefix (`ember status` lists them).")
 @destructive_options
 @model_option
 @json_option
-def forget(message_id, conversation_id, text, messages_only, everything, yes, dry_run, model, as_json):
+def forget(message_id, conversation_id, text, messages_only, everything, source, yes, dry_run, model, as_json):
     """Delete messages for good, and withdraw (taint) the adapters trained on them.
 
     Says what it will delete, with counts, and asks first; off a terminal it needs --yes.
     """
-    chosen = [x for x in (message_id, conversation_id, text, everything or None) if x is not None]
+    chosen = [x for x in (message_id, conversation_id, text, everything or None, source) if x is not None]
     if len(chosen) != 1:
         raise InvalidInput("say what to forget: exactly one of --message ID, --conversation ID, "
-                           "--match TEXT or --all")
+                           "--match TEXT, --source X or --all")
     if text is not None and not text.strip():
         raise InvalidInput("--match needs some text")
     if messages_only and text is None:
@@ -149,6 +152,10 @@ def forget(message_id, conversation_id, text, messages_only, everything, yes, dr
         deletion = convs.select_conversation(db, conversation_id)
     elif text is not None:
         deletion = convs.select_matching(db, text, whole_exchanges=not messages_only)
+    elif source is not None:
+        from storage.imports import select_source
+
+        deletion = select_source(db, source)
     else:
         deletion = convs.select_all(db)
     # A paused adaptation run keeps copies of its examples; one that holds a forgotten message goes too.
@@ -158,7 +165,7 @@ def forget(message_id, conversation_id, text, messages_only, everything, yes, dr
     counts["runs_dropped"] = len(runs_holding(db, settings.cache_dir, deletion.message_ids))
     matches = convs.selected_messages(db, deletion)
     preview = Preview(counts, describe(counts), [_line(m) for m in matches], matches,
-                      empty=not (counts["messages"] or counts["conversations"]))
+                      empty=not (counts["messages"] or counts["conversations"] or deletion.import_ids))
 
     def act() -> dict:
         deleted = convs.delete(db, deletion)

@@ -7,7 +7,7 @@ from assistant import __version__
 from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
 from assistant.cli.daemon import daemon_report
 from assistant.engine import check_gguf
-from storage import ledger, memory, registry, routing, runs
+from storage import imports, ledger, memory, registry, routing, runs
 from storage.migrations import current_version
 
 
@@ -43,6 +43,7 @@ def status(model, as_json):
         "adapting": None if running is None else {
             k: running[k] for k in ("id", "method", "step", "steps", "loss", "epsilon_spent", "eta_seconds")},
         "memory": memory.stats(db),
+        "imports": {"by_app": imports.by_app(db), "sources": imports.sources(db)},
         "daemon": daemon_report(settings, db),
         "router": _router_report(db),
     }
@@ -67,6 +68,7 @@ def status(model, as_json):
                f"(schema v{db_info['schema_version']})\n"
                f"privacy   {privacy_line}\n"
                f"memory    {report['memory']['chunks']} chunks ({report['memory']['embedded']} embedded)\n"
+               + _imports_line(report["imports"]) +
                f"daemon    {report['daemon']['state']}"
                + (f" ({report['daemon']['reason']})" if report["daemon"].get("reason") else "")
                + "\nrouter    " + (f"fitted {report['router']['fitted']} on {report['router']['items']} replies"
@@ -74,6 +76,18 @@ def status(model, as_json):
                + "; " + (", ".join(f"{n} {r}" for r, n in report["router"]["decisions"].items())
                          or "no decisions yet"))
     return None
+
+
+def _imports_line(report: dict) -> str:
+    """How much came from where, one app after another ("" when nothing was imported)."""
+    if not report["sources"]:
+        return ""
+    parts = []
+    for app, n in report["by_app"].items():
+        held = [f"{n[k]} {k}" for k in ("conversations", "messages", "notes") if n[k]]
+        parts.append(f"{app} ({', '.join(held) or 'nothing left'}; {n['imports']} import{'s' if n['imports'] != 1 else ''})")
+    ids = ", ".join(f"#{s['id']} {s['app']} {s['sha256'][:8]}" for s in report["sources"][-5:])
+    return f"imported  {'; '.join(parts)} [{ids}]\n"
 
 
 def _router_report(db) -> dict:
