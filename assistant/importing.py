@@ -63,22 +63,19 @@ def merge(db: sqlite_utils.Database, export: Export, *, learn: bool = False, dry
     return result
 
 
-def index(db: sqlite_utils.Database, embed: Callable[[list[str]], Any] | None,
-          progress: Callable[[int, int], None] | None = None, batch: int = 256) -> dict[str, Any]:
+def index(db: sqlite_utils.Database, embedder: Callable[[], Any] | None,
+          progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Make what was imported searchable: chunk new messages (BM25 at once), then embed every chunk
-    without a vector in batches, calling `progress(done, total)` after each. Returns chunks, seconds and
-    chunks per second."""
+    without a vector, each read among its neighbours as every search does
+    (`assistant.retrieval.embed_pending`), calling `progress(done, total)` after each batch. `embedder`
+    returns the embedder (loaded only when there is something to embed; None: BM25 only). Returns
+    chunks, seconds and chunks per second."""
+    from assistant.retrieval import embed_pending
+
     started = time.perf_counter()
     memory.sync_messages(db)
-    total = memory.unembedded_count(db) if embed else 0
     done = 0
-    if progress and total:
-        progress(0, total)
-    while embed is not None and (pending := memory.unembedded(db, limit=batch)):
-        ids, texts = zip(*pending)
-        memory.store_embeddings(db, list(ids), embed(list(texts)))
-        done += len(ids)
-        if progress:
-            progress(done, total)
+    if embedder is not None and (memory.unembedded_count(db) or memory.stale_count(db)):
+        done = embed_pending(db, embedder(), progress=progress)
     seconds = time.perf_counter() - started
     return {"chunks": done, "seconds": round(seconds, 3), "per_second": round(done / seconds, 1) if done and seconds else None}

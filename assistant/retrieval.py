@@ -154,14 +154,20 @@ def vectors_in_context(db: sqlite_utils.Database, embedder: Embedder, ids: list[
 
 
 def embed_pending(db: sqlite_utils.Database, embedder: Embedder, batch: int = 256, *,
-                  stale: int | None = None, in_context: bool = True) -> int:
+                  stale: int | None = None, in_context: bool = True,
+                  progress: Callable[[int, int], None] | None = None) -> int:
     """Embed every chunk that has no vector yet, then re-make up to `stale` (None: all) out-of-date
-    vectors (`memory.stale`); return how many.
+    vectors (`memory.stale`); return how many. `progress(done, total)` is called after each batch.
 
     `in_context=False` makes the vectors of Ember before 0.2, of the chunk's words alone, for the
     benchmark's baseline; they are not marked stale, so searches keep them as they are.
     """
     done = 0
+    total = 0
+    if progress is not None:
+        total = memory.unembedded_count(db) + (memory.stale_count(db) if in_context and stale is None else 0)
+        if total:
+            progress(0, total)
 
     def embed(ids: list[int], texts: list[str]) -> None:
         if in_context:
@@ -173,6 +179,8 @@ def embed_pending(db: sqlite_utils.Database, embedder: Embedder, batch: int = 25
         ids, texts = zip(*pending)
         embed(list(ids), list(texts))
         done += len(ids)
+        if progress is not None:
+            progress(done, max(total, done))
     left = stale
     while in_context and (left is None or left > 0) and (
             pending := memory.stale(db, limit=batch if left is None else min(batch, left))):
@@ -180,6 +188,8 @@ def embed_pending(db: sqlite_utils.Database, embedder: Embedder, batch: int = 25
         embed(list(ids), list(texts))
         done += len(ids)
         left = None if left is None else left - len(ids)
+        if progress is not None:
+            progress(done, max(total, done))
     return done
 
 

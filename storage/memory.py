@@ -157,6 +157,11 @@ def in_context(db: sqlite_utils.Database, ids: Sequence[int]) -> dict[int, list[
             for link in links}
 
 
+def stale_count(db: sqlite_utils.Database) -> int:
+    """How many chunks have an out-of-date vector."""
+    return db.execute("SELECT COUNT(*) FROM memory_chunks WHERE vector_stale = 1").fetchone()[0]
+
+
 def unembedded_count(db: sqlite_utils.Database) -> int:
     """How many chunks wait for an embedding."""
     return db.execute("SELECT COUNT(*) FROM memory_chunks WHERE embedding IS NULL").fetchone()[0]

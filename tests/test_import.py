@@ -9,12 +9,14 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 
 from assistant.importers import open_export
 from assistant.importing import merge
+from assistant.retrieval import vectors_in_context
 from storage import conversations as convs
-from storage import feedback, imports, registry
+from storage import feedback, imports, memory, registry
 from storage.db import open_db
 from tests.conftest import assert_clean_error
 
@@ -123,7 +125,7 @@ def test_dry_run_says_what_would_change_and_writes_nothing(ember, home, tmp_path
     assert "1 unchanged" in text.out and "nothing was written" in text.out
 
 
-def test_a_zip_of_the_export_is_read_directly_and_imported_replies_are_not_evidence(ember, home, tmp_path):
+def test_a_zip_of_the_export_is_read_directly_and_imported_replies_are_not_evidence(ember, home, tmp_path, embedder):
     archive = tmp_path / "chatgpt-export.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("chat.html", "<html></html>")
@@ -138,6 +140,13 @@ def test_a_zip_of_the_export_is_read_directly_and_imported_replies_are_not_evide
     assert all(h["speaker"] != "assistant" for h in hits)
     said = json.loads(ember("memory", "search", "what did you tell me about the river", "--k", "3", "--json").out)
     assert any(h["speaker"] == "assistant" and h["origin"] == "assistant" for h in said)
+    # Imported turns are embedded as every search embeds them: each read among its neighbours.
+    db = open_db(home)
+    rows = [(row[0], row[1]) for row in db.execute("SELECT id, embedding FROM memory_chunks ORDER BY id")]
+    again = vectors_in_context(db, embedder, [chunk_id for chunk_id, _ in rows])
+    assert np.allclose(np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(again.shape),
+                       again, atol=1e-5)
+    assert memory.stale_count(db) == 0 and memory.unembedded_count(db) == 0
 
 
 def test_split_export_files_in_a_folder_are_one_import(db, tmp_path):

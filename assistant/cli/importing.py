@@ -70,7 +70,7 @@ def import_(source, fmt, dry_run, learn, skip_bad, model, as_json):
         retriever = retriever_for(settings, db)
         bar = _Bar(not as_json)
         try:
-            result["indexed"] = index(db, lambda texts: retriever.embedder.encode(texts), bar)
+            result["indexed"] = index(db, lambda: retriever.embedder, bar)
         finally:
             bar.close()
     if as_json:
