@@ -392,10 +392,12 @@ class Retriever:
         return hits[:k], signals
 
 
-# How the memories are put in front of the model. The first style numbered each note with its date and
-# speaker in brackets ("[1] (2026-11-29, user) …") and asked for citations like [1]: the bundled model
-# copied that markup into its answers, and the answers came back as memory. `ember bench evidence`
-# measures how often each style's framing shows up in replies; the default is the one echoed least.
+# How the memories are put in front of the model. `ember bench evidence` measures, on the bundled model
+# and 99 MemoryBank questions, how often each style's framing shows up in replies: numbered 1.0 %,
+# plain 3.0 %, dated 13.1 %, prose 22.2 % (the model opens with "On 1 May 2023, the user said: …"), and
+# numbered also gave the best answer F1 (0.086 vs 0.077-0.085). It stays the default; what markup still
+# leaks is stripped before a reply is shown or stored (assistant/evidence.py), and speakers are named
+# ("the user", "Ember") so an assistant's reply is never read as the user's words.
 # Short on purpose: SmolLM2-135M follows short wording; longer instructions made it refuse to answer.
 MEMORY_STYLES = {
     "numbered": ("You are Ember, the user's private assistant. Below are numbered notes from the user's own "
