@@ -8,6 +8,7 @@ disconnects cancels its reply; what was written is kept, marked cancelled.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hmac
@@ -168,8 +169,9 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
             raise ApiError(404, f"unknown embedding model {str(body.get('model'))[:80]!r}; use {EMBEDDER_ID!r}",
                            param="model", code="model_not_found")
         texts = protocol.embedding_inputs(body)
-        if body.get("encoding_format", "float") != "float":
-            raise protocol.bad("encoding_format must be float", "encoding_format")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):   # the SDK asks for base64: float32 little-endian bytes
+            raise protocol.bad("encoding_format must be float or base64", "encoding_format")
         if not worker.ready.is_set() or worker.retriever is None:
             raise ApiError(503, worker.error or "the model is still loading; retry shortly", type="server_error",
                            code="loading", headers={"Retry-After": "2"})
@@ -181,7 +183,9 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
 
         vectors, tokens = await run_in_threadpool(embed)
         return JSONResponse({"object": "list", "model": EMBEDDER_ID,
-                             "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
+                             "data": [{"object": "embedding", "index": i,
+                                       "embedding": v.tolist() if encoding == "float"
+                                       else base64.b64encode(v.astype("<f4").tobytes()).decode()}
                                       for i, v in enumerate(vectors)],
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
