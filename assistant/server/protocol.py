@@ -125,8 +125,8 @@ def chat_request(body: dict[str, Any]) -> ChatRequest:
     if not isinstance(stream, bool):
         raise bad("stream must be true or false", "stream")
     max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise bad("n must be 1: Ember writes one reply at a time", "n")
     request = ChatRequest(model=model, question=turns[-1]["content"], history=turns[:-1], stream=stream,
                           max_tokens=max_tokens, temperature=_number(body, "temperature", float, 0, 2),
