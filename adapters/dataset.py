@@ -4,7 +4,8 @@ learns from").
 One example per target message: the user's own turns, and assistant replies the user rated up or
 edited (the edit replaces the reply). A reply rated down is never a target; it may still appear in the
 context of a later turn, because the user's next message answers it. Conversations the user excluded are
-skipped entirely. Every text is redacted (emails, phones, cards, accounts, addresses) before it is
+skipped entirely, and so, when the user says so (`learn_from_api = false`), are conversations that came
+through `ember serve` from other apps. Every text is redacted (emails, phones, cards, accounts, addresses) before it is
 tokenized. Personal facts the user states ("my locker code is …") stay in memory only: those sentences
 are cut from every text before it is tokenized (`adapters/facts.py`; `keep_facts=True` trains on them
 too). Examples are split into train and held-out by a stable hash of the target message id, so a
@@ -86,19 +87,25 @@ def heldout(message_id: int) -> bool:
 
 
 def build(db: sqlite_utils.Database, template: ChatTemplate, *, max_len: int = 192,
-          min_train: int = MIN_TRAIN, max_examples: int = MAX_EXAMPLES, keep_facts: bool = False) -> Dataset:
-    """Training and held-out examples from every conversation the user has not excluded.
+          min_train: int = MIN_TRAIN, max_examples: int = MAX_EXAMPLES, keep_facts: bool = False,
+          learn_from_api: bool = True) -> Dataset:
+    """Training and held-out examples from every conversation the user has not excluded (nor, with
+    `learn_from_api=False`, any conversation holding a message that came through `ember serve`).
 
     At most `max_examples` targets, the newest; older ones are counted in `skipped`, as are the personal
     fact sentences left to memory (unless `keep_facts`).
     """
     excluded = feedback.excluded_conversations(db)
+    from_api = set() if learn_from_api else convs.api_conversations(db)
     redactions: collections.Counter[str] = collections.Counter()
     skipped: collections.Counter[str] = collections.Counter()
     examples: list[Example] = []
     for conv in convs.list_conversations(db):
         if conv["id"] in excluded:
             skipped["excluded conversation messages"] += conv["messages"]
+            continue
+        if conv["id"] in from_api:
+            skipped["API conversation messages"] += conv["messages"]
             continue
         rows = convs.messages(db, conv["id"])
         opinions = feedback.state(db, conv["id"])

@@ -48,6 +48,7 @@ class AdaptConfig:
     max_len: int = 192
     dry_run: bool = False
     keep_facts: bool = False        # True: personal facts are trained on too, not left to memory only
+    learn_from_api: bool = True     # False: conversations that came through `ember serve` are left out
 
     @property
     def trainer(self) -> Any:
@@ -108,7 +109,8 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
     template = ChatTemplate.from_gguf(str(config.model_path))
     resume = None if config.dry_run else _resumable(db, config)
     data = _load_data(config, resume["id"]) if resume else datasets.build(db, template, max_len=config.max_len,
-                                                                           keep_facts=config.keep_facts)
+                                                                           keep_facts=config.keep_facts,
+                                                                           learn_from_api=config.learn_from_api)
     n_train = len(data.train)
     steps, plan = methods.plan(config.method, config.trainer, n_train)
     summary = {"method": config.method, "backend": config.zo.backend if config.method == "zo" else None, "dp": plan is not None, "examples": n_train,

@@ -44,7 +44,8 @@ def config_for(settings: Settings, *, method: str = "lora", epsilon: float | Non
                           steps=steps or settings.zo_steps)
     return AdaptConfig(model_path=settings.model_path, home=settings.home, cache=settings.cache_dir,
                        method=method, lora=train, zo=forward,
-                       budget=settings.privacy_budget, threads=settings.threads, dry_run=dry_run)
+                       budget=settings.privacy_budget, threads=settings.threads, dry_run=dry_run,
+                       learn_from_api=settings.learn_from_api)
 
 
 def flags_for(label: str) -> dict[str, str]:

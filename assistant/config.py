@@ -57,6 +57,7 @@ class Settings:
     daemon_check_seconds: float = 60.0
     daemon_min_new_messages: int = 20  # since the newest adapter
     daemon_nightly: str | None = None  # e.g. "1-6": only between 01:00 and 06:00 local time
+    learn_from_api: bool = True        # false: conversations that came through `ember serve` are never trained on
 
     @property
     def model_path(self) -> Path:
@@ -85,7 +86,8 @@ class Settings:
 
 
 ENV_VARS = {"EMBER_MODEL": "model", "EMBER_CACHE": "cache", "EMBER_N_CTX": "n_ctx", "EMBER_THREADS": "n_threads",
-            "EMBER_BUSY_TIMEOUT_MS": "busy_timeout_ms"}
+            "EMBER_BUSY_TIMEOUT_MS": "busy_timeout_ms", "EMBER_LEARN_FROM_API": "learn_from_api"}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
@@ -106,6 +108,12 @@ def _coerce(name: str, value: Any) -> Any:
             return None
         if name in ("model", "cache"):
             return Path(str(value)).expanduser()
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).strip().lower() in TRUE + FALSE:
+                return str(value).strip().lower() in TRUE
+            raise ValueError(value)
         if kind.startswith("int"):
             return int(value)
         if kind.startswith("float"):

@@ -50,14 +50,20 @@ class Question:
     message_id: int | None          # None when not logged (`log=False`)
     history: list[Message]          # the conversation before it, as the model sees it
     history_ids: list[int] = dataclasses.field(default_factory=list)   # their message ids
+    origin: str | None = None       # None: Ember's own chat or CLI; "api": a client of `ember serve`
+    client: str | None = None       # which client (its User-Agent); the reply records both too
 
 
 def log_question(db: sqlite_utils.Database, text: str, *, conversation_id: int | None = None,
-                 log: bool = True) -> Question:
+                 log: bool = True, history: list[Message] | None = None, origin: str | None = None,
+                 client: str | None = None) -> Question:
     """Check `text` and commit it as the user's message (a new conversation when None).
 
     The first act of every request (CLI, chat, server, importer): routing, retrieval, probes, loading
     the model and generation all come later and may fail, or be killed, without losing it.
+    `history` is the conversation before it as a stateless client sent it (an OpenAI-style request
+    carries every turn); when given it is what the model reads, and only the new message is stored.
+    `origin` and `client` say where the message came from (see `storage.conversations.add_message`).
     """
     check_prompt(text)
     rows: list[dict] = []
@@ -68,10 +74,12 @@ def log_question(db: sqlite_utils.Database, text: str, *, conversation_id: int |
     if log:
         if conversation_id is None:
             conversation_id = convs.create_conversation(db)
-        message_id = convs.add_message(db, conversation_id, "user", text)
+        message_id = convs.add_message(db, conversation_id, "user", text, origin=origin, client=client)
+    if history is not None:
+        return Question(text, conversation_id, message_id, list(history), [], origin, client)
     return Question(text, conversation_id, message_id,
                     [{"role": row["role"], "content": row["content"]} for row in rows],
-                    [row["id"] for row in rows])
+                    [row["id"] for row in rows], origin, client)
 
 
 def resolve_route(route: str, engine: Engine) -> str:
@@ -281,7 +289,7 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     reply_id = None
     if log:
         reply_id = convs.start_reply(db, conversation_id, model=engine.name, route=chosen,
-                                     adapter_id=engine.adapter)
+                                     adapter_id=engine.adapter, origin=question.origin, client=question.client)
         if memories:
             memory.record_reply_memories(db, reply_id, [(hit.id, hit.score) for hit in memories])
         if decision is not None:

@@ -6,6 +6,7 @@ the id applied to the next reply, which the status line and the log report.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import threading
@@ -153,6 +154,18 @@ class Engine:
         if want != self.adapter:
             runtime.apply(self.llm, self._loaded if want else None)
             self.adapter = want
+
+    @contextlib.contextmanager
+    def adapter_withheld(self) -> Iterator[None]:
+        """Answer as the base model alone inside this block (routes and the router see no adapter);
+        the loaded adapter stays loaded and is offered again after it."""
+        kept = self.loaded_adapter
+        self.use_adapter(False)
+        self.loaded_adapter = None
+        try:
+            yield
+        finally:
+            self.loaded_adapter = kept
 
     @property
     def n_ctx(self) -> int:

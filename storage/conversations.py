@@ -21,6 +21,8 @@ ROLES = ("system", "user", "assistant")
 # complete: the model ended its turn; length: it hit the token limit (a reply that may loop, never learned
 # from as approved text); empty: it ended without a word; cancelled, interrupted: cut short.
 FINAL_STATUSES = ("complete", "length", "empty", "cancelled", "interrupted")
+ORIGINS = (None, "api")   # where a message came from: Ember itself, or a client of `ember serve`
+CLIENT_CHARS = 200        # a User-Agent is the client's say; keep what names it, not an essay
 
 
 def now() -> str:
@@ -77,10 +79,16 @@ def messages(db: sqlite_utils.Database, conversation_id: int) -> list[dict[str, 
 def add_message(db: sqlite_utils.Database, conversation_id: int, role: str, content: str, *,
                 status: str = "complete", model: str | None = None, route: str | None = None,
                 adapter_id: str | None = None, tokens: int | None = None,
-                seconds: float | None = None) -> int:
-    """Append a message and commit it; the first user message also titles a new conversation."""
+                seconds: float | None = None, origin: str | None = None, client: str | None = None) -> int:
+    """Append a message and commit it; the first user message also titles a new conversation.
+
+    `origin` says where it came from (None: Ember's own chat or CLI; `api`: `ember serve`) and
+    `client` which program sent it (an HTTP User-Agent, cut to CLIENT_CHARS).
+    """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    if origin not in ORIGINS:
+        raise ValueError(f"origin must be one of {ORIGINS}, not {origin!r}")
     conversation = get_conversation(db, conversation_id)
     stamp = now()
     with transaction(db):
@@ -88,13 +96,20 @@ def add_message(db: sqlite_utils.Database, conversation_id: int, role: str, cont
             "conversation_id": conversation_id, "role": role, "content": content, "created": stamp,
             "model": model, "route": route, "adapter_id": adapter_id, "status": status,
             "writer_pid": os.getpid() if status == "generating" else None,
-            "tokens": tokens, "seconds": seconds,
+            "tokens": tokens, "seconds": seconds, "origin": origin,
+            "client": client[:CLIENT_CHARS] if client else None,
         }).last_pk
         changes = {"updated": stamp}
         if role == "user" and conversation["title"] == NEW_TITLE:
             changes["title"] = title_from(content) or NEW_TITLE
         db["conversations"].update(conversation_id, changes)
     return message_id
+
+
+def api_conversations(db: sqlite_utils.Database) -> set[int]:
+    """Conversations holding any message that came through `ember serve` (origin `api`)."""
+    return {row[0] for row in db.execute(
+        "SELECT DISTINCT conversation_id FROM messages WHERE origin = 'api'")}
 
 
 def start_reply(db: sqlite_utils.Database, conversation_id: int, **meta: Any) -> int:

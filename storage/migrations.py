@@ -391,3 +391,18 @@ def m011_imports(db: sqlite_utils.Database) -> None:
         CREATE INDEX idx_conversations_import ON conversations (import_id) WHERE import_id IS NOT NULL;
         CREATE INDEX idx_memory_chunks_import ON memory_chunks (import_id) WHERE import_id IS NOT NULL;
     """)
+
+
+@migration
+def m012_message_origin(db: sqlite_utils.Database) -> None:
+    """Where a message came from: `origin` is NULL for what was typed into Ember itself (the chat,
+    `ember ask`) and `api` for a request to `ember serve`; `client` is that request's User-Agent.
+
+    The user can then see which app said what, and keep API traffic out of learning
+    (`learn_from_api = false`, which the adaptation dataset reads).
+    """
+    db.executescript("""
+        ALTER TABLE messages ADD COLUMN origin TEXT;
+        ALTER TABLE messages ADD COLUMN client TEXT;
+        CREATE INDEX idx_messages_origin ON messages (origin, conversation_id) WHERE origin IS NOT NULL;
+    """)

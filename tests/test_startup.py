@@ -16,6 +16,7 @@ from assistant import cli
 from assistant.cli import COMMANDS, main
 
 HEAVY = ("torch", "transformers", "sentence_transformers", "pandas")
+WEB = ("fastapi", "uvicorn", "starlette")   # `ember serve`'s stack: no other command may load it
 COMMAND_MODULES = sorted({target.split(":")[0] for target, _ in COMMANDS.values()})
 
 # Runs `ember ARGS…` in this process and, at exit, writes the names of the loaded modules to the file
@@ -75,6 +76,7 @@ def test_version_and_help_load_no_command_module(home, tmp_path):
         assert result.returncode == 0, result.stderr
         assert not [m for m in COMMAND_MODULES if m in modules], args
         assert "sqlite_utils" not in modules and not heavy(modules), args
+        assert not [m for m in modules if m.split(".")[0] in WEB], args
 
 
 def test_an_unknown_command_is_one_clear_error(ember):
@@ -97,4 +99,5 @@ def test_asking_never_loads_torch_transformers_or_pandas(home, tmp_path):
         result, modules = run_ember(home, tmp_path, *args)
         assert result.returncode == 0, (args, result.stderr)
         assert not heavy(modules), (args, heavy(modules))
+        assert not [m for m in modules if m.split(".")[0] in WEB], args
         assert "sqlite_utils" in modules   # the check ran on a real request

@@ -118,6 +118,7 @@ def test_upgrade_from_every_earlier_version_keeps_data(tmp_path, start):
     assert _schema(db) == _schema(fresh)
     row = db["messages"].get(1)
     assert row["content"] == "Book the train to Lyon" and row["status"] == "complete"
+    assert row["origin"] is None and row["client"] is None   # typed into Ember, before the API existed
     assert [h["message_id"] for h in convs.search_messages(db, "lyon")] == [1]
 
 

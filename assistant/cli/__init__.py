@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "daemon": ("assistant.cli.daemon:daemon", "The idle-time adaptation daemon."),
     "router": ("assistant.cli.router:router",
                "The router that picks memory, the adapter, both or neither for each question."),
+    "serve": ("assistant.cli.serve:serve",
+              "Serve an OpenAI-compatible API (chat completions, models, embeddings) on this machine."),
     "status": ("assistant.cli.status:status", "Model, active adapter, privacy budget, memory size, daemon state."),
     "bench": ("assistant.cli.bench:bench", "Run benchmark NAME (omit it to list them)."),
     "doctor": ("assistant.cli.doctor:doctor",

@@ -1,0 +1,1 @@
+"""`ember serve`: Ember behind an OpenAI-compatible HTTP API (FastAPI + uvicorn, imported only here)."""
