@@ -165,8 +165,18 @@ class TmuxRun:
         """The window's text as it is shown now."""
         return self._tmux("capture-pane", "-p", "-t", "ember")
 
+    def _pane(self, field: str, timeout: float = 10) -> str:
+        # A tmux client can fail on a loaded machine (its reply is then empty): ask again, never read a
+        # failed query as "the program ended".
+        deadline = time.monotonic() + timeout
+        while not (value := self._tmux("display-message", "-p", "-t", "ember", f"#{{{field}}}").strip()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"tmux did not answer for {field}")
+            time.sleep(0.1)
+        return value
+
     def running(self) -> bool:
-        return self._tmux("display-message", "-p", "-t", "ember", "#{pane_dead}").strip() == "0"
+        return self._pane("pane_dead") == "0"
 
     def exit_status(self, timeout: float = 30) -> int:
         """Wait for the program to end; its exit status."""
@@ -175,7 +185,7 @@ class TmuxRun:
             if time.monotonic() > deadline:
                 raise AssertionError("the program did not exit")
             time.sleep(0.1)
-        return int(self._tmux("display-message", "-p", "-t", "ember", "#{pane_dead_status}").strip())
+        return int(self._pane("pane_dead_status"))
 
     def wait_for(self, condition: Callable[[str], bool] | str, timeout: float = 120) -> str:
         """Poll the screen until `condition(screen)` holds (or the text is on it); returns that screen."""
