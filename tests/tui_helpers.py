@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -150,7 +151,11 @@ class TmuxRun:
             pytest.skip("tmux is not installed")
         self.socket = f"ember-test-{os.getpid()}-{next(_sessions)}"
         self.env = env
-        command = shlex.join([*(program or [sys.executable, "-m", "assistant"]), *args])
+        # The shell around the program records its exit status: tmux reports a pane dead when the
+        # terminal closes, and may not have reaped the process (nor know its status) for a while.
+        self._status = Path(tempfile.mkdtemp(prefix="ember-tmux-")) / "status"
+        command = (shlex.join([*(program or [sys.executable, "-m", "assistant"]), *args])
+                   + f"; echo $? > {shlex.quote(str(self._status))}")
         # The window stays after the program ends, so that what it printed last can be read.
         self._tmux("new-session", "-d", "-s", "ember", "-x", str(size[0]), "-y", str(size[1]), command,
                    ";", "set-option", "-t", "ember", "remain-on-exit", "on")
@@ -179,13 +184,13 @@ class TmuxRun:
         return self._pane("pane_dead") == "0"
 
     def exit_status(self, timeout: float = 30) -> int:
-        """Wait for the program to end; its exit status."""
+        """Wait for the program to end; its exit status (128 + N when signal N killed it)."""
         deadline = time.monotonic() + timeout
-        while self.running():
+        while not (self._status.is_file() and self._status.read_text().strip()):
             if time.monotonic() > deadline:
                 raise AssertionError("the program did not exit")
             time.sleep(0.1)
-        return int(self._pane("pane_dead_status"))
+        return int(self._status.read_text())
 
     def wait_for(self, condition: Callable[[str], bool] | str, timeout: float = 120) -> str:
         """Poll the screen until `condition(screen)` holds (or the text is on it); returns that screen."""
