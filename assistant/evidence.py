@@ -87,12 +87,13 @@ def admit(hits: Sequence[Hit], question: str, reviews: dict[int, dict[str, Any]]
             out.append(dataclasses.replace(hit, origin="user"))
             continue
         review = reviews.get(hit.message_id) if hit.message_id is not None else None
+        if not admissible(hit.speaker, review, about_assistant):
+            continue
         if review and review.get("edit"):
             out.append(dataclasses.replace(hit, text=review["edit"], origin="edited"))
-        elif review and review.get("rating") == "up":
-            out.append(dataclasses.replace(hit, origin="approved"))
-        elif about_assistant and not (review and review.get("rating") == "down"):
-            out.append(dataclasses.replace(hit, origin="assistant"))
+        else:
+            out.append(dataclasses.replace(hit, origin="approved" if review and review.get("rating") == "up"
+                                           else "assistant"))
     return out
 
 
@@ -147,26 +148,43 @@ def _is_event(sentence: str) -> bool:
     return any(m.group(0).lower() not in _STATE_ED for m in _EVENT.finditer(sentence))
 
 
-def replaces(newer: str, older: str) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Statement:
+    """A sentence as `replaces` compares it, its words read once."""
+
+    text: str
+    said: frozenset[str]         # every word, lower-case
+    words: tuple[str, ...]       # content words without correction markers, in order
+    event: bool                  # tells something that happened (past tense)
+    vocabulary: frozenset[str] = frozenset()   # `words` as a set
+
+    @classmethod
+    def of(cls, sentence: str) -> Statement:
+        words = tuple(_stem(w) for w in content_words(sentence) if w not in CORRECTION_MARKERS)
+        return cls(sentence, frozenset(w.lower() for w in _WORD.findall(sentence)), words, _is_event(sentence),
+                   frozenset(words))
+
+
+def replaces(newer: str | Statement, older: str | Statement) -> bool:
     """Whether statement `newer` restates statement `older` with another value (the module docstring's
     second rule). Both are single sentences."""
-    said_new = {w.lower() for w in _WORD.findall(newer)}
-    corrects = bool(CORRECTION_MARKERS & said_new)
-    a = [_stem(w) for w in content_words(older) if w not in CORRECTION_MARKERS]
-    b = [_stem(w) for w in content_words(newer) if w not in CORRECTION_MARKERS]
-    if not a or not b:
+    new = newer if isinstance(newer, Statement) else Statement.of(newer)
+    old = older if isinstance(older, Statement) else Statement.of(older)
+    a, b = old.words, new.words
+    if not a or not b or not old.vocabulary & new.vocabulary:
         return False
-    if not corrects and _is_event(older) and _is_event(newer):
+    corrects = bool(CORRECTION_MARKERS & new.said)
+    if not corrects and old.event and new.event:
         return False   # two things that happened ("ran for an hour", later "for twenty minutes"), not one fact
     if a == b:   # the same words: a replacement only when the later one negates ("… no longer …")
-        return bool(_NEGATIONS & said_new) and not _NEGATIONS & {w.lower() for w in _WORD.findall(older)}
+        return bool(_NEGATIONS & new.said) and not _NEGATIONS & old.said
     blocks = [op for op in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if op[0] != "equal"]
     if len(blocks) != 1:
         return False
     _, i1, i2, j1, j2 = blocks[0]
     equal = len(a) - (i2 - i1)
     changed = a[i1:i2] + b[j1:j2]
-    if _is_value(changed, older + " " + newer) and equal >= 1:
+    if _is_value(changed, old.text + " " + new.text) and equal >= 1:
         return True
     at_end = i2 == len(a) and j2 == len(b)
     return equal >= 2 and (at_end or (corrects and max(i2 - i1, j2 - j1) <= 3))
@@ -178,7 +196,8 @@ def supersede(hits: Sequence[Hit], question: str) -> list[Hit]:
     never replaces what the user said)."""
     if time_window_named(question):
         return list(hits)   # a question about a period asks for what was said then, replaced or not
-    key = [best_sentence(h.text, question)[0] if h.origin in ("user", "edited") else None for h in hits]
+    key = [Statement.of(best_sentence(h.text, question)[0]) if h.origin in ("user", "edited") else None
+           for h in hits]
     replaced: dict[int, Hit] = {}
     for i, old in enumerate(hits):
         if key[i] is None:

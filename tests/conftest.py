@@ -149,3 +149,5 @@ def training_cache(tmp_path_factory) -> Path:
 def pytest_addoption(parser):
     parser.addoption("--soak-seconds", type=float, default=None,
                      help="run the multi-process stress test this long (a soak; the suite's default is short)")
+    parser.addoption("--benchmarks", action="store_true", default=False,
+                     help="also run the benchmarks end to end (`ember bench engine --quick` alone takes ~5 minutes)")

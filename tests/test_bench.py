@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import assert_clean_error
 
 
@@ -12,7 +14,9 @@ def test_bench_lists_benchmarks_and_refuses_unknown_ones(ember):
     assert_clean_error(ember("bench", "nope"), contains="unknown benchmark")
 
 
-def test_engine_benchmark_compares_against_bare_llama_cpp(ember, tmp_path):
+def test_engine_benchmark_compares_against_bare_llama_cpp(ember, tmp_path, request):
+    if not request.config.getoption("--benchmarks"):
+        pytest.skip("a benchmark (~5 minutes): run with --benchmarks")
     result = ember("bench", "engine", "--quick", "--rounds", "1", "--output-dir", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.err
     written = json.loads((tmp_path / "engine.json").read_text())
