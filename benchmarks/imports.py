@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 from assistant.config import Settings
 from benchmarks.everyday import _timed_process
-from benchmarks.memory import TOPICS, WORDS
+from benchmarks.memory import TOPICS, WORDS, _latency
 
 FULL = (2_000, 20)      # conversations, messages each: 40,000 messages
 QUICK = (200, 20)       # 4,000 messages
@@ -85,18 +84,10 @@ def _search_latency(home: Path, settings: Settings) -> dict[str, Any]:
 
     db = open_db(home)
     retriever = Retriever(db, Embedder(settings.cache_dir, threads=settings.threads))
-    rng = random.Random(5)
     retriever.search("warm up the model", 5)
-    times = []
-    for _ in range(QUERIES):
-        question = f"what did I say about the {rng.choice(TOPICS)} with my {rng.choice(WORDS)}?"
-        started = time.perf_counter()
-        retriever.search(question, 5)
-        times.append((time.perf_counter() - started) * 1000)
+    found = _latency(retriever, random.Random(5), k=5, queries=QUERIES)
     db.close()
-    times.sort()
-    return {"queries": QUERIES, "p50_ms": round(statistics.median(times), 1),
-            "p95_ms": round(times[int(0.95 * (len(times) - 1))], 1)}
+    return found
 
 
 def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, Any]:

@@ -48,16 +48,17 @@ def _records(texts: list[str], start: int) -> list[dict[str, str]]:
             for i, t in enumerate(texts)]
 
 
-def _latency(retriever: Retriever, rng: random.Random) -> dict[str, float]:
+def _latency(retriever: Retriever, rng: random.Random, k: int = 10, queries: int = QUERIES) -> dict[str, float]:
+    """Search latency (ms) over `queries` questions about random topics, `k` hits each."""
     times = []
-    for _ in range(QUERIES):
+    for _ in range(queries):
         question = f"what did I say about the {rng.choice(TOPICS)} with my {rng.choice(WORDS)}?"
         started = time.perf_counter()
-        retriever.search(question, 10)
+        retriever.search(question, k)
         times.append((time.perf_counter() - started) * 1000)
     times.sort()
     return {"p50_ms": round(statistics.median(times), 2), "p95_ms": round(times[int(0.95 * len(times)) - 1], 2),
-            "max_ms": round(times[-1], 2), "queries": QUERIES}
+            "max_ms": round(times[-1], 2), "queries": queries}
 
 
 def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
