@@ -4,12 +4,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
 import sqlite_utils
 
 from storage.driver import sqlite3
+from storage.atomic import immediate
 from storage.errors import DatabaseCorrupt, DatabaseLocked, DataDirError
 from storage.migrations import migrate
 
@@ -110,8 +112,7 @@ def open_db(data_dir: Path, *, busy_timeout_ms: int = 3000) -> sqlite_utils.Data
                 raise
             db = sqlite_utils.Database(conn)
             db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                db.enable_wal()
+            _retry_locked(lambda: _wal(db), busy_timeout_ms)
         finally:
             if old_umask is not None:
                 os.umask(old_umask)
@@ -119,8 +120,32 @@ def open_db(data_dir: Path, *, busy_timeout_ms: int = 3000) -> sqlite_utils.Data
         db.execute("PRAGMA foreign_keys = ON")
         # NORMAL is durable across a killed process in WAL mode; only power loss can drop the last commit.
         db.execute("PRAGMA synchronous = NORMAL")
-        migrate(db)
+        _retry_locked(lambda: migrate(db), busy_timeout_ms)
     return db
+
+
+def _wal(db: sqlite_utils.Database) -> None:
+    if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        db.enable_wal()
+
+
+def _retry_locked(step, busy_timeout_ms: int) -> None:
+    """Run `step`, again while SQLite answers "locked", for up to the busy timeout.
+
+    While a new database is still in rollback-journal mode (processes started at once, one of them
+    switching it to WAL), SQLite returns SQLITE_BUSY without calling the busy handler where waiting
+    could deadlock; its documentation leaves the retry to the application (sqlite3_busy_handler).
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    pause = 0.01
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as err:
+            if not _locked(err) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 class Connections:
@@ -175,9 +200,10 @@ def connections_of(db: sqlite_utils.Database) -> Connections:
 
 @contextlib.contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
-    """One atomic write (nested calls become savepoints), with lock errors made readable."""
+    """One atomic write that holds the write lock from its first statement (nested calls become
+    savepoints), with lock errors made readable."""
     with sqlite_errors(Path(db_path(db))):
-        with db.atomic():
+        with immediate(db):
             yield db
 
 

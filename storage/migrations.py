@@ -10,6 +10,7 @@ from typing import Callable
 
 import sqlite_utils
 
+from storage.atomic import immediate
 from storage.errors import EmberError
 
 Migration = Callable[[sqlite_utils.Database], None]
@@ -32,19 +33,26 @@ def current_version(db: sqlite_utils.Database) -> int:
 def migrate(db: sqlite_utils.Database, *, target: int | None = None) -> int:
     """Apply pending migrations in order, each in its own transaction; return the new version."""
     target = len(MIGRATIONS) if target is None else target
-    if not db["schema_version"].exists():
-        db["schema_version"].create({"version": int, "name": str, "applied": str}, pk="version")
+    # IF NOT EXISTS: another process may create it between a check and a create.
+    db["schema_version"].create({"version": int, "name": str, "applied": str}, pk="version", if_not_exists=True)
     version = current_version(db)
     if version > len(MIGRATIONS):
         raise EmberError(f"this database is at schema version {version}, newer than this Ember "
                          f"({len(MIGRATIONS)}); upgrade Ember")
-    for number, fn in enumerate(MIGRATIONS[version:target], start=version + 1):
-        with db.atomic():
+    while version < target:
+        # Each step re-reads the version under the write lock: another process opening the same
+        # database at the same moment may have applied this migration already.
+        with immediate(db):
+            version = current_version(db)
+            if version >= target:
+                break
+            fn = MIGRATIONS[version]
             fn(db)
             db["schema_version"].insert({
-                "version": number, "name": fn.__name__,
+                "version": version + 1, "name": fn.__name__,
                 "applied": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             })
+        version += 1
     return current_version(db)
 
 

@@ -87,6 +87,55 @@ def test_one_owner_hands_each_role_one_connection(home):
     owner.close()
 
 
+def test_a_write_that_reads_first_waits_for_another_writer_instead_of_failing(home):
+    # CI's finding: `ember memory import` (read which records exist, then write) failed "locked" at
+    # once while the chat wrote. A deferred transaction's snapshot cannot move past another commit,
+    # so SQLite refuses its write without waiting; a transaction must take the write lock at BEGIN.
+    import threading
+
+    from storage.db import transaction
+
+    first, second = open_db(home), open_db(home)
+    convs.create_conversation(first)
+    read_done, errors = threading.Event(), []
+
+    def reader_then_writer() -> None:
+        try:
+            with transaction(first):
+                first.execute("SELECT count(*) FROM conversations").fetchone()
+                read_done.set()
+                time.sleep(0.5)          # the other connection commits in here, if it can
+                convs.create_conversation(first)
+        except Exception as err:         # the finding, reported below
+            errors.append(err)
+            read_done.set()
+
+    thread = threading.Thread(target=reader_then_writer)
+    thread.start()
+    read_done.wait(5)
+    convs.create_conversation(second)    # waits for the lock under the busy timeout
+    thread.join()
+    assert not errors, errors
+    assert first.execute("SELECT count(*) FROM conversations").fetchone()[0] == 3
+    first.close()
+    second.close()
+
+
+def test_processes_opening_a_new_database_at_once_all_get_it_migrated(tmp_path):
+    home = tmp_path / "home"
+    env = dict(os.environ, EMBER_HOME=str(home))
+    code = "from storage.db import open_db; import sys; open_db(__import__('pathlib').Path(sys.argv[1])).close()"
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(home)], env=env, stderr=subprocess.PIPE)
+            for _ in range(6)]
+    failures = [p.stderr.read().decode()[-300:] for p in runs if p.wait(timeout=120) != 0]
+    assert not failures, failures
+    db = open_db(home)
+    from storage.migrations import MIGRATIONS
+    versions = [r[0] for r in db.execute("SELECT version FROM schema_version ORDER BY version")]
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+    db.close()
+
+
 def test_every_front_end_at_once_loses_nothing(tmp_path, request):
     seconds = request.config.getoption("--soak-seconds") or 25
     home = tmp_path / "home"
