@@ -280,42 +280,52 @@ def with_loss_on(examples: Sequence[Example], config: ZoConfig) -> list[Example]
 
 class LlamaControlVector:
     """A control vector trained in llama.cpp on the quantized model: one n_embd vector per layer from 1
-    on (llama.cpp's layout), set in memory before every forward pass. No torch."""
+    on (llama.cpp's layout), set in memory before every forward pass. No torch.
+
+    `batched` (the default) scores a step's examples together, one sequence id each, in as few
+    `llama_decode` calls as fit (adapters/scoring.py); `batched=False` is Ember 0.1's one call per
+    example, kept as the benchmark's baseline.
+    """
 
     kind = "control_vector"
 
     def __init__(self, model_path: Path, examples: Sequence[Example], config: ZoConfig, *,
-                 base_sha256: str | None, n_ctx: int = 512):
+                 base_sha256: str | None, n_ctx: int = 512, batched: bool = True):
         from adapters.gate import Evaluator
 
         longest = max(len(e.tokens) for e in examples) if examples else 0
         self.evaluator = Evaluator(model_path, n_ctx=max(n_ctx, longest + 8), threads=config.threads,
-                                   base_sha256=base_sha256)
+                                   base_sha256=base_sha256, logits_all=not batched)
         self.llm = self.evaluator.llm
         self.n_embd = self.llm.n_embd()
         self.n_layer = int(self.llm.metadata.get(f"{self.llm.metadata['general.architecture']}.block_count"))
         self.vector = np.zeros((self.n_layer - 1) * self.n_embd, dtype=np.float32)
         self.tensors = [self.vector]
         self.examples = with_loss_on(examples, config)
+        self.scorer = None
+        if batched:
+            from adapters.scoring import CAPACITY, BatchScorer
+
+            self.scorer = BatchScorer(self.llm, threads=config.threads, capacity=max(CAPACITY, n_ctx, longest + 8))
 
     def reset(self) -> None:
         """Back to the initial state (no steering)."""
         self.vector[:] = 0
 
-    def _set(self) -> None:
+    def losses(self, indices: Sequence[int], examples: Sequence[Example] | None = None) -> np.ndarray:
+        """Mean NLL per example with the current vector (`examples`: other than the training set)."""
+        pool = self.examples if examples is None else examples
+        chosen = [pool[i] for i in indices]
+        if self.scorer is not None:
+            self.scorer.set_control_vector(self.vector, self.n_embd)
+            return self.scorer.losses([(e.tokens, e.loss_from) for e in chosen])
         from adapters import runtime
 
         runtime.set_control_vector(self.llm, self.vector, self.n_embd)
-
-    def losses(self, indices: Sequence[int], examples: Sequence[Example] | None = None) -> np.ndarray:
-        """Mean NLL per example with the current vector (`examples`: other than the training set)."""
-        self._set()
-        pool = self.examples if examples is None else examples
-        chosen = [pool[i] for i in indices]
         return np.array([self.evaluator.sequence_loss(e.tokens, e.loss_from) for e in chosen])
 
     def heldout(self, examples: Sequence[Example]) -> float:
-        """Mean held-out loss, as the gate measures it."""
+        """Mean held-out loss with the current vector."""
         return float(self.losses(range(len(examples)), examples).mean())
 
     def directions(self) -> np.ndarray:
@@ -323,7 +333,9 @@ class LlamaControlVector:
         return self.vector.reshape(self.n_layer - 1, self.n_embd).copy()
 
     def close(self) -> None:
-        """Free the model."""
+        """Free the scoring context and the model."""
+        if self.scorer is not None:
+            self.scorer.close()
         self.evaluator.close()
 
 

@@ -117,7 +117,7 @@ class _Clock:
 
 def curve(method: str, model_path: str, home: str, threads: int, out: str) -> dict[str, Any]:
     """Train `method` without DP for WALL_SECONDS; held-out loss in llama.cpp along the way."""
-    from adapters import export, lora, zo
+    from adapters import export, lora, runtime, zo
     from adapters.gate import Evaluator
 
     data = _data(model_path, home)
@@ -135,6 +135,13 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
             evaluator.use(None)
         return value
 
+    def control_vector_loss(vector: Any, n_embd: int) -> float:
+        runtime.set_control_vector(evaluator.llm, vector, n_embd)
+        try:
+            return evaluator.loss(data.heldout)
+        finally:
+            runtime.set_control_vector(evaluator.llm, None, n_embd)
+
     points.append((0.0, 0, evaluator.loss(data.heldout)))
     clock = _Clock()
 
@@ -142,6 +149,7 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
         steps["n"] = p.step
 
     stop = lambda: clock.now() >= WALL_SECONDS  # noqa: E731
+    decodes = None
     if method == "lora_backprop":
         config = lora.LoraConfig(epsilon=None, threads=threads, batch_size=BATCH, steps=100_000)
         shape = _heads(model)
@@ -161,8 +169,9 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
         config = zo.ZoConfig(backend=method.split("_")[0], epsilon=None, steps=100_000, batch_size=BATCH,
                              eval_every=ZO_EVAL_EVERY, patience=0, threads=threads)
         if config.backend == "llama":
-            backend: Any = zo.LlamaControlVector(model, data.train, config, base_sha256=None)
-            measure = lambda: backend.heldout(data.heldout)  # noqa: E731
+            backend: Any = zo.LlamaControlVector(model, data.train, config, base_sha256=None,
+                                                 batched=method != "llama_zo_sequential")
+            measure = lambda: control_vector_loss(backend.vector, backend.n_embd)  # noqa: E731
         else:
             backend = zo.TorchLora(model, cache, data.train, config)
             measure = lambda: lora_loss(backend.weights(), backend.prepared.shape[:2])  # noqa: E731
@@ -177,6 +186,8 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
         if steps["n"] > points[-1][1]:
             points.append((round(clock.now(), 1), steps["n"], clock.excluding(measure)))   # where the budget ran out
         result_path = Path(out)
+        if getattr(backend, "scorer", None) is not None:
+            decodes = round(backend.scorer.decodes / max(1, steps["n"] + len(points)), 1)
         if config.backend == "llama":
             export.write_control_vector_gguf(result_path, backend.directions(), base_sha256="-",
                                              base_name=model.name)
@@ -187,8 +198,10 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
         backend.close()
     evaluator.close()
     per_step = clock.now() / max(1, steps["n"])
-    return {"steps": steps["n"], "seconds_per_step": round(per_step, 2), "train_seconds": round(clock.now(), 1),
+    return {"steps": steps["n"], "seconds_per_step": round(per_step, 3), "train_seconds": round(clock.now(), 1),
+            "steps_per_second": round(steps["n"] / max(clock.now(), 1e-9), 3),
             "forward_passes_per_step": 2 * BATCH if method != "lora_backprop" else None,
+            "decodes_per_step": decodes,
             "curve": [{"seconds": s, "step": n, "heldout_loss": round(v, 4)} for s, n, v in points],
             "adapter": str(result_path) if result_path else None}
 
@@ -210,7 +223,7 @@ def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
             with spawn.Pool(1) as pool:
                 memory[mode] = pool.apply(probe, (mode, model, str(home), settings.threads))
         learning = {}
-        for method in ("llama_zo", "torch_zo", "lora_backprop"):
+        for method in ("llama_zo", "llama_zo_sequential", "torch_zo", "lora_backprop"):
             with spawn.Pool(1) as pool:
                 learning[method] = pool.apply(curve, (method, model, str(home), settings.threads,
                                                       str(Path(tmp) / f"{method}.gguf")))
@@ -231,8 +244,12 @@ def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
                                                           / memory["torch_inference"]["peak_rss_mb"], 3),
               "lora_backprop_all_layers_over_torch_inference": round(
                   memory["lora_backprop_all_layers"]["peak_rss_mb"] / memory["torch_inference"]["peak_rss_mb"], 3)}
+    # Batched ZO steps against Ember 0.1's one llama_decode per sequence: same model, batch and threads.
+    speedup = round(learning["llama_zo"]["steps_per_second"]
+                    / max(learning["llama_zo_sequential"]["steps_per_second"], 1e-9), 2)
     return {"batch": BATCH, "threads": settings.threads, "wall_seconds_each": WALL_SECONDS,
             "memory": memory, "memory_ratios": ratios, "learning": learning,
+            "llama_zo_steps_per_second_over_sequential": speedup,
             "canary": {k: {"rank": v["rank"], "exposure_bits": round(v["exposure"], 2)} for k, v in canary.items()}}
 
 

@@ -47,6 +47,52 @@ def test_a_step_moves_along_its_direction_only_and_restores_theta_exactly_in_bet
     assert not np.array_equal(control_vector.losses(range(4)), before)
 
 
+def test_batched_scoring_keeps_each_example_to_itself(control_vector, small):
+    # One llama_decode for a whole batch, one sequence id each, the shared prefix evaluated once. An
+    # example's loss must not see the other examples (DPZero clips one scalar per example): the same
+    # batch with another example's tokens replaced (same length, so the same kernels run) gives the
+    # other examples exactly the same losses.
+    scorer = control_vector.scorer
+    control_vector.vector[:] = np.random.default_rng(1).normal(0, 0.05, control_vector.vector.shape)
+    try:
+        scorer.set_control_vector(control_vector.vector, control_vector.n_embd)
+        pairs = [(list(e.tokens), e.loss_from) for e in control_vector.examples]
+        decodes = scorer.decodes
+        together = scorer.losses(pairs)
+        assert scorer.decodes - decodes <= 3             # the shared prefix, then the batch (≤ 512 tokens a call)
+        changed = list(pairs)
+        tokens, loss_from = changed[3]
+        changed[3] = (tokens[:loss_from] + [tokens[loss_from]] * (len(tokens) - loss_from), loss_from)
+        other = scorer.losses(changed)
+        assert other[3] != together[3]
+        assert np.array_equal(np.delete(other, 3), np.delete(together, 3))
+        # Alone, or in the one-sequence evaluator the gate uses, only the kernels' rounding differs.
+        alone = np.array([scorer.losses([pair])[0] for pair in pairs])
+        assert np.allclose(alone, together, atol=0.1)
+        sequential = zo.LlamaControlVector(control_vector.evaluator.llm.model_path, small.train, zo.ZoConfig(),
+                                           base_sha256=None, batched=False)
+        try:
+            sequential.vector[:] = control_vector.vector
+            assert np.allclose(sequential.losses(range(len(pairs))), together, atol=0.1)
+        finally:
+            sequential.close()
+    finally:
+        control_vector.reset()
+
+
+def test_a_batch_too_long_for_the_context_is_split_and_a_too_long_example_refused(control_vector):
+    scorer = control_vector.scorer
+    scorer.set_control_vector(None, control_vector.n_embd)
+    example = control_vector.examples[0]
+    copies = scorer.capacity // len(example.tokens) + 2        # more tokens than the context holds
+    decodes = scorer.decodes
+    losses = scorer.losses([(example.tokens, example.loss_from)] * copies)
+    assert len(losses) == copies and np.ptp(losses) < 0.1     # the last, smaller group rounds differently
+    assert scorer.decodes - decodes >= 2
+    with pytest.raises(ValueError, match="does not fit"):
+        scorer.losses([(list(example.tokens) * (scorer.capacity // len(example.tokens) + 1), example.loss_from)])
+
+
 def test_dpzero_clips_each_examples_scalars_so_one_example_moves_the_estimate_by_at_most_c(small):
     class Loud:
         """Two parameters; example 0's loss is steep along them, the others are flat."""

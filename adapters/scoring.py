@@ -1,0 +1,185 @@
+"""Score many sequences at once in llama.cpp: one sequence id per example, few `llama_decode` calls.
+
+Zeroth-order training (adapters/zo.py) needs, for every step, the loss of each example of a batch under
++μz and again under −μz. Evaluating them one `llama_decode` per sequence (and a fresh context state each
+time, with the logits of every position copied out) spent most of a step outside the model. Here a batch
+is one decode, or a few when it does not fit:
+
+- every example is its own sequence (`seq_id`) in one context, all of them in one KV cache
+  (`kv_unified`);
+- the prompt prefix the examples share (the chat template's system turn) is evaluated once, in sequence
+  0, and copied to the others (`llama_memory_seq_cp`);
+- logits are requested only where a loss is taken (positions `loss_from − 1 … len − 2`);
+- a batch whose tokens do not fit the context is split into groups that do, never truncated. A single
+  example longer than the context is refused (`ValueError`).
+
+A control vector applies to the whole context, so the +μz and −μz evaluations of a step are two calls,
+each with its vector set (`set_control_vector`).
+
+Each example stays to itself: attention is masked per sequence, and with flash attention an example's
+loss is the same, bit for bit, whatever the other sequences' tokens are (tests/test_zo.py). How many
+tokens share a decode does change the matrix kernels' rounding (llama.cpp picks kernels by batch size):
+a loss alone and in a batch of 8 differ by up to ~0.05 nats on the default model, as one-sequence
+evaluation and the gate's evaluator do. The +μz and −μz passes of a step run the same batch, so their
+difference, the ZO scalar, sees the same kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Sequence
+
+import numpy as np
+
+# Tokens held at once (all sequences of a group together) and sequences per group. The logits buffer
+# is n_batch rows of n_vocab floats (512 × 49,152 × 4 B ≈ 100 MB on the default model, as the
+# one-sequence evaluator's), so the batch is decoded in chunks of N_BATCH tokens.
+CAPACITY = 2048
+N_BATCH = 512
+MAX_SEQUENCES = 64
+
+
+class BatchScorer:
+    """Mean negative log-likelihood of sequences, many per decode, in a context of its own on `llm`'s
+    loaded model (no second copy of the weights)."""
+
+    def __init__(self, llm: Any, *, threads: int, capacity: int = CAPACITY):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._n_vocab = llm.n_vocab()
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        params.n_ctx = capacity
+        params.n_batch = params.n_ubatch = N_BATCH
+        params.n_seq_max = MAX_SEQUENCES
+        params.kv_unified = True                 # the sequences share the context's cells
+        # Flash attention keeps each sequence's result independent of the others in the context (the
+        # other attention path's results moved by up to 0.03 nats with another sequence's cells present),
+        # so an example's loss, and its DP-clipped scalar, is a function of that example alone.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.n_outputs_max = 0                 # = n_batch
+        params.n_outputs_max_per_seq = 0         # every position of a sequence may need its logits
+        params.n_threads = params.n_threads_batch = threads
+        self._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.capacity = llama_cpp.llama_n_ctx(self._ctx.ctx)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, MAX_SEQUENCES)
+        self.decodes = 0                         # llama_decode calls so far (for benchmarks)
+
+    def set_control_vector(self, vector: np.ndarray | None, n_embd: int) -> None:
+        """Add `vector` ((n_layer − 1) · n_embd floats, layer 1 first) to every later evaluation."""
+        import llama_cpp
+
+        from adapters.errors import AdapterInvalid
+
+        if vector is None:
+            failed = llama_cpp.llama_set_adapter_cvec(self._ctx.ctx, None, 0, n_embd, 0, 0)
+        else:
+            data = vector.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            failed = llama_cpp.llama_set_adapter_cvec(self._ctx.ctx, data, len(vector), n_embd, 1,
+                                                      len(vector) // n_embd)
+        if failed:
+            raise AdapterInvalid("llama.cpp could not apply the control vector")
+
+    def losses(self, sequences: Sequence[tuple[Sequence[int], int]]) -> np.ndarray:
+        """Mean NLL (nats) of `tokens[loss_from:]` given what precedes, for each (tokens, loss_from);
+        shape (len(sequences),). Raises ValueError for a sequence longer than the context or with
+        nothing to score."""
+        for tokens, loss_from in sequences:
+            if not 1 <= loss_from < len(tokens):
+                raise ValueError(f"nothing to score: loss_from {loss_from} of {len(tokens)} tokens")
+            if len(tokens) > self.capacity:
+                raise ValueError(f"a sequence of {len(tokens)} tokens does not fit the scorer's "
+                                 f"context of {self.capacity}")
+        out = np.empty(len(sequences))
+        for group in self._groups(sequences):
+            out[group] = self._score([sequences[i] for i in group])
+        return out
+
+    def _groups(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[list[int]]:
+        """Indices of `sequences` in groups whose tokens fit the context together (prefix not shared:
+        a bound, not the exact need)."""
+        groups: list[list[int]] = [[]]
+        used = 0
+        for i, (tokens, _) in enumerate(sequences):
+            if groups[-1] and (used + len(tokens) > self.capacity or len(groups[-1]) == MAX_SEQUENCES):
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += len(tokens)
+        return groups
+
+    def _score(self, group: list[tuple[Sequence[int], int]]) -> np.ndarray:
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
+        shared = _shared_prefix([tokens for tokens, _ in group]) if len(group) > 1 else 0
+        # Logits are taken from position loss_from − 1: the shared part stops before the first of them.
+        shared = min(shared, min(loss_from for _, loss_from in group) - 1)
+        if shared:
+            self._decode([(int(t), p, 0, -1) for p, t in enumerate(group[0][0][:shared])])
+            memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+            for seq in range(1, len(group)):
+                llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+        entries = []          # (token, position, sequence, the next token when a loss is taken there, else -1)
+        for seq, (tokens, loss_from) in enumerate(group):
+            entries += [(int(tokens[p]), p, seq, int(tokens[p + 1]) if loss_from - 1 <= p < len(tokens) - 1 else -1)
+                        for p in range(shared, len(tokens))]
+        totals = np.zeros(len(group))
+        np.add.at(totals, [e[2] for e in entries if e[3] >= 0], -self._decode(entries))
+        return totals / np.array([len(tokens) - loss_from for tokens, loss_from in group])
+
+    def _decode(self, entries: list[tuple[int, int, int, int]]) -> np.ndarray:
+        """Decode `entries` (token, position, sequence, target) in chunks of N_BATCH; the log-probability
+        of the target after each entry that has one (target ≥ 0), in order."""
+        import llama_cpp
+
+        picked: list[np.ndarray] = []
+        batch = self._batch
+        for start in range(0, len(entries), N_BATCH):
+            chunk = entries[start:start + N_BATCH]
+            for i, (token, position, seq, target) in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = position
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = target >= 0
+            batch.n_tokens = len(chunk)
+            status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+            self.decodes += 1
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed ({status}) on a batch of {len(chunk)} tokens")
+            targets = np.array([e[3] for e in chunk if e[3] >= 0], dtype=np.int64)
+            if len(targets):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx.ctx),
+                                               shape=(len(targets), self._n_vocab))
+                picked.append(_log_probs(logits, targets))
+        return np.concatenate(picked) if picked else np.zeros(0)
+
+    def close(self) -> None:
+        """Free the context and the batch (the model belongs to the llm it was made from)."""
+        import llama_cpp
+
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self._ctx.close()
+
+
+def _shared_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix every sequence shares."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return n
+
+
+def _log_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log softmax(logits[i])[targets[i]] for each row, in float64, 64 rows at a time (bounded memory)."""
+    out = np.empty(len(targets))
+    for start in range(0, len(targets), 64):
+        block = logits[start:start + 64].astype(np.float64)
+        block -= block.max(axis=1, keepdims=True)
+        norm = np.log(np.exp(block).sum(axis=1))
+        out[start:start + 64] = block[np.arange(len(block)), targets[start:start + 64]] - norm
+    return out
