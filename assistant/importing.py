@@ -177,7 +177,7 @@ def index(db: sqlite_utils.Database, embedder: Callable[[], Any] | None,
     from assistant.retrieval import embed_pending
 
     started = time.perf_counter()
-    memory.sync_messages(db)
+    memory.sync_messages(db, batch=BATCH_MESSAGES)
     done = 0
     if embedder is not None and (memory.unembedded_count(db) or memory.stale_count(db)):
         done = embed_pending(db, embedder(), progress=progress)
