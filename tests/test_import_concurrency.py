@@ -129,8 +129,9 @@ def dangling_parent_in_the_last_conversation(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-1] + b"," + json.dumps(last).encode() + b"]")
 
 
-@pytest.mark.parametrize("spoil, place", [(truncated_at_the_end, "truncated"),
-                                          (dangling_parent_in_the_last_conversation, f"conversation {CONVERSATIONS + 1}")])
+@pytest.mark.parametrize("spoil, place", [
+    (truncated_at_the_end, "truncated"),
+    (dangling_parent_in_the_last_conversation, f"conversation {CONVERSATIONS + 1}")])
 def test_bad_input_at_the_end_of_a_large_export_imports_nothing_and_blocks_no_one(
         spoil, place, db, ember, home, tmp_path, big_export):
     export = tmp_path / "conversations.json"
