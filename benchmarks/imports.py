@@ -1,6 +1,7 @@
 """`ember bench import`: a synthetic ChatGPT export (2,000 conversations, 40,000 messages) imported by the
-real `ember import` in a process of its own: wall time, peak RSS, indexing throughput, memory search
-latency after the import, and a re-import that must add nothing.
+real `ember import` in a process of its own: wall time, peak RSS, the longest time one transaction of
+its merge held the write lock (what another process's write may wait), indexing throughput, memory
+search latency after the import, and a re-import that must add nothing.
 
 The export is generated here (fixed seed; sentences from a fixed vocabulary, a regenerated reply on every
 fifth conversation as a second branch). The baseline, measured in the same run, is the embedder alone on
@@ -113,9 +114,11 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
         "import": {"seconds": round(first["seconds"], 1), "peak_rss_mb": round(first["peak_rss_mb"], 1),
                    "conversations": imported["conversations"], "messages": imported["messages"],
                    "skipped": imported["skipped"], "indexed": imported["indexed"],
+                   "write_lock": imported["write_lock"],
                    "messages_per_second": round(holds["messages"] / first["seconds"], 1)},
         "reimport": {"seconds": round(again["seconds"], 1), "peak_rss_mb": round(again["peak_rss_mb"], 1),
                      "conversations": repeated["conversations"], "messages": repeated["messages"],
+                     "write_lock": repeated["write_lock"],
                      "added_nothing": repeated["conversations"]["added"] == 0 and repeated["messages"]["added"] == 0
                      and repeated["messages"]["updated"] == 0 and repeated["indexed"]["chunks"] == 0},
         "search_after_import": search,
@@ -131,6 +134,8 @@ def report(result: dict[str, Any]) -> str:
             f"import: {i['seconds']} s ({i['messages_per_second']} messages/s), peak RSS {i['peak_rss_mb']} MB; "
             f"indexed {i['indexed']['chunks']:,} chunks at {i['indexed']['per_second']}/s "
             f"(embedder alone: {b['per_second']}/s)\n"
+            f"merge: the write lock held at most {i['write_lock']['longest_ms']} ms by one of its "
+            f"{i['write_lock']['transactions']} transactions\n"
             f"search after import: p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms\n"
             f"re-import: {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB, "
             + ("added nothing" if r["added_nothing"] else "CHANGED SOMETHING"))

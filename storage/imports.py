@@ -8,6 +8,12 @@ messages and notes point at the latest import that held them (`import_id`), whic
 `ember forget --source` removes. Imported conversations are excluded from learning unless the user
 says otherwise (a `feedback` exclude event, which F4 in the chat or `ember feedback exclude --undo`
 reverses).
+
+An import is written in batches, each its own short transaction, so other processes' writes (the chat
+logging your message) wait at most one batch. Until the last batch commits, the import's `counts` say
+`{"incomplete": true}` (`sources` gives `complete: false`): the conversations of the batches already
+committed are in the log meanwhile, each whole (a batch never splits a conversation) and excluded from
+learning from the moment it is, and running the same import again completes it, keeping them as they are.
 """
 from __future__ import annotations
 
@@ -68,20 +74,24 @@ def find(db: sqlite_utils.Database, app: str, sha256: str) -> dict[str, Any] | N
     return rows[0] if rows else None
 
 
+INCOMPLETE = json.dumps({"incomplete": True})
+
+
 def start(db: sqlite_utils.Database, app: str, file: str, sha256: str) -> int:
-    """The id of this export's import: the existing one for an export seen before, else a new one.
-    Call inside the import's transaction, so a failed import leaves no row behind."""
+    """The id of this export's import (the existing one for an export seen before, else a new one),
+    marked incomplete until `finish`. Call in a transaction of its own before the first batch."""
     found = find(db, app, sha256)
     stamp = now()
     if found is not None:
-        db.execute("UPDATE imports SET updated = ?, file = ? WHERE id = ?", [stamp, file, found["id"]])
+        db.execute("UPDATE imports SET updated = ?, file = ?, counts = ? WHERE id = ?",
+                   [stamp, file, INCOMPLETE, found["id"]])
         return found["id"]
-    return db.execute("INSERT INTO imports (app, file, sha256, created, updated) VALUES (?, ?, ?, ?, ?)",
-                      [app, file, sha256, stamp, stamp]).lastrowid
+    return db.execute("INSERT INTO imports (app, file, sha256, created, updated, counts) VALUES (?, ?, ?, ?, ?, ?)",
+                      [app, file, sha256, stamp, stamp, INCOMPLETE]).lastrowid
 
 
 def finish(db: sqlite_utils.Database, import_id: int, counts: dict[str, Any]) -> None:
-    """Record what the import did (for `ember status`)."""
+    """Record what the import did (for `ember status`), which marks it complete. Call after its last batch."""
     db.execute("UPDATE imports SET counts = ?, updated = ? WHERE id = ?",
                [json.dumps(counts, sort_keys=True), now(), import_id])
 
@@ -212,9 +222,11 @@ def merge_notes(db: sqlite_utils.Database, import_id: int | None, group: str, re
 
 
 def sources(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    """Every import with what it holds now: conversations, messages, notes and chunks, oldest first."""
-    return [dict(row) for row in db.query("""
+    """Every import with what it holds now: conversations, messages and notes, and whether it is
+    complete (an import cut short says false until it is run again), oldest first."""
+    return [dict(row, complete=bool(row["complete"])) for row in db.query("""
         SELECT i.id, i.app, i.file, i.sha256, i.created, i.updated,
+               json_extract(i.counts, '$.incomplete') IS NULL AS complete,
                (SELECT COUNT(*) FROM conversations c WHERE c.import_id = i.id) AS conversations,
                (SELECT COUNT(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id
                  WHERE c.import_id = i.id) AS messages,

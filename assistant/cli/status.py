@@ -87,7 +87,11 @@ def _imports_line(report: dict) -> str:
         held = [f"{n[k]} {k}" for k in ("conversations", "messages", "notes") if n[k]]
         parts.append(f"{app} ({', '.join(held) or 'nothing left'}; {n['imports']} import{'s' if n['imports'] != 1 else ''})")
     ids = ", ".join(f"#{s['id']} {s['app']} {s['sha256'][:8]}" for s in report["sources"][-5:])
-    return f"imported  {'; '.join(parts)} [{ids}]\n"
+    cut_short = [f"#{s['id']} ({s['file']})" for s in report["sources"] if not s["complete"]]
+    return (f"imported  {'; '.join(parts)} [{ids}]\n"
+            + (f"          incomplete: {', '.join(cut_short)} (still importing, or cut short: "
+               "then run the same `ember import` again)\n"
+               if cut_short else ""))
 
 
 def _router_report(db) -> dict:
