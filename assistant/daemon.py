@@ -36,6 +36,9 @@ LOG_NAME = "daemon.jsonl"
 # ZO in llama.cpp needs no more than the chat itself. Refitting the router (`ember router fit` on 100
 # judged replies: the chat model, a scoring instance and the embedder) peaked at 1,114 MB.
 MEASURED_MB = {"lora": 1950.0, "zo-torch": 1460.0, "zo-llama": 370.0, "router": 1120.0}
+# Held-out loss gained per minute of training (nats/min), until this machine has finished runs of its
+# own: `ember bench zo`, each method 90 s without DP on the synthetic user (benchmarks/results/zo.json).
+MEASURED_GAIN_PER_MINUTE = {"lora": 2.18, "zo-llama": 0.025}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,15 +119,28 @@ def memory_need_mb(db: Any, method: str) -> float:
     return runs.peak_rss_mb(db, method) or MEASURED_MB[method]
 
 
+def gain_per_minute(db: Any, method: str) -> tuple[float, bool]:
+    """(held-out nats gained per training minute, whether measured on this machine): this machine's
+    finished runs, else the benchmark's figure."""
+    measured = runs.gain_per_minute(db, method)
+    return (measured, True) if measured is not None else (MEASURED_GAIN_PER_MINUTE[method], False)
+
+
 def choose_method(db: Any, free_mb: float, paused: list[dict[str, Any]]) -> tuple[str | None, str]:
-    """The method to run in `free_mb`: a paused run's own if it fits, else the first that fits."""
+    """The method to run in `free_mb`: a paused run's own if it fits, else, of those that fit, the one
+    that learns most per idle minute."""
     if paused and paused[0]["method"] in MEASURED_MB and memory_need_mb(db, paused[0]["method"]) <= free_mb:
         return paused[0]["method"], "resuming a paused run"
-    for method in ("lora", "zo-llama"):
-        if memory_need_mb(db, method) <= free_mb:
-            return method, f"idle, quiet and plugged in; {free_mb:.0f} MB free fits {method}"
-    return None, (f"not enough free memory to learn ({free_mb:.0f} MB free; zeroth-order training in "
-                  f"llama.cpp needs {memory_need_mb(db, 'zo-llama'):.0f} MB)")
+    fits = [method for method in ("lora", "zo-llama") if memory_need_mb(db, method) <= free_mb]
+    if not fits:
+        return None, (f"not enough free memory to learn ({free_mb:.0f} MB free; zeroth-order training in "
+                      f"llama.cpp needs {memory_need_mb(db, 'zo-llama'):.0f} MB)")
+    rates = {method: gain_per_minute(db, method) for method in fits}
+    best = max(fits, key=lambda method: rates[method][0])
+    why = ", ".join(f"{m} {rate:.3f} nats/min ({'measured here' if here else 'benchmark'})"
+                    for m, (rate, here) in rates.items())
+    return best, (f"idle, quiet and plugged in; {free_mb:.0f} MB free fits {' and '.join(fits)}"
+                  + (f"; {best} learns most per minute: {why}" if len(fits) > 1 else ""))
 
 
 def check(db: Any, settings: Settings, config: DaemonConfig, sensors: Sensors, now: dt.datetime) -> Decision:

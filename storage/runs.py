@@ -1,7 +1,9 @@
 """Adaptation runs in progress, shared through the database so the chat and `ember status` can show them."""
 from __future__ import annotations
 
+import json
 import os
+import statistics
 from typing import Any
 
 import sqlite_utils
@@ -69,3 +71,17 @@ def peak_rss_mb(db: sqlite_utils.Database, method: str) -> float | None:
     """The highest peak memory a finished run of this method needed on this machine, if any ran."""
     return db.execute("SELECT MAX(peak_rss_mb) FROM adapt_runs WHERE method = ? AND status = 'done'",
                       [method]).fetchone()[0]
+
+
+def gain_per_minute(db: sqlite_utils.Database, method: str, last: int = 3) -> float | None:
+    """Held-out loss this method's runs gained per minute of training on this machine (nats/min): the
+    gate's base loss minus the adapter's, over its training time, the median of the `last` finished
+    runs; None when none finished here."""
+    rates = []
+    for (evaluation,) in db.execute(
+            "SELECT a.eval FROM adapt_runs r JOIN adapters a ON a.id = r.adapter_id "
+            "WHERE r.method = ? AND r.status = 'done' ORDER BY r.updated DESC LIMIT ?", [method, last]):
+        ev = json.loads(evaluation or "{}")
+        if ev.get("base_loss") is not None and ev.get("heldout_loss") is not None and ev.get("train_seconds"):
+            rates.append((ev["base_loss"] - ev["heldout_loss"]) / (ev["train_seconds"] / 60))
+    return statistics.median(rates) if rates else None

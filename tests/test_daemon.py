@@ -16,7 +16,7 @@ import pytest
 
 from adapters import dataset, pipeline
 from assistant.config import Settings
-from assistant.daemon import Daemon, DaemonConfig, Sensors, check, single_instance
+from assistant.daemon import Daemon, DaemonConfig, Sensors, check, choose_method, single_instance
 from assistant.errors import InvalidInput
 from benchmarks.synthetic_user import seed_habit_user
 from storage import activity, ledger, registry, routing, runs
@@ -72,6 +72,29 @@ def test_picks_forward_only_training_when_memory_is_short_of_what_lora_needs(use
     runs.start(db, "lora-small", method="lora", steps=1, fingerprint="x")
     runs.update(db, "lora-small", status="done", peak_rss_mb=900.0)
     assert check(db, settings, CONFIG, FakeSensors(free_mb=1000), _later(db, 31)).method == "lora"
+
+
+def _finished(db, run_id, method, *, gain, seconds, peak_mb):
+    registry.register(db, {"id": run_id, "path": f"/nonexistent/{run_id}.gguf", "kind": "lora", "method": method,
+                           "base_sha256": "abc", "base_name": "m.gguf", "status": "inactive",
+                           "eval": {"base_loss": 3.7, "heldout_loss": 3.7 - gain, "train_seconds": seconds}},
+                      [], activate=False)
+    runs.start(db, run_id, method=method, steps=1, fingerprint="x")
+    runs.update(db, run_id, status="done", adapter_id=run_id, peak_rss_mb=peak_mb)
+
+
+def test_when_both_fit_picks_the_method_that_learned_more_per_minute_here(user, ember):
+    settings, db = user
+    assert check(db, settings, CONFIG, FakeSensors(), _later(db, 31)).method == "lora"   # the benchmark's figures
+    _finished(db, "lora-slow", "lora", gain=0.1, seconds=600, peak_mb=300)      # 0.01 nats/min here
+    _finished(db, "zo-quick", "zo-llama", gain=0.5, seconds=300, peak_mb=400)   # 0.1 nats/min here
+    method, reason = choose_method(db, FakeSensors().available_mb(), [])
+    assert method == "zo-llama" and "zo-llama learns most per minute" in reason
+    assert choose_method(db, 350, [])[0] == "lora"                              # only what fits competes
+    report = json.loads(ember("daemon", "status", "--json").out)["gain_per_minute"]
+    assert report["zo-llama"] == {"nats_per_minute": pytest.approx(0.1), "measured": True}
+    assert report["lora"]["measured"] and report["lora"]["nats_per_minute"] == pytest.approx(0.01)
+    assert "zo-llama 0.100 nats/min held-out (measured here)" in ember("daemon", "status").out
 
 
 @pytest.mark.parametrize("sensors, minutes, words", [

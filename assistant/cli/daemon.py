@@ -67,6 +67,9 @@ def status(model, as_json):
         click.echo(f"idle from   {report['eligible_at']} (if the user stays away)")
     click.echo(f"budget      ε {report['epsilon_left']:.2f} left of {settings.privacy_budget:g}")
     click.echo("needs       " + ", ".join(f"{m} {mb:.0f} MB" for m, mb in report["memory_need_mb"].items()))
+    click.echo("learns      " + ", ".join(f"{m} {r['nats_per_minute']:.3f} nats/min held-out "
+                                          f"({'measured here' if r['measured'] else 'benchmark'})"
+                                          for m, r in report["gain_per_minute"].items()))
     return None
 
 
@@ -77,10 +80,13 @@ def daemon_report(settings, db) -> dict:
     running = runs.current(db)
     report["adapting"] = None if running is None else {"run": running["id"], "step": running["step"],
                                                         "steps": running["steps"]}
-    from assistant.daemon import MEASURED_MB, memory_need_mb
+    from assistant.daemon import MEASURED_GAIN_PER_MINUTE, MEASURED_MB, gain_per_minute, memory_need_mb
 
-    # What each method's run needs (measured here when it has run here, else by the benchmarks).
+    # What each method's run needs and learns per minute (measured here when it has run here, else by
+    # the benchmarks): the figures the daemon chooses by.
     report["memory_need_mb"] = {method: memory_need_mb(db, method) for method in MEASURED_MB}
+    report["gain_per_minute"] = {method: dict(zip(("nats_per_minute", "measured"), gain_per_minute(db, method)))
+                                 for method in MEASURED_GAIN_PER_MINUTE}
     return report
 
 
