@@ -25,6 +25,7 @@ from assistant.errors import InvalidInput
 from assistant.importers import Export, Note, Problem
 from assistant.importers.common import Item
 from storage import imports, memory
+from storage.atomic import make_way
 from storage.db import transaction
 
 SECTIONS = {"conversations": ("added", "updated", "unchanged"),
@@ -124,7 +125,9 @@ def _write(db: sqlite_utils.Database, export: Export, *, learn: bool,
     spans: list[float] = []
     with _holding(db, spans):
         import_id = imports.start(db, export.app, str(export.path), export.sha256)
-    for batch in batches(export.items(), BATCH_MESSAGES):
+    for number, batch in enumerate(batches(export.items(), BATCH_MESSAGES)):
+        if number:
+            make_way()
         with _holding(db, spans):
             for item in batch:
                 if isinstance(item, Problem):

@@ -2,9 +2,22 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Iterator
 
 import sqlite_utils
+
+
+# SQLite's busy handler sleeps at most 100 ms between tries (sqliteDefaultBusyCallback). A process that
+# commits batch after batch with no gap takes the lock back before a waiting writer wakes, every time,
+# and the waiter fails after its busy timeout although no single batch held the lock that long. A
+# pause a little longer than the handler's longest sleep, between batches, lets a waiter in.
+MAKE_WAY_SECONDS = 0.11
+
+
+def make_way() -> None:
+    """Pause between two write batches so that a writer waiting on the lock gets it (see above)."""
+    time.sleep(MAKE_WAY_SECONDS)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import numpy as np
 import sqlite_utils
 
 from storage import conversations as convs
+from storage.atomic import make_way
 from storage.conversations import now
 from storage.db import transaction
 from storage.errors import NotFound
@@ -83,6 +84,8 @@ def sync_messages(db: sqlite_utils.Database, batch: int = 2000) -> int:
                                time=m["created"], speaker=m["role"], session=str(m["conversation_id"]))
         done += len(pending)
         after = pending[-1]["id"]
+        if len(pending) == batch:
+            make_way()          # more may follow: let a waiting writer (the chat) in first
 
 
 COPY_MIN_WORDS = 5   # a shorter sentence ("Yes.", "Your sister.") is not a copy of a note, whatever it matches
@@ -103,12 +106,28 @@ def without_copies(text: str, sources: Sequence[str]) -> str:
     return " ".join(kept)
 
 
+# Imported notes written per transaction by `ember memory import`: as `ember import`'s batches, about
+# a tenth of a second of the write lock on a 2-core machine.
+RECORDS_PER_TRANSACTION = 500
+
+
 def upsert_records(db: sqlite_utils.Database, records: Sequence[dict[str, Any]], *,
-                   import_id: int | None = None) -> dict[str, int]:
+                   import_id: int | None = None, per_transaction: int | None = None) -> dict[str, int]:
     """Import records ({id, text, time?, speaker?, session?}); an existing id is replaced in place.
 
-    All records go in one transaction: either every record is stored or none.
+    All records go in one transaction (either every record is stored or none), or, with
+    `per_transaction`, that many records to a transaction, so that other processes' writes (the chat
+    logging a message) wait for one batch, not the whole file: a run cut short has stored whole
+    batches, and running it again completes it (ids are replaced in place).
     """
+    if per_transaction is not None and len(records) > per_transaction:
+        totals: dict[str, int] = {"added": 0, "updated": 0, "chunks": 0}
+        for start in range(0, len(records), per_transaction):
+            if start:
+                make_way()
+            part = upsert_records(db, records[start:start + per_transaction], import_id=import_id)
+            totals = {key: totals[key] + part[key] for key in totals}
+        return totals
     added = updated = chunks = 0
     with transaction(db):
         for record in records:

@@ -181,3 +181,32 @@ def test_a_killed_import_is_listed_incomplete_and_running_it_again_completes_it(
         assert db.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM {table} WHERE external_id IS NOT NULL "
                           "GROUP BY external_id HAVING COUNT(*) > 1)").fetchone()[0] == 0
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# `ember memory import` without the embedding after it: the same store and the same upsert.
+NOTES_IMPORTER = """
+import json, sys
+from pathlib import Path
+from assistant.cli.common import open_store, settings_from
+from assistant.memory_import import read_records
+from storage import memory
+
+records, _ = read_records(Path(sys.argv[1]))
+db = open_store(settings_from())
+print(json.dumps(memory.upsert_records(db, records, per_transaction=memory.RECORDS_PER_TRANSACTION)), flush=True)
+"""
+
+
+def test_a_large_memory_import_lets_another_process_log_beside_it(db, home, tmp_path):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"id": f"n{i}", "text": f"Note {i}: the heron came back to pond {i} "
+                                         "at dawn, and the reeds were full of wrens. " * 6}) + "\n"
+                             for i in range(12_000)))
+    with Writer(home, tmp_path) as writer:
+        importer = subprocess.Popen([sys.executable, "-c", NOTES_IMPORTER, str(notes)], env=environ(home),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = importer.communicate(timeout=180)
+    assert importer.returncode == 0, err
+    assert json.loads(out)["added"] == 12_000
+    assert writer.report["failed"] == [] and writer.report["slowest"] < BUSY_MS / 1000
+    assert db.execute("SELECT COUNT(DISTINCT source_id) FROM memory_chunks WHERE source = 'import'").fetchone()[0] == 12_000

@@ -33,7 +33,9 @@ def import_(file, skip_bad, model, as_json):
     records, problems = read_records(file, skip_bad=skip_bad)
     settings = settings_from(model=model)
     db = open_store(settings)
-    counts = mem.upsert_records(db, records)
+    # Every line is read and checked before the first write (read_records); the writes go in batches
+    # beside the other processes'.
+    counts = mem.upsert_records(db, records, per_transaction=mem.RECORDS_PER_TRANSACTION)
     for problem in problems:
         click.echo(f"skipped {problem}", err=True)
     embedded = 0
