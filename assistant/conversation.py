@@ -14,7 +14,7 @@ import sqlite_utils
 from adapters.errors import AdapterInvalid, AdapterMismatch
 from adapters.template import TemplateError
 from assistant import evidence, router
-from assistant.config import Settings
+from assistant.config import ROUTES, Settings
 from assistant.engine import Engine, Message
 from assistant.errors import EmberError, InvalidInput, RouteUnavailable
 from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
@@ -22,7 +22,6 @@ from assistant.router import Decision
 from storage import conversations as convs
 from storage import memory, registry
 
-ROUTES = ("auto", "base", "rag", "adapter", "both")
 SAVE_EVERY_SECONDS = 0.5   # how much of a streaming reply a SIGKILL can lose, at most
 
 
@@ -179,6 +178,13 @@ class Exchange:
         elif self.status == "empty":
             out.append("the model ended its turn without a word")
         return out
+
+    def report(self) -> dict:
+        """Everything `ember ask` prints about this reply besides its text: the --json document, the
+        notices, the evidence lines and the --why line. The resident engine sends exactly this."""
+        return {"json": self.as_json(), "notices": self.notices,
+                "evidence": [item.line() for item in self.evidence],
+                "why": f"route {self.route}: " + (self.decision.reason if self.decision else "chosen with --route")}
 
 
 def reply_budget(engine: Engine, settings: Settings, max_tokens: int | None) -> int:

@@ -37,6 +37,7 @@ class Job:
     temperature: float | None = None
     top_p: float | None = None       # kept for the record; Ember samples with its own top_p
     seed: int | None = None
+    warn: bool = False               # `ember ask`: send a refused adapter's warning first, as in-process
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 
@@ -68,6 +69,7 @@ class Worker:
         self.retriever: Any = None
         self.error: str | None = None          # why the engine could not load
         self.warnings: list[str] = []
+        self.adapter_warning: str | None = None   # why the active adapter was refused, while it still is
         self.current: Job | None = None
         self.served = 0
         self._seconds = 1.0                     # moving average of a job's time, for Retry-After
@@ -123,6 +125,7 @@ class Worker:
         warning = sync_adapter(db, self.engine)
         if warning:
             self.warnings.append(warning)
+            self.adapter_warning = warning
         self.retriever = retriever_for(s, db)
 
     def _main(self) -> None:
@@ -154,12 +157,26 @@ class Worker:
                 self._seconds = 0.7 * self._seconds + 0.3 * (time.monotonic() - started)
                 self.release()
 
+    def refusing_adapter(self, db: Any) -> bool:
+        """Whether the registry's active adapter is the one the engine refused (an in-process `ember
+        ask` would warn about it on every run)."""
+        from storage import registry
+
+        active = registry.active(db)
+        wanted = active["id"] if active else None
+        return (self.adapter_warning is not None and wanted is not None
+                and wanted == self.engine.refused_adapter and wanted != self.engine.loaded_adapter)
+
     def _answer(self, job: Job) -> Exchange:
         s = self.settings
         db = connections(s.home, busy_timeout_ms=s.busy_timeout_ms).get("reply")
         warning = sync_adapter(db, self.engine)    # between requests: never mid-stream
-        if warning and warning not in self.warnings:
-            self.warnings.append(warning)
+        if warning:
+            self.adapter_warning = warning
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+        if job.warn and self.refusing_adapter(db):
+            job.send("warning", self.adapter_warning)
         withheld = self.engine.adapter_withheld() if job.base_only else contextlib.nullcontext()
         with withheld:
             return respond(db, self.engine, s, job.question, log=job.log, route=job.route,
