@@ -1,0 +1,110 @@
+"""`ember ask` with a resident engine (a running `ember serve` for the same data directory) against
+`ember ask` alone: the same asks, both ways, in two fresh homes, must print the same things and exit
+the same way. Real server process, real bundled model, greedy."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx2 as httpx
+import pytest
+
+from storage.db import open_db
+from tests.test_serve import ROOT, Server
+
+TIMING = {"seconds", "tokens_per_second", "first_token_seconds"}   # and when a remembered message was written
+
+# (args, stdin): every option of `ember ask`, and the errors it can give before and after logging.
+ASKS = [
+    (["What is the capital of France?", "--max-tokens", "24"], None),
+    (["Tell me a fact about owls.", "--max-tokens", "20", "--json"], None),
+    (["And another one?", "--conversation", "1", "--max-tokens", "16", "--why"], None),
+    (["-", "--max-tokens", "12", "--route", "base", "--json"], "What colour is the sky?"),
+    (["Do not keep this.", "--no-log", "--max-tokens", "8"], None),
+    (["Remember: my cat is called Tom.", "--max-tokens", "8", "--route", "rag", "--json"], None),
+    (["What is my cat called?", "--max-tokens", "16", "--temperature", "0", "--seed", "3"], None),
+    (["   "], None),                                                   # empty: refused, nothing stored
+    (["hello", "--conversation", "999"], None),                        # no such conversation
+    (["hello", "--route", "adapter"], None),                           # no adapter: refused after logging
+    (["hello", "--max-tokens", "100000"], None),                       # beyond the context
+]
+
+
+def _ask(home, args, stdin):
+    env = dict(os.environ, EMBER_HOME=str(home), PYTHONPATH=str(ROOT))
+    env.pop("EMBER_DEBUG", None)
+    result = subprocess.run([sys.executable, "-m", "assistant", "ask", *args], input=(stdin or "").encode(),
+                            capture_output=True, timeout=180, env=env, cwd=ROOT)
+    out = result.stdout.decode()
+    if "--json" in args and result.returncode == 0:
+        document = json.loads(out)
+        out = {k: v for k, v in document.items() if k not in TIMING}
+        out["memories"] = [{k: v for k, v in hit.items() if k != "time"} for hit in out["memories"]]
+        if out.get("router"):
+            out["router"] = {k: v for k, v in out["router"].items() if k != "seconds"}
+    return result.returncode, out, result.stderr.decode()
+
+
+def _log(home):
+    db = open_db(home)
+    try:
+        return db.execute("SELECT role, content, status, route, origin FROM messages ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def _served(server):
+    return httpx.get(server.url.replace("/v1", "/health"), timeout=10).json()["served"]
+
+
+def _greedy(home):
+    home.mkdir(mode=0o700, parents=True)
+    (home / "config.toml").write_text("temperature = 0.0\nseed = 0\n")
+
+
+@pytest.fixture
+def homes(tmp_path):
+    resident, alone = tmp_path / "resident", tmp_path / "alone"
+    _greedy(resident), _greedy(alone)
+    server = Server(resident)
+    assert server.wait_ready()["status"] == "ready"
+    yield server, alone
+    server.stop()
+
+
+def test_ask_prints_the_same_through_a_resident_engine_as_alone(homes):
+    server, alone = homes
+    sock = server.home / "serve.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600
+    before = _served(server)
+    for args, stdin in ASKS:
+        through = _ask(server.home, args, stdin)
+        here = _ask(alone, args, stdin)
+        assert through == here, (args, through, here)
+        assert "Traceback" not in through[2]
+    # every ask past the log went through the server's engine (the empty prompt and the unknown
+    # conversation are refused by the log itself, as in-process)
+    assert _served(server) - before == 9
+    assert _log(server.home) == _log(alone)   # the same log, from the CLI (origin NULL), not the API
+
+
+def test_ask_answers_alone_when_the_server_is_gone_or_cannot_honour_it(homes):
+    server, alone = homes
+    args = ["Name a planet.", "--max-tokens", "8", "--json"]
+    before = _served(server)
+    other_model = _ask(server.home, [*args, "--model", str(server_model())], None)   # other settings: alone
+    assert other_model[0] == 0 and _served(server) == before
+    server.process.kill()                       # SIGKILL: the socket file stays behind, nobody listens
+    server.process.wait()
+    assert (server.home / "serve.sock").exists()
+    stale = _ask(server.home, ["Name a planet.", "--max-tokens", "8"], None)
+    here = _ask(alone, ["Name a planet.", "--max-tokens", "8"], None)
+    assert stale == here and stale[0] == 0
+
+
+def server_model():
+    from assistant.config import bundled_model
+
+    return bundled_model()
