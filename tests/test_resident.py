@@ -3,17 +3,25 @@
 the same way. Real server process, real bundled model, greedy."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import httpx2 as httpx
 import pytest
 
+from assistant import ownership
+from assistant.config import Settings
+from assistant.daemon import Daemon, DaemonConfig, Sensors, check
+from storage import activity
 from storage.db import open_db
-from tests.test_serve import ROOT, Server
+from tests.test_serve import BASE, ROOT, Server
 
+SERVING = "ember serve is answering a request"
 TIMING = {"seconds", "tokens_per_second", "first_token_seconds"}   # and when a remembered message was written
 
 # (args, stdin): every option of `ember ask`, and the errors it can give before and after logging.
@@ -108,3 +116,59 @@ def server_model():
     from assistant.config import bundled_model
 
     return bundled_model()
+
+
+class QuietMachine(Sensors):
+    """Idle, cool, on mains (the daemon's only fake: the machine's signals)."""
+
+    def load(self):
+        return 0.0
+
+    def available_mb(self):
+        return 8000.0
+
+    def on_battery(self):
+        return False
+
+    def temperature_c(self):
+        return None
+
+
+def test_the_daemon_never_trains_while_the_server_answers_and_replies_wait_out_a_training_step(tmp_path):
+    home = tmp_path / "home"
+    server = Server(home)
+    try:
+        assert server.wait_ready()["status"] == "ready"
+        settings, config = Settings(home=home), DaemonConfig(idle_minutes=0)
+        db = open_db(home)
+        now = dt.datetime.now(dt.timezone.utc)
+        assert check(db, settings, config, QuietMachine(), now).reason != SERVING
+        long = {"model": BASE, "messages": [{"role": "user", "content": "Write a long story about a ship."}],
+                "max_tokens": 1500, "stream": True, "ember": {"log": False}}    # stores nothing: no message to see
+        with httpx.stream("POST", server.url + "/chat/completions", json=long, timeout=120) as response:
+            lines = response.iter_lines()
+            next(lines), next(lines)
+            assert check(db, settings, config, QuietMachine(), now).reason == SERVING
+            daemon = Daemon(settings, config, sensors=QuietMachine())
+            daemon.running, daemon.seen_at_start = True, activity.last_seen(daemon.db)
+            assert daemon.user_returned()              # a run in progress pauses after its step
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url.replace("/v1", "/health")).json()["queue"]["waiting"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert check(db, settings, config, QuietMachine(), now).reason != SERVING
+        assert not daemon.user_returned()
+
+        answered = {}
+        short = {**long, "max_tokens": 4, "stream": False}
+        thread = threading.Thread(target=lambda: answered.update(
+            r=httpx.post(server.url + "/chat/completions", json=short, timeout=120), at=time.monotonic()))
+        with ownership.training(home):                 # the daemon is mid-step
+            thread.start()
+            time.sleep(2)
+            released = time.monotonic()
+            assert thread.is_alive()                   # the reply waits for the step to end
+        thread.join(timeout=60)
+        assert answered["r"].status_code == 200 and answered["at"] >= released
+    finally:
+        server.stop()

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from assistant import ownership
 from assistant.config import Settings
 from assistant.conversation import Exchange, Question, respond, sync_adapter
 from assistant.errors import EmberError
@@ -75,8 +76,10 @@ class Worker:
         self._seconds = 1.0                     # moving average of a job's time, for Retry-After
         self._waiting = 0
         self._lock = threading.Lock()
+        self._serving: ownership.Serving | None = None    # the daemon does not train while requests are in flight
 
     def start(self) -> None:
+        self._serving = ownership.Serving(self.settings.home)
         self._thread.start()
 
     @property
@@ -90,11 +93,15 @@ class Worker:
             raise Busy(max(1, round(self._seconds * (self.queue_size + 1))))
         with self._lock:
             self._waiting += 1
+        if self._serving is not None:
+            self._serving.enter()
 
     def release(self) -> None:
         """Give a place back (a request refused after `reserve`, or a finished job)."""
         with self._lock:
             self._waiting -= 1
+        if self._serving is not None:
+            self._serving.leave()
         self._places.release()
 
     def submit(self, job: Job) -> None:
@@ -148,7 +155,8 @@ class Worker:
             self.current = job
             started = time.monotonic()
             try:
-                job.send("done", self._answer(job))
+                with ownership.replying(self.settings.home, job.cancel):   # a training step ends first
+                    job.send("done", self._answer(job))
             except Exception as err:   # EmberError for the client; anything else is reported as a 500
                 job.send("error", err)
             finally:
