@@ -172,3 +172,28 @@ def test_the_daemon_never_trains_while_the_server_answers_and_replies_wait_out_a
         assert answered["r"].status_code == 200 and answered["at"] >= released
     finally:
         server.stop()
+
+
+def test_sigkill_of_the_server_mid_answer_loses_no_prompt_and_ask_says_so_in_one_line(tmp_path):
+    home = tmp_path / "home"
+    _greedy(home)
+    server = Server(home)
+    try:
+        assert server.wait_ready()["status"] == "ready"
+        env = dict(os.environ, EMBER_HOME=str(home), PYTHONPATH=str(ROOT))
+        env.pop("EMBER_DEBUG", None)
+        ask = subprocess.Popen([sys.executable, "-m", "assistant", "ask", "Describe the sea at night, at length.",
+                                "--max-tokens", "1500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env, cwd=ROOT)
+        assert ask.stdout.read(20)                   # the answer is streaming from the server
+        time.sleep(1.5)                              # past the reply's first save (every 0.5 s)
+        server.process.kill()
+        server.process.wait()
+        out, err = ask.communicate(timeout=60)
+    finally:
+        server.stop()
+    lines = err.decode().strip().splitlines()
+    assert ask.returncode != 0 and len(lines) == 1 and "saved" in lines[0] and "Traceback" not in err.decode()
+    assert [row[:2] for row in _log(home)] == [("user", "Describe the sea at night, at length."),
+                                               ("assistant", _log(home)[1][1])]
+    assert _log(home)[1][1]                          # the reply so far, kept (marked interrupted on recovery)

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from assistant import resident
-from assistant.config import Settings
+from assistant.config import ROUTES, Settings
 from assistant.conversation import Exchange, log_question
 from assistant.errors import DatabaseLocked, EmberError, InvalidInput, NotFound, PromptTooLong, RouteUnavailable
 from assistant.server import protocol
@@ -259,6 +259,7 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
         if request.scope.get("server", (None, 0))[1] is not None:     # a TCP port: not for the network
             raise ApiError(404, "Not Found", code="unknown_url")
         body = await read_json(request)
+        check_ask(body)
         if body.get("settings") != resident.settings_key(settings):
             raise ApiError(409, "this server runs with other settings (model, context, sampling)",
                            code="settings_differ")
@@ -290,6 +291,19 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
         return StreamingResponse(_ask_lines(job), media_type="application/x-ndjson")
 
     return app
+
+
+def check_ask(body: dict[str, Any]) -> None:
+    """The fields of an `/ember/ask` body and their types (the CLI sends them right; anything else is a 400)."""
+    kinds = {"prompt": (str,), "max_tokens": (int, type(None)), "seed": (int, type(None)),
+             "temperature": (int, float, type(None)), "log": (bool,), "conversation_id": (int, type(None)),
+             "route": (str,), "settings": (dict,)}
+    for name, kind in kinds.items():
+        value = body.get(name)
+        if name not in body or not isinstance(value, kind) or (isinstance(value, bool) and bool not in kind):
+            raise protocol.bad(f"{name} is missing or of the wrong type", name)
+    if body["route"] not in ROUTES:
+        raise protocol.bad(f"route must be one of {', '.join(ROUTES)}", "route")
 
 
 async def _ask_lines(job: Job) -> AsyncIterator[str]:
