@@ -212,7 +212,8 @@ def report(result: dict[str, Any]) -> str:
     """A few readable lines."""
     r = result["resident_ask"]
     lines = [f"ember ask, resident engine: {r['resident']['seconds_median']:.2f} s vs bare llama-cpp-python "
-             f"{r['bare']['seconds_median']:.2f} s = {r['ratio']:.2f}x (target ≤ 0.5x: {'met' if r['met'] else 'NOT met'}; "
+             f"{r['bare']['seconds_median']:.2f} s = {r['ratio']:.2f}x "
+             f"(target ≤ 0.5x: {'met' if r['met'] else 'NOT met'}; "
              f"the server's own answer took {r['server_answer_s']:.2f} s = {r['floor_ratio']:.2f}x of bare)"]
     for level in result["load"]["levels"]:
         lines.append(f"{level['clients']:2} clients: {level['accepted']}/{level['requests']} accepted, "
