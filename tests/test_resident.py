@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -197,3 +198,24 @@ def test_sigkill_of_the_server_mid_answer_loses_no_prompt_and_ask_says_so_in_one
     assert [row[:2] for row in _log(home)] == [("user", "Describe the sea at night, at length."),
                                                ("assistant", _log(home)[1][1])]
     assert _log(home)[1][1]                          # the reply so far, kept (marked interrupted on recovery)
+
+
+def test_an_interrupted_ask_is_stored_and_reported_the_same_both_ways(homes):
+    server, alone = homes
+    outcomes = []
+    for home in (server.home, alone):
+        env = dict(os.environ, EMBER_HOME=str(home), PYTHONPATH=str(ROOT))
+        env.pop("EMBER_DEBUG", None)
+        ask = subprocess.Popen([sys.executable, "-m", "assistant", "ask", "Write a long story about a ship.",
+                                "--max-tokens", "1500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env, cwd=ROOT)
+        assert ask.stdout.read(20)
+        time.sleep(1)
+        ask.send_signal(signal.SIGINT)               # Ctrl-C
+        _, err = ask.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while _log(home)[-1][2] == "generating" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        outcomes.append((ask.returncode, err.decode(), [row[2] for row in _log(home)]))
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] == 130
+    assert outcomes[0][2] == ["complete", "interrupted"]

@@ -286,7 +286,7 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
             raise
         job = Job(question, asyncio.get_running_loop(), log=body.get("log", True), route=body.get("route", "auto"),
                   max_tokens=body.get("max_tokens"), temperature=body.get("temperature"), seed=body.get("seed"),
-                  warn=True)
+                  warn=True, cancelled_as="interrupted")
         worker.submit(job)
         return StreamingResponse(_ask_lines(job), media_type="application/x-ndjson")
 

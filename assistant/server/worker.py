@@ -39,6 +39,7 @@ class Job:
     top_p: float | None = None       # kept for the record; Ember samples with its own top_p
     seed: int | None = None
     warn: bool = False               # `ember ask`: send a refused adapter's warning first, as in-process
+    cancelled_as: str = "cancelled"  # `ember ask`: its process was interrupted, the reply is "interrupted"
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 
@@ -190,4 +191,5 @@ class Worker:
             return respond(db, self.engine, s, job.question, log=job.log, route=job.route,
                            max_tokens=job.max_tokens, temperature=job.temperature,
                            seed=None if job.seed is None else job.seed % 2 ** 31, cancel=job.cancel,
-                           retriever=self.retriever, on_piece=lambda piece: job.send("piece", piece))
+                           retriever=self.retriever, on_piece=lambda piece: job.send("piece", piece),
+                           cancelled_as=job.cancelled_as)
