@@ -4,9 +4,11 @@
 dir: the file's permissions are the authentication). `ember ask` looks for that socket first; when a
 server answers there with the same settings, the question goes through the server's one engine worker
 and `conversation.respond`, exactly as it would in-process, and `ask` prints what the server sends.
-When nothing answers (no socket, a stale socket left by a killed server, a server still loading, a full
-queue, other settings such as another `--model`), `ask` raises `Unavailable` before anything is stored
-and the caller answers in-process, silently.
+When nothing answers (no socket, a stale socket left by a killed server, a server that does not
+answer its health check within 3 s, one still loading, a full queue, other settings such as another
+`--model`), `ask` raises `Unavailable` before anything is stored and the caller answers in-process,
+silently. The health check comes before the question is sent, so that a stalled server which wakes
+later does not store a question this process has already answered.
 
 The client is the standard library's `http.client` over an AF_UNIX socket: it is on `ember ask`'s start-up
 path, and httpx costs ~75 ms to import there against ~20 ms for `http.client` (`python -X importtime`).
@@ -25,8 +27,8 @@ from assistant.errors import EmberError
 
 SOCKET_NAME = "serve.sock"
 ASK_PATH = "/ember/ask"
-CONNECT_SECONDS = 1.0
-ACCEPT_SECONDS = 15.0       # until the server has committed the question (a busy database waits 10 s)
+CONNECT_SECONDS = 3.0       # to connect and hear from /health: a server that cannot is passed over
+ACCEPT_SECONDS = 15.0       # then until it has committed the question (a busy database waits 10 s)
 
 
 class Unavailable(Exception):
@@ -84,12 +86,22 @@ def ask(settings: Settings, request: dict[str, Any], *, on_piece: Callable[[str]
     body = json.dumps({**request, "settings": settings_key(settings)}).encode("utf-8")
     try:
         connection.connect()
+        # Is anyone there? A stopped or stalled server fails this before it has the question: had it
+        # the question, it might store it when it wakes, after this process has answered it too.
+        connection.request("GET", "/health")
+        probe = connection.getresponse()
+        ready = probe.status == 200 and json.loads(probe.read()).get("status") == "ready"
+        if not ready:
+            raise Unavailable("the server is not ready")
         connection.sock.settimeout(ACCEPT_SECONDS)
         connection.request("POST", ASK_PATH, body=body, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
-    except (OSError, http.client.HTTPException) as err:   # refused (stale socket), timed out, reset
+    except (OSError, ValueError, http.client.HTTPException) as err:   # refused (stale socket), timed out, reset
         connection.close()
         raise Unavailable(str(err)) from None
+    except Unavailable:
+        connection.close()
+        raise
     if response.status != 200:
         try:
             error = json.loads(response.read()).get("error", {})

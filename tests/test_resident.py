@@ -219,3 +219,19 @@ def test_an_interrupted_ask_is_stored_and_reported_the_same_both_ways(homes):
         outcomes.append((ask.returncode, err.decode(), [row[2] for row in _log(home)]))
     assert outcomes[0] == outcomes[1] and outcomes[0][0] == 130
     assert outcomes[0][2] == ["complete", "interrupted"]
+
+
+def test_a_server_that_does_not_answer_is_passed_over_and_the_question_is_logged_once(homes):
+    server, alone = homes
+    server.process.send_signal(signal.SIGSTOP)       # alive, socket open, answering nothing
+    try:
+        started = time.monotonic()
+        stalled = _ask(server.home, ["Name a river.", "--max-tokens", "8"], None)
+        waited = time.monotonic() - started
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    assert stalled == _ask(alone, ["Name a river.", "--max-tokens", "8"], None) and stalled[0] == 0
+    assert waited < 60
+    server.wait_ready()                              # the server wakes and reads the abandoned request
+    time.sleep(1)
+    assert [row[1] for row in _log(server.home)].count("Name a river.") == 1

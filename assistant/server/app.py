@@ -276,6 +276,11 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
                 return log_question(db, body["prompt"], conversation_id=body.get("conversation_id"),
                                     log=body.get("log", True))
 
+        if await request.is_disconnected():
+            # The CLI gave up waiting (a stopped or stalled server) and answered in-process: storing
+            # the question now would log it twice.
+            worker.release()
+            return JSONResponse({"error": {"message": "the client left"}}, status_code=499)
         try:
             question = await run_in_threadpool(commit)
         except EmberError as err:
