@@ -235,3 +235,14 @@ def test_a_server_that_does_not_answer_is_passed_over_and_the_question_is_logged
     server.wait_ready()                              # the server wakes and reads the abandoned request
     time.sleep(1)
     assert [row[1] for row in _log(server.home)].count("Name a river.") == 1
+
+
+def test_ask_through_a_resident_engine_imports_neither_llama_cpp_nor_the_database_layer(homes):
+    server, _ = homes
+    env = dict(os.environ, EMBER_HOME=str(server.home), PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "assistant", "ask", "Hi.", "--max-tokens", "4"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip()
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "assistant.resident" in imported
+    assert not imported & {"llama_cpp", "sqlite_utils", "numpy", "assistant.conversation", "httpx2", "torch"}
