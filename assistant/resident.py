@@ -16,9 +16,7 @@ path, and httpx costs ~75 ms to import there against ~20 ms for `http.client` (`
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
-import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,20 +53,24 @@ def settings_key(settings: Settings) -> dict[str, str | None]:
             for f in dataclasses.fields(settings) if f.name != "home"}   # the socket is in home already
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
+def _connection(path: Path, timeout: float):
+    """An HTTP/1.1 connection over the Unix socket at `path` (http.client is imported only when a
+    socket exists: the in-process path, which logs the question first, pays nothing for it)."""
+    import http.client
+    import socket
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.path))
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(str(path))
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+
+    return UnixConnection("localhost", timeout=timeout)
 
 
 def ask(settings: Settings, request: dict[str, Any], *, on_piece: Callable[[str], None] | None = None,
@@ -82,7 +84,9 @@ def ask(settings: Settings, request: dict[str, Any], *, on_piece: Callable[[str]
     path = socket_path(settings.home)
     if not path.exists():
         raise Unavailable("no socket")
-    connection = _UnixConnection(path, CONNECT_SECONDS)
+    import http.client
+
+    connection = _connection(path, CONNECT_SECONDS)
     body = json.dumps({**request, "settings": settings_key(settings)}).encode("utf-8")
     try:
         connection.connect()
