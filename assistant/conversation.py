@@ -14,7 +14,7 @@ import sqlite_utils
 from adapters.errors import AdapterInvalid, AdapterMismatch
 from adapters.template import TemplateError
 from assistant import evidence, router
-from assistant.config import Settings
+from assistant.config import ROUTES, Settings
 from assistant.engine import Engine, Message
 from assistant.errors import EmberError, InvalidInput, RouteUnavailable
 from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
@@ -22,7 +22,6 @@ from assistant.router import Decision
 from storage import conversations as convs
 from storage import memory, registry
 
-ROUTES = ("auto", "base", "rag", "adapter", "both")
 SAVE_EVERY_SECONDS = 0.5   # how much of a streaming reply a SIGKILL can lose, at most
 
 
@@ -180,6 +179,13 @@ class Exchange:
             out.append("the model ended its turn without a word")
         return out
 
+    def report(self) -> dict:
+        """Everything `ember ask` prints about this reply besides its text: the --json document, the
+        notices, the evidence lines and the --why line. The resident engine sends exactly this."""
+        return {"json": self.as_json(), "notices": self.notices,
+                "evidence": [item.line() for item in self.evidence],
+                "why": f"route {self.route}: " + (self.decision.reason if self.decision else "chosen with --route")}
+
 
 def reply_budget(engine: Engine, settings: Settings, max_tokens: int | None) -> int:
     """Tokens kept for the reply: `max_tokens` as asked (checked against the context), or the
@@ -241,7 +247,8 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
             log: bool = True, conversation_id: int | None = None, route: str = "auto",
             max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
             cancel: threading.Event | None = None, retriever: Retriever | None = None,
-            on_piece: Callable[[str], None] | None = None, now: dt.date | None = None) -> Exchange:
+            on_piece: Callable[[str], None] | None = None, now: dt.date | None = None,
+            cancelled_as: str = "cancelled") -> Exchange:
     """Answer `text` in a conversation (a new one if None); with `log=False` nothing is stored.
 
     The one request path of every front-end. Its first act is committing the user's message
@@ -249,7 +256,9 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     and passes the `Question`); routing, retrieval, probes and generation follow and may fail without
     losing it. The reply is saved as it streams and finally marked complete, length (the token
     limit), empty, cancelled (via `cancel`) or interrupted (Ctrl-C, SIGTERM). `now` is the date
-    questions like "last week" count from (today when None).
+    questions like "last week" count from (today when None). `cancelled_as` is how a reply stopped
+    through `cancel` is stored: `interrupted` for `ember ask` through a resident engine whose process
+    was interrupted, as it would be stored in-process.
     """
     question = text if isinstance(text, Question) else log_question(
         db, text, conversation_id=conversation_id, log=log)
@@ -308,6 +317,8 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
         if on_piece is not None and rest:
             on_piece(rest)
         status = final_status(gen.finish_reason, shown.text)
+        if status == "cancelled":
+            status = cancelled_as
     finally:
         if reply_id is not None:
             shown.flush()   # what was held back when the reply was interrupted is kept

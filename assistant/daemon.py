@@ -11,6 +11,11 @@ resumes it from that checkpoint. With nothing to train (too few new messages, or
 spent), idle time goes to refitting the router's thresholds on the replies the user rated up or edited
 (assistant/router.py), when enough new ones have come in or the adapter changed. Sensors are the only
 part tests replace.
+
+The daemon and `ember serve` share the machine by one rule (assistant/ownership.py): a request in
+flight at the server (logged or not, `ember ask` through it included) counts as the user being here,
+so no run starts while one is answered and a run in progress pauses after its current step; and the
+server's engine waits for that step to end before it replies, so the two never compute at once.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from assistant import ownership
 from assistant.config import Settings
 from assistant.errors import EmberError, InvalidInput
 from storage import activity, ledger, runs
@@ -151,6 +157,8 @@ def check(db: Any, settings: Settings, config: DaemonConfig, sensors: Sensors, n
         return Decision(False, f"user active {int((now - seen).total_seconds() // 60)} min ago; "
                                f"waiting {int(left.total_seconds() // 60) + 1} more min of idle time",
                         eligible_at=seen + dt.timedelta(minutes=config.idle_minutes))
+    if ownership.serving(settings.home):
+        return Decision(False, "ember serve is answering a request")
     if config.nightly is not None:
         hour, (start, end) = now.astimezone().hour, config.nightly
         inside = start <= hour < end if start <= end else (hour >= start or hour < end)
@@ -222,11 +230,12 @@ class Daemon:
 
     def user_returned(self) -> bool:
         """Asked after every training step: the user wrote or opened the chat since the run started."""
-        return self.stopping.is_set() or (self.running and activity.last_seen(self.db) != self.seen_at_start)
+        return self.stopping.is_set() or (self.running and (activity.last_seen(self.db) != self.seen_at_start
+                                                            or ownership.serving(self.settings.home)))
 
     def tick(self) -> Decision | None:
         """One scheduled check; runs adaptation to completion or pause when allowed."""
-        with self.busy:
+        with self.busy, ownership.training(self.settings.home):   # `ember serve` replies wait out a step
             if self.stopping.is_set():
                 return None
             return self._tick()

@@ -29,3 +29,21 @@ def test_engine_benchmark_compares_against_bare_llama_cpp(ember, tmp_path, reque
     assert everyday["router_decision"]["with_adapter"]["p50_ms"] > 0
     assert set(everyday["multi_turn"]) == {"base", "rag", "adapter", "both", "auto"}
     assert all(len(turns["ttft_s"]) == 10 for turns in everyday["multi_turn"].values())
+
+
+def test_serve_benchmark_quick_writes_its_figures_and_loses_nothing(ember, tmp_path):
+    result = ember("bench", "serve", "--quick", "--rounds", "1", "--output-dir", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.err
+    written = json.loads((tmp_path / "serve.json").read_text())
+    resident = written["resident_ask"]
+    assert {"resident", "bare", "ratio", "met", "target"} <= set(resident)
+    assert resident["answered_by_server"] is True and resident["same_answer"] is True
+    assert [level["clients"] for level in written["load"]["levels"]] == [1, 4, 16]
+    for level in written["load"]["levels"]:
+        assert {"ttft_p50_s", "ttft_p95_s", "tokens_per_second", "rejected", "accepted", "requests"} <= set(level)
+        assert level["errors"] == 0 and level["accepted"] + level["rejected"] == level["requests"]
+    sixteen = written["load"]["levels"][-1]
+    assert sixteen["rejected"] > 0        # 16 at once against a queue of 4: the bound holds
+    lost = written["nothing_lost"]
+    assert lost["accepted"] == sum(level["accepted"] for level in written["load"]["levels"]) > 0
+    assert lost["missing"] == 0 and lost["integrity_ok"] is True and lost["ok"] is True

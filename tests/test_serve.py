@@ -342,3 +342,37 @@ def test_learn_from_api_false_keeps_api_conversations_out_of_the_dataset(db, tem
     assert without.skipped["API conversation messages"] == 12
     assert load_settings(environ={"EMBER_HOME": str(tmp_path / "h"), "EMBER_LEARN_FROM_API": "false"}
                          ).learn_from_api is False
+
+
+def _too_big_in_chunks():
+    for _ in range(30):          # 300 kB without a Content-Length: the limit holds while it streams in
+        yield b" " * 10_000
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/chat/completions"])
+@pytest.mark.parametrize("body, status, code", [
+    (b'{"model": "all-MiniLM-L6-v2", "input": ', 400, "invalid_json"),
+    (b'{"model": "all-MiniLM-L6-v2", "input": "\xc3\x28"}', 400, "invalid_encoding"),
+    (json.dumps({"model": "all-MiniLM-L6-v2", "input": 5, "messages": 5}).encode(), 400, None),
+    (_too_big_in_chunks, 413, "request_too_large"),
+])
+def test_bad_bodies_on_every_endpoint_and_unannounced_sizes_get_a_4xx_json_error(server, path, body, status, code):
+    response = _raw(server, body() if callable(body) else body, path=path)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == code and error["message"]
+    assert "Traceback" not in response.text
+
+
+def test_the_resident_endpoint_is_on_the_unix_socket_only_and_refuses_bad_bodies(server):
+    assert _raw(server, b"{}", path="/ember/ask").status_code == 404        # never on the TCP port
+    sock = httpx.Client(transport=httpx.HTTPTransport(uds=str(server.home / "serve.sock")), timeout=30)
+    for body, status in [(b'{"prompt": ', 400), (b'{"prompt": "\xff"}', 400),
+                         (json.dumps({"prompt": 5, "log": True, "route": "auto", "settings": {}}).encode(), 400),
+                         (json.dumps({"prompt": "hi", "max_tokens": None, "seed": None, "temperature": None,
+                                      "log": True, "conversation_id": None, "route": "auto",
+                                      "settings": {"model": "other.gguf"}}).encode(), 409),
+                         (b"x" * 300_000, 413)]:
+        response = sock.post("http://ember/ember/ask", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["message"] and "Traceback" not in response.text

@@ -1,16 +1,21 @@
-"""`ember ask`: one answer, streamed to stdout."""
+"""`ember ask`: one answer, streamed to stdout.
+
+With `ember serve` running for the same data directory, the answer comes from its resident engine
+over a Unix socket (assistant/resident.py) and this process never loads the model; otherwise it is
+answered here. Either way it goes through `conversation.respond` and prints the same things.
+"""
 from __future__ import annotations
 
 import signal
 import sys
+from typing import Any
 
 import click
 
-from assistant.cli.common import json_option, model_option, open_store, print_json, settings_from
-from assistant.conversation import ROUTES, log_question, respond, sync_adapter
-from assistant.engine import Engine
+from assistant import resident
+from assistant.cli.common import json_option, model_option, print_json, settings_from
+from assistant.config import ROUTES
 from assistant.errors import InvalidInput
-from assistant.retrieval import retriever_for
 
 
 def read_stdin() -> str:
@@ -25,6 +30,15 @@ def read_stdin() -> str:
 
 def _raise_interrupt(_signum, _frame):
     raise KeyboardInterrupt
+
+
+def _show(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _warn(warning: str) -> None:
+    click.echo(f"ember: warning: {warning}", err=True)
 
 
 @click.command()
@@ -49,33 +63,49 @@ def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, w
         prompt = read_stdin()
     settings = settings_from(model=model)
     signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill still marks the reply
+    request = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "temperature": temperature,
+               "log": not no_log, "conversation_id": conversation_id, "route": route}
+    try:
+        report = resident.ask(settings, request, on_piece=None if as_json else _show, on_warning=_warn)
+    except resident.Unavailable:
+        report = _answer_here(settings, request, as_json)
+    _print(report, as_json, why)
+
+
+def _answer_here(settings: Any, request: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """Load the model in this process and answer; returns `Exchange.report()`."""
+    from assistant.cli.common import open_store
+    from assistant.conversation import log_question, respond, sync_adapter
+    from assistant.engine import Engine
+    from assistant.retrieval import retriever_for
+
     db = open_store(settings)
     # Log first: the question is committed before the model loads, so no crash or kill can lose it.
-    question = log_question(db, prompt, conversation_id=conversation_id, log=not no_log)
+    question = log_question(db, request["prompt"], conversation_id=request["conversation_id"], log=request["log"])
     engine = Engine(settings.model_path, n_ctx=settings.n_ctx, n_threads=settings.threads,
                     seed=settings.seed or 0, cache_dir=settings.cache_dir)
     warning = sync_adapter(db, engine)
     if warning:
-        click.echo(f"ember: warning: {warning}", err=True)
+        _warn(warning)
+    exchange = respond(db, engine, settings, question, log=request["log"], retriever=retriever_for(settings, db),
+                       route=request["route"], max_tokens=request["max_tokens"],
+                       temperature=request["temperature"], seed=request["seed"],
+                       on_piece=None if as_json else _show)
+    return exchange.report()
 
-    def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
 
-    exchange = respond(db, engine, settings, question, log=not no_log, retriever=retriever_for(settings, db),
-                       route=route, max_tokens=max_tokens,
-                       temperature=temperature, seed=seed, on_piece=None if as_json else show)
+def _print(report: dict[str, Any], as_json: bool, why: bool) -> None:
+    """What follows the streamed text: the --json document, or the notices, evidence and --why line."""
     if as_json:
-        print_json(exchange.as_json())
-    else:
-        sys.stdout.write("\n")
-        for notice in exchange.notices:
-            click.echo(f"ember: {notice}", err=True)
-        for item in exchange.evidence:   # what the answer rests on, quoted, with where to find it
-            click.echo(f"  ↳ {item.line()}", err=True)
-        if why:
-            click.echo(f"route {exchange.route}: " + (exchange.decision.reason if exchange.decision
-                                                     else "chosen with --route"), err=True)
+        print_json(report["json"])
+        return
+    sys.stdout.write("\n")
+    for notice in report["notices"]:
+        click.echo(f"ember: {notice}", err=True)
+    for line in report["evidence"]:   # what the answer rests on, quoted, with where to find it
+        click.echo(f"  ↳ {line}", err=True)
+    if why:
+        click.echo(report["why"], err=True)
 
 
 COMMANDS = [ask]

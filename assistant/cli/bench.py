@@ -21,6 +21,8 @@ BENCHMARKS = {
     "adapt": "DP and non-DP LoRA on a synthetic user: s/step, examples/s, peak RSS, learning, canary exposure",
     "zo": "forward-only (ZO) training vs backprop: peak RSS against inference, held-out loss at equal wall time, canary",
     "router": "base, RAG, adapter, both and the router on facts (MemoryBank) and style tasks: quality and latency",
+    "serve": "ember serve: ember ask through the resident engine vs a bare llama-cpp-python script (whole "
+             "processes), 1/4/16 streaming clients (ttft p50/p95, tok/s, 429s), and nothing lost",
     "import": "ember import of a synthetic ChatGPT export (2,000 conversations, 40,000 messages): time, peak RSS, "
               "search p95 after it, and a re-import that adds nothing",
 }

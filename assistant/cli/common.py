@@ -5,15 +5,15 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
-import sqlite_utils
 
 from assistant.config import Settings, load_settings
 from assistant.errors import EmberError
-from storage import conversations as convs
-from storage.db import connections
+
+if TYPE_CHECKING:   # sqlite_utils costs 0.2 s to import: `ember ask` with a resident engine never opens the database
+    import sqlite_utils
 
 
 def model_option(fn: Callable) -> Callable:
@@ -34,6 +34,9 @@ def settings_from(**flags: Any) -> Settings:
 
 def open_store(settings: Settings) -> sqlite_utils.Database:
     """The user's database, with replies orphaned by a killed process marked interrupted."""
+    from storage import conversations as convs
+    from storage.db import connections
+
     db = connections(settings.home, busy_timeout_ms=settings.busy_timeout_ms).get("main")
     convs.recover_interrupted(db)
     return db

@@ -1,6 +1,7 @@
 """`ember serve`: an OpenAI-compatible HTTP API on this machine, answering through Ember's one request path."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from assistant import resident
 from assistant.cli.common import model_option, settings_from
 from assistant.errors import EmberError, InvalidInput
 from storage.db import ensure_private_dir
@@ -78,6 +80,34 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_unix(path: Path) -> socket.socket | None:
+    """The resident engine's socket for `ember ask` (0600), or None when another live server of this
+    data directory already answers there. A stale file left by a killed server is replaced."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return None                       # someone answers: the data directory has its resident engine
+    except FileNotFoundError:
+        pass
+    except OSError:
+        path.unlink(missing_ok=True)      # nobody listens: a killed server's leftover
+    finally:
+        probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)                 # born 0600: never a moment when others could connect
+    try:
+        sock.bind(str(path))
+    except OSError as err:
+        sock.close()
+        raise InvalidInput(f"cannot listen on {path} ({err.strerror or err})") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs --token-file or --new-token.")
@@ -114,15 +144,31 @@ def serve(host, port, token_file, new_token_, queue_size, max_body, cors_origins
     from assistant.server.app import ServeOptions, create_app
 
     sock = bind(host, port)
+    ensure_private_dir(settings.home)
+    uds_path = resident.socket_path(settings.home)
+    uds = bind_unix(uds_path)
+    ours = os.stat(uds_path).st_ino if uds is not None else None
     options = ServeOptions(token=token, queue=queue_size, max_body=max_body, cors_origins=tuple(cors_origins),
                            learn=not no_learn)
     app = create_app(settings, options)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"ember: serving on http://{shown}:{sock.getsockname()[1]}/v1 "
                f"({'token required' if token else 'no token: this machine only'}); Ctrl-C stops", err=True)
+    if uds is None:
+        click.echo(f"ember: another `ember serve` answers `ember ask` for this data directory ({uds_path}); "
+                   "this one serves HTTP only", err=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10,
                             server_header=False, h11_max_incomplete_event_size=64 * 1024)
-    uvicorn.Server(config).run(sockets=[sock])
+    # One uvicorn server on both sockets: one app, one lifespan, one engine worker and queue for the
+    # network's requests and `ember ask`'s alike (a second Server would run the lifespan, and load the
+    # model, twice, and the two would fight over the signal handlers).
+    try:
+        uvicorn.Server(config).run(sockets=[sock] + ([uds] if uds else []))
+    finally:
+        if uds is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(uds_path).st_ino == ours:     # not a later server's
+                    uds_path.unlink()
 
 
 COMMANDS = [serve]

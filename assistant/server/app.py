@@ -19,12 +19,13 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from assistant.config import Settings
+from assistant import resident
+from assistant.config import ROUTES, Settings
 from assistant.conversation import Exchange, log_question
 from assistant.errors import DatabaseLocked, EmberError, InvalidInput, NotFound, PromptTooLong, RouteUnavailable
 from assistant.server import protocol
@@ -251,7 +252,90 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
             "usage": protocol.usage(exchange.prompt_tokens, exchange.tokens),
             "ember": ember_fields(exchange)})
 
+    @app.post(resident.ASK_PATH)
+    async def resident_ask(request: Request):
+        """`ember ask` through this server's engine (Unix socket only): the question is committed
+        before the response starts, so any refusal before it lets the CLI answer in-process instead."""
+        if request.scope.get("server", (None, 0))[1] is not None:     # a TCP port: not for the network
+            raise ApiError(404, "Not Found", code="unknown_url")
+        body = await read_json(request)
+        check_ask(body)
+        if body.get("settings") != resident.settings_key(settings):
+            raise ApiError(409, "this server runs with other settings (model, context, sampling)",
+                           code="settings_differ")
+        if worker.error or not worker.ready.is_set():
+            raise ApiError(503, worker.error or "the model is still loading", type="server_error", code="loading")
+        try:
+            worker.reserve()
+        except Busy:
+            raise ApiError(429, "the queue is full", type="rate_limit_error", code="queue_full") from None
+
+        def commit():   # log first, as `ember ask` in-process: from the CLI, not the API
+            with log_lock:
+                db = connections(settings.home, busy_timeout_ms=settings.busy_timeout_ms).get("api")
+                return log_question(db, body["prompt"], conversation_id=body.get("conversation_id"),
+                                    log=body.get("log", True))
+
+        if await request.is_disconnected():
+            # The CLI gave up waiting (a stopped or stalled server) and answered in-process: storing
+            # the question now would log it twice.
+            worker.release()
+            return JSONResponse({"error": {"message": "the client left"}}, status_code=499)
+        try:
+            question = await run_in_threadpool(commit)
+        except EmberError as err:
+            worker.release()
+            return JSONResponse({"error": {"message": str(err), "exit_code": err.exit_code}}, status_code=400)
+        except BaseException:
+            worker.release()
+            raise
+        job = Job(question, asyncio.get_running_loop(), log=body.get("log", True), route=body.get("route", "auto"),
+                  max_tokens=body.get("max_tokens"), temperature=body.get("temperature"), seed=body.get("seed"),
+                  warn=True, cancelled_as="interrupted")
+        worker.submit(job)
+        return StreamingResponse(_ask_lines(job), media_type="application/x-ndjson")
+
     return app
+
+
+def check_ask(body: dict[str, Any]) -> None:
+    """The fields of an `/ember/ask` body and their types (the CLI sends them right; anything else is a 400)."""
+    kinds = {"prompt": (str,), "max_tokens": (int, type(None)), "seed": (int, type(None)),
+             "temperature": (int, float, type(None)), "log": (bool,), "conversation_id": (int, type(None)),
+             "route": (str,), "settings": (dict,)}
+    for name, kind in kinds.items():
+        value = body.get(name)
+        if name not in body or not isinstance(value, kind) or (isinstance(value, bool) and bool not in kind):
+            raise protocol.bad(f"{name} is missing or of the wrong type", name)
+    if body["route"] not in ROUTES:
+        raise protocol.bad(f"route must be one of {', '.join(ROUTES)}", "route")
+
+
+async def _ask_lines(job: Job) -> AsyncIterator[str]:
+    """`ember ask`'s answer as JSON lines: a warning, pieces, then `done` (Exchange.report) or `error`
+    (the line and exit code the CLI prints). A client that goes away cancels the reply (kept, marked)."""
+    finished = False
+    try:
+        while True:
+            kind, value = await job.events.get()
+            if kind == "piece":
+                yield json.dumps({"piece": value}) + "\n"
+            elif kind == "warning":
+                yield json.dumps({"warning": value}) + "\n"
+            else:
+                finished = True
+                if kind == "done":
+                    yield json.dumps({"done": value.report()}, ensure_ascii=False) + "\n"
+                elif isinstance(value, EmberError):
+                    yield json.dumps({"error": {"message": str(value), "exit_code": value.exit_code}}) + "\n"
+                else:    # a bug: the line `ember ask` prints for one in-process
+                    yield json.dumps({"error": {"message": f"internal error: {type(value).__name__}: {value} "
+                                                           "(run with EMBER_DEBUG=1 for the traceback)",
+                                                "exit_code": 70}}) + "\n"
+                return
+    finally:
+        if not finished:
+            job.cancel.set()
 
 
 def ember_fields(exchange: Exchange) -> dict[str, Any]:

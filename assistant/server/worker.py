@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from assistant import ownership
 from assistant.config import Settings
 from assistant.conversation import Exchange, Question, respond, sync_adapter
 from assistant.errors import EmberError
@@ -37,6 +38,8 @@ class Job:
     temperature: float | None = None
     top_p: float | None = None       # kept for the record; Ember samples with its own top_p
     seed: int | None = None
+    warn: bool = False               # `ember ask`: send a refused adapter's warning first, as in-process
+    cancelled_as: str = "cancelled"  # `ember ask`: its process was interrupted, the reply is "interrupted"
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 
@@ -68,13 +71,16 @@ class Worker:
         self.retriever: Any = None
         self.error: str | None = None          # why the engine could not load
         self.warnings: list[str] = []
+        self.adapter_warning: str | None = None   # why the active adapter was refused, while it still is
         self.current: Job | None = None
         self.served = 0
         self._seconds = 1.0                     # moving average of a job's time, for Retry-After
         self._waiting = 0
         self._lock = threading.Lock()
+        self._serving: ownership.Serving | None = None    # the daemon does not train while requests are in flight
 
     def start(self) -> None:
+        self._serving = ownership.Serving(self.settings.home)
         self._thread.start()
 
     @property
@@ -88,11 +94,15 @@ class Worker:
             raise Busy(max(1, round(self._seconds * (self.queue_size + 1))))
         with self._lock:
             self._waiting += 1
+        if self._serving is not None:
+            self._serving.enter()
 
     def release(self) -> None:
         """Give a place back (a request refused after `reserve`, or a finished job)."""
         with self._lock:
             self._waiting -= 1
+        if self._serving is not None:
+            self._serving.leave()
         self._places.release()
 
     def submit(self, job: Job) -> None:
@@ -123,6 +133,7 @@ class Worker:
         warning = sync_adapter(db, self.engine)
         if warning:
             self.warnings.append(warning)
+            self.adapter_warning = warning
         self.retriever = retriever_for(s, db)
 
     def _main(self) -> None:
@@ -145,7 +156,8 @@ class Worker:
             self.current = job
             started = time.monotonic()
             try:
-                job.send("done", self._answer(job))
+                with ownership.replying(self.settings.home, job.cancel):   # a training step ends first
+                    job.send("done", self._answer(job))
             except Exception as err:   # EmberError for the client; anything else is reported as a 500
                 job.send("error", err)
             finally:
@@ -154,15 +166,30 @@ class Worker:
                 self._seconds = 0.7 * self._seconds + 0.3 * (time.monotonic() - started)
                 self.release()
 
+    def refusing_adapter(self, db: Any) -> bool:
+        """Whether the registry's active adapter is the one the engine refused (an in-process `ember
+        ask` would warn about it on every run)."""
+        from storage import registry
+
+        active = registry.active(db)
+        wanted = active["id"] if active else None
+        return (self.adapter_warning is not None and wanted is not None
+                and wanted == self.engine.refused_adapter and wanted != self.engine.loaded_adapter)
+
     def _answer(self, job: Job) -> Exchange:
         s = self.settings
         db = connections(s.home, busy_timeout_ms=s.busy_timeout_ms).get("reply")
         warning = sync_adapter(db, self.engine)    # between requests: never mid-stream
-        if warning and warning not in self.warnings:
-            self.warnings.append(warning)
+        if warning:
+            self.adapter_warning = warning
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+        if job.warn and self.refusing_adapter(db):
+            job.send("warning", self.adapter_warning)
         withheld = self.engine.adapter_withheld() if job.base_only else contextlib.nullcontext()
         with withheld:
             return respond(db, self.engine, s, job.question, log=job.log, route=job.route,
                            max_tokens=job.max_tokens, temperature=job.temperature,
                            seed=None if job.seed is None else job.seed % 2 ** 31, cancel=job.cancel,
-                           retriever=self.retriever, on_piece=lambda piece: job.send("piece", piece))
+                           retriever=self.retriever, on_piece=lambda piece: job.send("piece", piece),
+                           cancelled_as=job.cancelled_as)
