@@ -78,7 +78,7 @@ def _jtop_stats() -> Mapping[str, Any]:
 def read_jtop(socket: Path = JTOP_SOCKET,
               client: Callable[[], Mapping[str, Any]] = _jtop_stats) -> tuple[Reading | None, str | None]:
     """(reading, why not): jtop's reading where its socket exists, else why it was passed over."""
-    if not socket.exists():
+    if not socket.is_socket():   # a bind mount of a missing socket arrives as an empty directory
         return None, None
     try:
         stats = client()
