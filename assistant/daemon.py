@@ -76,7 +76,7 @@ class DaemonConfig:
 
 
 class Sensors:
-    """The machine's signals, through psutil (and Jetson thermal zones, which psutil reads too)."""
+    """The machine's signals, through psutil; temperature from jetson-stats, sysfs or psutil (assistant/thermal.py)."""
 
     def load(self) -> float:
         """1-minute load average per logical core."""
@@ -99,11 +99,9 @@ class Sensors:
 
     def temperature_c(self) -> float | None:
         """The hottest sensor's reading, or None where there are no sensors."""
-        import psutil
+        from assistant.thermal import read
 
-        readings = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
-        values = [t.current for entries in readings.values() for t in entries if t.current]
-        return max(values) if values else None
+        return read().celsius
 
 
 @dataclasses.dataclass

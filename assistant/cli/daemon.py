@@ -53,10 +53,16 @@ def run(model):
 @model_option
 @json_option
 def status(model, as_json):
-    """State, last run, next check, when the user will count as away, privacy budget left."""
+    """State, last run, next check, when the user will count as away, temperature, privacy budget left."""
     settings = settings_from(model=model)
     db = open_store(settings)
     report = daemon_report(settings, db)
+    from assistant.thermal import read
+
+    # Read now, as the daemon's next check will: which source it is matters on a Jetson (jetson-stats
+    # needs its socket mounted and the package installed; without them the sysfs zones stand in).
+    temperature = read()
+    report["temperature"] = temperature.as_json()
     if as_json:
         return print_json(report)
     click.echo(f"state       {report['state']}" + (f" ({report['reason']})" if report.get("reason") else ""))
@@ -65,6 +71,7 @@ def status(model, as_json):
     click.echo(f"next check  {report.get('next_check') or '–'}")
     if report.get("eligible_at"):
         click.echo(f"idle from   {report['eligible_at']} (if the user stays away)")
+    click.echo(f"temperature {temperature.describe()}")
     click.echo(f"budget      ε {report['epsilon_left']:.2f} left of {settings.privacy_budget:g}")
     click.echo("needs       " + ", ".join(f"{m} {mb:.0f} MB" for m, mb in report["memory_need_mb"].items()))
     click.echo("learns      " + ", ".join(f"{m} {r['nats_per_minute']:.3f} nats/min held-out "
