@@ -60,6 +60,7 @@ class Settings:
     daemon_check_seconds: float = 60.0
     daemon_min_new_messages: int = 20  # since the newest adapter
     daemon_nightly: str | None = None  # e.g. "1-6": only between 01:00 and 06:00 local time
+    daemon_max_load: float = 0.5       # the daemon waits while the 1-minute load average per core is above this
     learn_from_api: bool = True        # false: conversations that came through `ember serve` are never trained on
 
     @property

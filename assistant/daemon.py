@@ -72,7 +72,8 @@ class DaemonConfig:
                                    f"{settings.daemon_nightly!r}") from err
             nightly = (start, end)
         return cls(idle_minutes=settings.daemon_idle_minutes, check_seconds=settings.daemon_check_seconds,
-                   min_new_messages=settings.daemon_min_new_messages, nightly=nightly)
+                   min_new_messages=settings.daemon_min_new_messages, nightly=nightly,
+                   max_load=settings.daemon_max_load)
 
 
 class Sensors:
