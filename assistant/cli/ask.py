@@ -36,12 +36,17 @@ def _raise_interrupt(_signum, _frame):
 @click.option("--no-log", is_flag=True, help="Store nothing of this exchange.")
 @click.option("--conversation", "conversation_id", type=int, default=None,
               help="Continue this conversation (ids from `ember history`).")
-@click.option("--route", type=click.Choice(ROUTES), default="auto", show_default=True,
-              help="Where the answer comes from (auto: the router decides per question).")
+@click.option("--route", type=click.Choice(ROUTES), default=None,
+              help="Where the answer comes from (default: the persona's route, else auto: the router "
+                   "decides per question).")
+@click.option("--persona", default=None,
+              help="Ask persona NAME (`ember persona list`; 'none': no persona). Default: the "
+                   "conversation's, or for a new one the default persona.")
 @click.option("--why", is_flag=True, help="Also say why the router chose the route (on stderr).")
 @model_option
 @json_option
-def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, why, model, as_json):
+def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, persona, why, model,
+        as_json):
     """Answer PROMPT (or standard input when PROMPT is '-' or omitted)."""
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -51,7 +56,7 @@ def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, w
     signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill still marks the reply
     db = open_store(settings)
     # Log first: the question is committed before the model loads, so no crash or kill can lose it.
-    question = log_question(db, prompt, conversation_id=conversation_id, log=not no_log)
+    question = log_question(db, prompt, conversation_id=conversation_id, log=not no_log, persona=persona)
     engine = Engine(settings.model_path, n_ctx=settings.n_ctx, n_threads=settings.threads,
                     seed=settings.seed or 0, cache_dir=settings.cache_dir)
     warning = sync_adapter(db, engine)
