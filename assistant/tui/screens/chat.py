@@ -120,11 +120,11 @@ class ChatScreen(ReplyActions, FeedbackActions):
         return self.generating if action == "cancel_reply" else True
 
     @property
-    def route(self) -> str | None:
-        """The route asked for: None (the persona's route, else the router's choice), or by hand with
+    def route(self) -> str:
+        """The route asked for: the persona's route, else the router's choice (auto), or by hand with
         memory on or off; by hand, the adapter is used whenever one is loaded."""
         if self.memory == "auto":
-            return None
+            return with_persona(self.app.settings, self.persona, None)[1]   # the persona's, else auto
         adapter = self.app.engine is not None and self.app.engine.loaded_adapter
         if self.memory == "on":
             return "both" if adapter else "rag"
@@ -136,8 +136,7 @@ class ChatScreen(ReplyActions, FeedbackActions):
         status = self.query_one(StatusLine)
         status.adapter = engine.loaded_adapter if engine is not None else None
         status.memory = self.memory
-        route = with_persona(self.app.settings, self.persona, self.route)[1]   # as `respond` will take it
-        status.route = resolve_route(route, engine) if engine is not None else route
+        status.route = resolve_route(self.route, engine) if engine is not None else self.route
         status.persona = self.persona["name"] if self.persona else None
         status.incognito = self.incognito
 

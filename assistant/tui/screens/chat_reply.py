@@ -42,7 +42,7 @@ class ReplyActions(Screen):
 
     conversation_id: int | None
     cancel: threading.Event | None
-    route: str | None
+    route: str
     incognito: bool
     private_history: list
     persona_asked: str | None
