@@ -20,7 +20,7 @@ from assistant.errors import EmberError, InvalidInput, RouteUnavailable
 from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
 from assistant.router import Decision
 from storage import conversations as convs
-from storage import memory, registry
+from storage import memory, personas, registry
 
 SAVE_EVERY_SECONDS = 0.5   # how much of a streaming reply a SIGKILL can lose, at most
 
@@ -51,11 +51,24 @@ class Question:
     history_ids: list[int] = dataclasses.field(default_factory=list)   # their message ids
     origin: str | None = None       # None: Ember's own chat or CLI; "api": a client of `ember serve`
     client: str | None = None       # which client (its User-Agent); the reply records both too
+    persona: dict | None = None     # the persona it is asked of (storage.personas), None: none
+
+
+def choose_persona(db: sqlite_utils.Database, persona: str | None, conversation_id: int | None,
+                   origin: str | None = None) -> dict | None:
+    """The persona a question is asked of: the one named (`personas.NONE`: none), else the
+    conversation's own, else for a new conversation of Ember's own the default. An unknown name is
+    `PersonaNotFound`. A client of `ember serve` sends its own system prompt: no default for it."""
+    if persona is not None:
+        return None if persona.strip().lower() == personas.NONE else personas.get_persona(db, persona)
+    if conversation_id is not None:
+        return personas.of_conversation(db, conversation_id)
+    return personas.default_persona(db) if origin is None else None
 
 
 def log_question(db: sqlite_utils.Database, text: str, *, conversation_id: int | None = None,
                  log: bool = True, history: list[Message] | None = None, origin: str | None = None,
-                 client: str | None = None) -> Question:
+                 client: str | None = None, persona: str | None = None) -> Question:
     """Check `text` and commit it as the user's message (a new conversation when None).
 
     The first act of every request (CLI, chat, server, importer): routing, retrieval, probes, loading
@@ -63,22 +76,27 @@ def log_question(db: sqlite_utils.Database, text: str, *, conversation_id: int |
     `history` is the conversation before it as a stateless client sent it (an OpenAI-style request
     carries every turn); when given it is what the model reads, and only the new message is stored.
     `origin` and `client` say where the message came from (see `storage.conversations.add_message`).
+    `persona` names the persona to ask (see `choose_persona`); the conversation then remembers it.
     """
     check_prompt(text)
     rows: list[dict] = []
     if conversation_id is not None:
         convs.get_conversation(db, conversation_id)
         rows = _history_rows(db, conversation_id)
+    chosen = choose_persona(db, persona, conversation_id, origin)   # an unknown name stores nothing
     message_id = None
     if log:
-        if conversation_id is None:
+        new = conversation_id is None
+        if new:
             conversation_id = convs.create_conversation(db)
         message_id = convs.add_message(db, conversation_id, "user", text, origin=origin, client=client)
+        if (new and chosen is not None) or persona is not None:   # the conversation remembers it
+            personas.set_for_conversation(db, conversation_id, chosen["name"] if chosen else None)
     if history is not None:
-        return Question(text, conversation_id, message_id, list(history), [], origin, client)
+        return Question(text, conversation_id, message_id, list(history), [], origin, client, chosen)
     return Question(text, conversation_id, message_id,
                     [{"role": row["role"], "content": row["content"]} for row in rows],
-                    [row["id"] for row in rows], origin, client)
+                    [row["id"] for row in rows], origin, client, chosen)
 
 
 def resolve_route(route: str, engine: Engine) -> str:
@@ -147,6 +165,7 @@ class Exchange:
     finish_reason: str | None = None     # stop | length | cancelled (llama.cpp's words)
     warnings: list[str] = dataclasses.field(default_factory=list)
     evidence: list[evidence.Evidence] = dataclasses.field(default_factory=list)   # what the answer rests on
+    persona: str | None = None           # the persona's name, None: none
 
     def as_json(self) -> dict:
         return {"conversation_id": self.conversation_id, "message_id": self.message_id,
@@ -162,7 +181,7 @@ class Exchange:
                 "memories": [hit.as_json() for hit in self.memories],
                 "evidence": [item.as_json() for item in self.evidence],
                 "router": self.decision.as_json() if self.decision else None,
-                "warnings": self.warnings}
+                "persona": self.persona, "warnings": self.warnings}
 
     @property
     def notices(self) -> list[str]:
@@ -244,11 +263,11 @@ def _in_prompt(engine: Engine, settings: Settings, question: Question, reserved:
 
 
 def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text: str | Question, *,
-            log: bool = True, conversation_id: int | None = None, route: str = "auto",
+            log: bool = True, conversation_id: int | None = None, route: str | None = None,
             max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
             cancel: threading.Event | None = None, retriever: Retriever | None = None,
             on_piece: Callable[[str], None] | None = None, now: dt.date | None = None,
-            cancelled_as: str = "cancelled") -> Exchange:
+            cancelled_as: str = "cancelled", persona: str | None = None) -> Exchange:
     """Answer `text` in a conversation (a new one if None); with `log=False` nothing is stored.
 
     The one request path of every front-end. Its first act is committing the user's message
@@ -259,10 +278,14 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     questions like "last week" count from (today when None). `cancelled_as` is how a reply stopped
     through `cancel` is stored: `interrupted` for `ember ask` through a resident engine whose process
     was interrupted, as it would be stored in-process.
+
+    The question's persona supplies the system prompt (which context trimming never drops), and the
+    route and temperature when these are None.
     """
     question = text if isinstance(text, Question) else log_question(
-        db, text, conversation_id=conversation_id, log=log)
+        db, text, conversation_id=conversation_id, log=log, persona=persona)
     text, conversation_id = question.text, question.conversation_id
+    settings, route = with_persona(settings, question.persona, route)
     chosen = resolve_route(route, engine)
     max_tokens = reply_budget(engine, settings, max_tokens)
     budget, in_prompt = 0, set()
@@ -333,7 +356,19 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
                     memories=memories, decision=decision, prompt_tokens=gen.prompt_tokens,
                     first_token_seconds=gen.first_token_seconds, finish_reason=gen.finish_reason,
                     warnings=list(engine.warnings),
-                    evidence=evidence.evidence_for(memories, text, shown.text))
+                    evidence=evidence.evidence_for(memories, text, shown.text),
+                    persona=question.persona["name"] if question.persona else None)
+
+
+def with_persona(settings: Settings, persona: dict | None, route: str | None) -> tuple[Settings, str]:
+    """The settings and route of a request asked of `persona`: its system prompt replaces the configured
+    one, its temperature and route apply unless the request names its own."""
+    if persona is None:
+        return settings, route or "auto"
+    changes: dict = {"system_prompt": persona["system_prompt"]}
+    if persona["temperature"] is not None:
+        changes["temperature"] = persona["temperature"]
+    return dataclasses.replace(settings, **changes), route or persona["route"] or "auto"
 
 
 def prompt_messages(settings: Settings, question: Question, memories: list[Hit], *,

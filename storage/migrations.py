@@ -414,3 +414,26 @@ def m012_message_origin(db: sqlite_utils.Database) -> None:
         ALTER TABLE messages ADD COLUMN client TEXT;
         CREATE INDEX idx_messages_origin ON messages (origin, conversation_id) WHERE origin IS NOT NULL;
     """)
+
+
+@migration
+def m013_personas(db: sqlite_utils.Database) -> None:
+    """Personas: a named system prompt, with an optional default route and temperature.
+
+    At most one is the default (a partial unique index); a new conversation of Ember's own takes it.
+    A conversation remembers its persona (`persona_id`, NULL: none); removing a persona leaves its
+    conversations, and their messages, without one (ON DELETE SET NULL).
+    """
+    db.executescript("""
+        CREATE TABLE personas (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+            system_prompt TEXT NOT NULL,
+            route TEXT CHECK (route IS NULL OR route IN ('auto', 'base', 'rag', 'adapter', 'both')),
+            temperature REAL CHECK (temperature IS NULL OR temperature >= 0),
+            is_default INTEGER NOT NULL DEFAULT 0,
+            created TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX idx_personas_default ON personas (is_default) WHERE is_default = 1;
+        ALTER TABLE conversations ADD COLUMN persona_id INTEGER REFERENCES personas(id) ON DELETE SET NULL;
+    """)

@@ -370,7 +370,7 @@ def test_the_resident_endpoint_is_on_the_unix_socket_only_and_refuses_bad_bodies
     for body, status in [(b'{"prompt": ', 400), (b'{"prompt": "\xff"}', 400),
                          (json.dumps({"prompt": 5, "log": True, "route": "auto", "settings": {}}).encode(), 400),
                          (json.dumps({"prompt": "hi", "max_tokens": None, "seed": None, "temperature": None,
-                                      "log": True, "conversation_id": None, "route": "auto",
+                                      "log": True, "conversation_id": None, "route": "auto", "persona": None,
                                       "settings": {"model": "other.gguf"}}).encode(), 409),
                          (b"x" * 300_000, 413)]:
         response = sock.post("http://ember/ember/ask", content=body, headers={"content-type": "application/json"})

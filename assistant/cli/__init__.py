@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Delete messages for good, and withdraw (taint) the adapters trained on them."),
     "import": ("assistant.cli.importing:import_",
                "Import chat history and notes from other apps into the log and memory."),
+    "persona": ("assistant.cli.persona:persona",
+                "Personas: named system prompts; a conversation is held with one (`ember ask --persona NAME`)."),
     "memory": ("assistant.cli.memory:memory", "What Ember remembers: your messages and imported notes."),
     "feedback": ("assistant.cli.feedback:feedback", "Rate or edit replies, exclude conversations from learning."),
     "adapt": ("assistant.cli.adapt:adapt",

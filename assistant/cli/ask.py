@@ -50,12 +50,17 @@ def _warn(warning: str) -> None:
 @click.option("--no-log", is_flag=True, help="Store nothing of this exchange.")
 @click.option("--conversation", "conversation_id", type=int, default=None,
               help="Continue this conversation (ids from `ember history`).")
-@click.option("--route", type=click.Choice(ROUTES), default="auto", show_default=True,
-              help="Where the answer comes from (auto: the router decides per question).")
+@click.option("--route", type=click.Choice(ROUTES), default=None,
+              help="Where the answer comes from (default: the persona's route, else auto: the router "
+                   "decides per question).")
+@click.option("--persona", default=None,
+              help="Ask persona NAME (`ember persona list`; 'none': no persona). Default: the "
+                   "conversation's, or for a new one the default persona.")
 @click.option("--why", is_flag=True, help="Also say why the router chose the route (on stderr).")
 @model_option
 @json_option
-def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, why, model, as_json):
+def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, persona, why, model,
+        as_json):
     """Answer PROMPT (or standard input when PROMPT is '-' or omitted)."""
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -64,7 +69,7 @@ def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, w
     settings = settings_from(model=model)
     signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill still marks the reply
     request = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "temperature": temperature,
-               "log": not no_log, "conversation_id": conversation_id, "route": route}
+               "log": not no_log, "conversation_id": conversation_id, "route": route, "persona": persona}
     try:
         report = resident.ask(settings, request, on_piece=None if as_json else _show, on_warning=_warn)
     except resident.Unavailable:
@@ -81,7 +86,8 @@ def _answer_here(settings: Any, request: dict[str, Any], as_json: bool) -> dict[
 
     db = open_store(settings)
     # Log first: the question is committed before the model loads, so no crash or kill can lose it.
-    question = log_question(db, request["prompt"], conversation_id=request["conversation_id"], log=request["log"])
+    question = log_question(db, request["prompt"], conversation_id=request["conversation_id"], log=request["log"],
+                            persona=request["persona"])
     engine = Engine(settings.model_path, n_ctx=settings.n_ctx, n_threads=settings.threads,
                     seed=settings.seed or 0, cache_dir=settings.cache_dir)
     warning = sync_adapter(db, engine)

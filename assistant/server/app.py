@@ -274,7 +274,7 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
             with log_lock:
                 db = connections(settings.home, busy_timeout_ms=settings.busy_timeout_ms).get("api")
                 return log_question(db, body["prompt"], conversation_id=body.get("conversation_id"),
-                                    log=body.get("log", True))
+                                    log=body.get("log", True), persona=body.get("persona"))
 
         if await request.is_disconnected():
             # The CLI gave up waiting (a stopped or stalled server) and answered in-process: storing
@@ -289,7 +289,7 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
         except BaseException:
             worker.release()
             raise
-        job = Job(question, asyncio.get_running_loop(), log=body.get("log", True), route=body.get("route", "auto"),
+        job = Job(question, asyncio.get_running_loop(), log=body.get("log", True), route=body.get("route"),
                   max_tokens=body.get("max_tokens"), temperature=body.get("temperature"), seed=body.get("seed"),
                   warn=True, cancelled_as="interrupted")
         worker.submit(job)
@@ -302,12 +302,12 @@ def check_ask(body: dict[str, Any]) -> None:
     """The fields of an `/ember/ask` body and their types (the CLI sends them right; anything else is a 400)."""
     kinds = {"prompt": (str,), "max_tokens": (int, type(None)), "seed": (int, type(None)),
              "temperature": (int, float, type(None)), "log": (bool,), "conversation_id": (int, type(None)),
-             "route": (str,), "settings": (dict,)}
+             "route": (str, type(None)), "persona": (str, type(None)), "settings": (dict,)}
     for name, kind in kinds.items():
         value = body.get(name)
         if name not in body or not isinstance(value, kind) or (isinstance(value, bool) and bool not in kind):
             raise protocol.bad(f"{name} is missing or of the wrong type", name)
-    if body["route"] not in ROUTES:
+    if body["route"] is not None and body["route"] not in ROUTES:
         raise protocol.bad(f"route must be one of {', '.join(ROUTES)}", "route")
 
 

@@ -32,7 +32,7 @@ class Job:
     question: Question
     loop: asyncio.AbstractEventLoop
     log: bool = True
-    route: str = "auto"
+    route: str | None = "auto"     # None: the persona's route, else auto
     base_only: bool = False          # the client asked for the base model: the adapter is withheld
     max_tokens: int | None = None
     temperature: float | None = None

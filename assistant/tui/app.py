@@ -40,12 +40,13 @@ class EmberApp(App):
     CSS_PATH = "ember.tcss"
     TITLE = "Ember"
 
-    def __init__(self, settings: Settings, *, conversation_id: int | None = None,
+    def __init__(self, settings: Settings, *, conversation_id: int | None = None, incognito: bool = False,
                  engine: Engine | None = None, embedder: Embedder | None = None) -> None:
         # On Linux and macOS the screen is written through a descriptor of its own (see tui/driver.py).
         super().__init__(driver_class=PrivateOutputDriver if os.name == "posix" else None)
         self.settings = settings
         self.initial_conversation = conversation_id
+        self.incognito = incognito   # start with a conversation saved nowhere (`ember chat --incognito`)
         self.engine = engine
         self.engine_error: str | None = None
         self.engine_ready = threading.Event()
@@ -85,7 +86,7 @@ class EmberApp(App):
                 self.log.warning(f"presence not recorded: {err}")
 
     def on_mount(self) -> None:
-        self.push_screen(ChatScreen(self.initial_conversation))
+        self.push_screen(ChatScreen(self.initial_conversation, incognito=self.incognito))
         if self.engine is not None:
             self.engine_ready.set()
             self.start_swap(announce=False)

@@ -10,23 +10,31 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Label, ListView
 
-from assistant.conversation import resolve_route
+from assistant.conversation import resolve_route, with_persona
+from assistant.engine import Message
 from assistant.display import display_title, one_line
 from assistant.tui.errors import shows_errors
 from assistant.tui.screens.chat_feedback import FeedbackActions
 from assistant.tui.screens.chat_reply import BUSY, ReplyActions
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
+from assistant.tui.screens.persona import PersonaScreen
 from assistant.tui.screens.search import SearchScreen
 from assistant.tui.widgets.conversation_list import EXCLUDED_MARK, ConversationItem, ConversationList
 from assistant.tui.widgets.message import ForgetMemory, MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
 from storage import conversations as convs
-from storage import feedback, memory, routing
+from storage import feedback, memory, personas, routing
+
+INCOGNITO_BANNER = ("Incognito: nothing of this conversation is saved (not the log, memory, learning or the "
+                    "router's log). It is gone when you close it or start another.")
 
 # Every action here also appears in the command palette (see EmberApp.get_system_commands).
 ACTIONS = [
     ("new_conversation", "New conversation", "Start a new, empty conversation"),
+    ("toggle_incognito", "Incognito conversation on/off",
+     "Start a conversation that is saved nowhere (again: back to a normal one)"),
+    ("choose_persona", "Choose persona", "Pick the persona of this conversation, or the default for new ones"),
     ("rename_conversation", "Rename conversation", "Give the open conversation a new title"),
     ("delete_conversation", "Delete conversation", "Delete the open conversation and its messages"),
     ("cancel_reply", "Cancel reply", "Stop the reply being written; the partial reply is kept"),
@@ -63,13 +71,19 @@ class ChatScreen(ReplyActions, FeedbackActions):
         Binding("ctrl+r", "rename_conversation", "Rename"),
         Binding("f8", "delete_conversation", "Delete"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar"),
+        Binding("f9", "toggle_incognito", "Incognito", tooltip="A conversation saved nowhere"),
+        Binding("ctrl+t", "choose_persona", "Persona", tooltip="The persona of this conversation"),
     ]
 
-    def __init__(self, conversation_id: int | None = None) -> None:
+    def __init__(self, conversation_id: int | None = None, *, incognito: bool = False) -> None:
         super().__init__()
         self.conversation_id = conversation_id
         self.cancel: threading.Event | None = None
         self.memory = "auto"   # F3: auto (the router decides), on (always memories), off (never)
+        # F9: a conversation written nowhere; its messages live only here, in `private_history`.
+        self.incognito = incognito
+        self.private_history: list[Message] = []
+        self.persona: dict | None = None   # the open conversation's (storage.personas), None: none
 
     # ---- layout and start-up -------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -77,6 +91,7 @@ class ChatScreen(ReplyActions, FeedbackActions):
             yield ConversationList(id="sidebar")
             with Vertical(id="chat-pane"):
                 yield Label("New conversation", id="conversation-title", markup=False)
+                yield Label(INCOGNITO_BANNER, id="incognito-banner", markup=False)
                 yield VerticalScroll(id="log")
                 yield PromptInput()
         yield StatusLine(id="status")
@@ -106,10 +121,10 @@ class ChatScreen(ReplyActions, FeedbackActions):
 
     @property
     def route(self) -> str:
-        """The route asked for: the router's choice (auto), or by hand with memory on or off; by hand,
-        the adapter is used whenever one is loaded."""
+        """The route asked for: the persona's route, else the router's choice (auto), or by hand with
+        memory on or off; by hand, the adapter is used whenever one is loaded."""
         if self.memory == "auto":
-            return "auto"
+            return with_persona(self.app.settings, self.persona, None)[1]   # the persona's, else auto
         adapter = self.app.engine is not None and self.app.engine.loaded_adapter
         if self.memory == "on":
             return "both" if adapter else "rag"
@@ -122,6 +137,8 @@ class ChatScreen(ReplyActions, FeedbackActions):
         status.adapter = engine.loaded_adapter if engine is not None else None
         status.memory = self.memory
         status.route = resolve_route(self.route, engine) if engine is not None else self.route
+        status.persona = self.persona["name"] if self.persona else None
+        status.incognito = self.incognito
 
     def show_adaptation(self, progress: str | None) -> None:
         """Show an adaptation run's progress (None: none is running)."""
@@ -135,8 +152,13 @@ class ChatScreen(ReplyActions, FeedbackActions):
 
     @shows_errors
     def open_conversation(self, conversation_id: int | None) -> None:
-        """Show a conversation's messages (None: a new, empty one)."""
+        """Show a conversation's messages (None: a new, empty one, incognito when `self.incognito`)."""
         self.conversation_id = conversation_id
+        self.private_history = []   # an incognito conversation left is gone
+        self.persona = (personas.of_conversation(self.app.db, conversation_id) if conversation_id is not None
+                        else personas.default_persona(self.app.db))
+        self.query_one("#incognito-banner", Label).display = self.incognito
+        self.show_engine_state()
         log = self.query_one("#log", VerticalScroll)
         log.remove_children()
         self.show_title()   # also raises NotFound for an id that does not exist
@@ -155,6 +177,9 @@ class ChatScreen(ReplyActions, FeedbackActions):
     def show_title(self) -> None:
         """Show the open conversation's title as stored (titles change on the first message), and
         whether it is kept out of learning."""
+        if self.incognito:
+            self.query_one("#conversation-title", Label).update("Incognito conversation (not saved)")
+            return
         title = ("New conversation" if self.conversation_id is None
                  else display_title(convs.get_conversation(self.app.db, self.conversation_id)["title"]))
         excluded = self.conversation_id is not None and feedback.is_excluded(self.app.db, self.conversation_id)
@@ -195,6 +220,7 @@ class ChatScreen(ReplyActions, FeedbackActions):
         if self.generating:
             self.notify(BUSY, severity="warning")
             return
+        self.leave_incognito()
         self.open_conversation(None)
         self.refresh_sidebar()
         self.query_one(PromptInput).focus()
@@ -210,12 +236,64 @@ class ChatScreen(ReplyActions, FeedbackActions):
             self.notify(BUSY, severity="warning")
             self.refresh_sidebar()
             return
+        self.leave_incognito()
         self.open_conversation(conversation_id)
         self.refresh_sidebar()
         self.query_one(PromptInput).focus()
 
+    def leave_incognito(self) -> None:
+        """Close an incognito conversation: its messages, held only here, are dropped."""
+        if self.incognito:
+            self.incognito = False
+            self.notify("Incognito conversation closed; nothing of it was kept.")
+
+    @shows_errors
+    def action_toggle_incognito(self) -> None:
+        """Start an incognito conversation (saved nowhere), or close one and start a normal one."""
+        if self.generating:
+            self.notify(BUSY, severity="warning")
+            return
+        if self.incognito:
+            self.leave_incognito()
+        else:
+            self.incognito = True
+            self.notify("Incognito: nothing of this conversation will be saved.")
+        self.open_conversation(None)
+        self.refresh_sidebar()
+        self.query_one(PromptInput).focus()
+
+    @shows_errors
+    def action_choose_persona(self) -> None:
+        """Pick the open conversation's persona (or make one the default) from a list."""
+        if self.generating:
+            self.notify(BUSY, severity="warning")
+            return
+        self.app.push_screen(PersonaScreen(self.persona["name"] if self.persona else None), self._persona_chosen)
+
+    @shows_errors
+    def _persona_chosen(self, name: str | None) -> None:
+        if name is None:
+            return
+        if self.conversation_id is not None and not self.incognito:
+            self.persona = personas.set_for_conversation(self.app.db, self.conversation_id, name)
+        else:   # stored with the conversation's first message (never, when incognito)
+            self.persona = None if name == personas.NONE else personas.get_persona(self.app.db, name)
+        self.show_engine_state()
+        self.notify(f"Persona: {self.persona['name']}." if self.persona else "No persona in this conversation.")
+
+    @property
+    def persona_asked(self) -> str | None:
+        """The persona to name with the next message: the one shown, for a conversation not stored yet;
+        None (the conversation's own) once it is stored."""
+        if self.conversation_id is not None and not self.incognito:
+            return None
+        return self.persona["name"] if self.persona else personas.NONE
+
     @shows_errors
     def action_rename_conversation(self) -> None:
+        if self.incognito:
+            self.notify("An incognito conversation is not saved, so it has no title to change.")
+            return
         if self.conversation_id is None:
             self.notify("Send a message first: a new conversation is saved when it has one.")
             return
@@ -283,6 +361,9 @@ class ChatScreen(ReplyActions, FeedbackActions):
     def action_why_route(self) -> None:
         """Explain the route of the last reply: the router's reason, or that it was chosen by hand."""
         views = [v for v in self.query(MessageView) if v.role == "assistant" and v.message_id is not None]
+        if self.incognito:
+            self.notify("Incognito: the router's reasons are not kept.")
+            return
         if not views:
             self.notify("No reply yet: the route is decided for each reply.")
             return
@@ -308,6 +389,8 @@ class ChatScreen(ReplyActions, FeedbackActions):
         if yes:
             memory.delete_chunk(self.app.db, chunk_id)
             self.notify("Forgotten.")
+            if self.incognito:   # reopening would close the incognito conversation
+                return
             self.open_conversation(self.conversation_id)
             self.refresh_sidebar()
 

@@ -23,6 +23,7 @@ class FeedbackActions(Screen):
 
     conversation_id: int | None
     generating: bool
+    incognito: bool
 
     def last_reply(self) -> MessageView | None:
         """The open conversation's newest finished reply; None (and a notification) when there is none.
@@ -30,6 +31,10 @@ class FeedbackActions(Screen):
         A reply cut short (cancelled, interrupted) counts: it is the one the user just read. While one is
         being written, feedback waits, rather than landing on the reply before it.
         """
+        if self.incognito:
+            self.notify("Incognito: nothing is stored, so there is no reply to rate or edit.",
+                        severity="warning")
+            return None
         if self.generating:
             self.notify("Ember is still replying; give feedback when the reply is done (Esc cancels it).",
                         severity="warning")
@@ -78,6 +83,9 @@ class FeedbackActions(Screen):
     @shows_errors
     def action_toggle_exclude(self) -> None:
         """Keep the open conversation out of learning, or let Ember learn from it again."""
+        if self.incognito:
+            self.notify("Incognito: this conversation is stored nowhere, so nothing learns from it.")
+            return
         if self.conversation_id is None:
             self.notify("Send a message first: a new conversation is saved when it has one.",
                         severity="warning")

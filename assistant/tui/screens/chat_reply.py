@@ -4,6 +4,7 @@ The message is committed (`log_question`) the moment the user sends it, before t
 loaded; everything after (routing, memories, the chat template, generation) may fail without losing it.
 The reply streams from a worker thread through the app's second connection, and shows how it ended:
 its status mark, a note when old messages no longer fit, or the one-line error that stopped it.
+An incognito conversation goes the same way with `log=False`: its messages are kept only on the screen.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ class ReplyActions(Screen):
     conversation_id: int | None
     cancel: threading.Event | None
     route: str
+    incognito: bool
+    private_history: list
+    persona_asked: str | None
 
     @property
     def generating(self) -> bool:
@@ -63,8 +67,14 @@ class ReplyActions(Screen):
         if self.app.engine_error:
             self.notify(self.app.engine_error, severity="error")
             return
-        question = log_question(self.app.db, text, conversation_id=self.conversation_id)
-        self.conversation_id = question.conversation_id
+        if self.incognito:   # stored nowhere: the model reads the history kept on this screen
+            question = log_question(self.app.db, text, log=False, history=self.private_history,
+                                    persona=self.persona_asked)
+            self.private_history.append({"role": "user", "content": text})
+        else:
+            question = log_question(self.app.db, text, conversation_id=self.conversation_id,
+                                    persona=self.persona_asked)
+            self.conversation_id = question.conversation_id
         event.prompt.take(text)
         log = self.query_one("#log", VerticalScroll)
         reply = MessageView("assistant", status="generating")
@@ -75,11 +85,11 @@ class ReplyActions(Screen):
         self.query_one(StatusLine).state = "thinking…" if self.app.engine else "waiting for the model…"
         self.show_title()
         self.refresh_sidebar()
-        self.stream_reply(question, reply, self.cancel)
+        self.stream_reply(question, reply, self.cancel, not self.incognito)
 
     @work(thread=True, group="reply")
-    def stream_reply(self, question: Question, view: MessageView, cancel: threading.Event) -> None:
-        """Generate off the UI thread, with the app's second database connection."""
+    def stream_reply(self, question: Question, view: MessageView, cancel: threading.Event, log: bool) -> None:
+        """Generate off the UI thread, with the app's second database connection (`log=False`: store nothing)."""
         app = self.app
         app.engine_ready.wait()
         pending: list[str] = []
@@ -104,7 +114,7 @@ class ReplyActions(Screen):
             with app.engine_lock:   # no adapter swap while the model writes
                 app.sync_adapter_locked(app.reply_db)   # a newly promoted adapter answers this one
                 exchange = respond(app.reply_db, app.engine, app.settings, question, route=self.route,
-                                   retriever=app.retriever, cancel=cancel, on_piece=on_piece)
+                                   retriever=app.retriever, cancel=cancel, on_piece=on_piece, log=log)
         except EmberError as err:
             app.call_from_thread(self._reply_failed, view, str(err))
         except Exception as err:
@@ -128,6 +138,8 @@ class ReplyActions(Screen):
         self.cancel = None
         self.refresh_bindings()
         view.message_id, view.route, view.adapter = exchange.message_id, exchange.route, exchange.adapter
+        if exchange.message_id is None and self.incognito and exchange.text:
+            self.private_history.append({"role": "assistant", "content": exchange.text})
         if view.is_attached:
             await view.end_stream()
             view.set_status(exchange.status)

@@ -19,7 +19,8 @@ NEWLINE_KEYS = ("shift+enter", "alt+enter", "ctrl+j")
 PASTE_GAP = 0.05
 # Keys the chat screen binds: the text area's own bindings for them (F6 select line, F7 select all,
 # Ctrl+Y redo) would hide the screen's actions while the prompt has focus.
-SCREEN_KEYS = {"f2", "f3", "f4", "f5", "f6", "f7", "f8", "ctrl+y", "ctrl+n", "ctrl+f", "ctrl+r", "ctrl+b"}
+SCREEN_KEYS = {"f2", "f3", "f4", "f5", "f6", "f7", "f8", "ctrl+y", "ctrl+n", "ctrl+f", "ctrl+r", "ctrl+b",
+               "f9", "ctrl+t"}
 
 
 def _without_screen_keys(bindings: list) -> list[Binding]:

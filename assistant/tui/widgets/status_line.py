@@ -50,13 +50,21 @@ class StatusLine(Static):
     route: reactive[str] = reactive("auto")     # the route the next reply takes (auto: decided per reply)
     adapting: reactive[str | None] = reactive(None, layout=True)
     notice: reactive[str | None] = reactive(None, layout=True)   # e.g. the model has no chat template
+    persona: reactive[str | None] = reactive(None)   # the open conversation's persona
+    incognito: reactive[bool] = reactive(False)     # the open conversation is saved nowhere
 
     def render(self) -> Text:
         speed = f"{self.speed:.1f} tok/s" if self.speed else "– tok/s"
         adapter = short_id(self.adapter) if self.adapter else "none"
         # Text, not markup: a model file name may contain brackets.
-        text = Text(f"model: {self.model} │ adapter: {adapter} │ memory: {self.memory} │ "
-                    f"route: {self.route} │ {speed} │ {self.state}")
+        text = Text()
+        if self.incognito:
+            text.append("INCOGNITO", style="bold reverse")
+            text.append(" │ ")
+        if self.persona:
+            text.append(f"persona: {self.persona} │ ")
+        text.append(f"model: {self.model} │ adapter: {adapter} │ "
+                    f"memory: {self.memory} │ route: {self.route} │ {speed} │ {self.state}")
         if self.notice:
             text.append(f"\n⚠ {self.notice}", style="bold")
         if self.adapting:
