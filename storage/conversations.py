@@ -418,12 +418,23 @@ def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     """Every conversation with its messages, oldest conversation first, for export.
 
     With what `ember import` needs to read it back losslessly: whether the conversation is excluded from
-    learning, and for imported ones the source's ids and the import they came from."""
+    learning, each reply's rating and edit (`rating`, `edit`, only when the user gave them), and for
+    imported ones the source's ids and the import they came from."""
     excluded = {r[0] for r in db.execute("""
         SELECT conversation_id FROM feedback f WHERE kind = 'exclude' AND id = (
             SELECT MAX(id) FROM feedback g WHERE g.conversation_id = f.conversation_id
             AND g.kind IN ('exclude', 'include'))""")}
     imports = {r[0]: {"app": r[1], "sha256": r[2]} for r in db.execute("SELECT id, app, sha256 FROM imports")}
+    said: dict[int, dict[str, str]] = {}      # each reply's current rating and latest edit
+    for message_id, kind, content in db.execute(
+            "SELECT message_id, kind, content FROM feedback WHERE message_id IS NOT NULL ORDER BY id"):
+        entry = said.setdefault(message_id, {})
+        if kind == "edit":
+            entry["edit"] = content
+        elif kind == "clear":
+            entry.pop("rating", None)
+        elif kind in ("up", "down"):
+            entry["rating"] = kind
     out = []
     for conv in reversed(list_conversations(db)):
         conv = dict(conv)
@@ -438,6 +449,7 @@ def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:
             {k: row[k] for k in ("id", "role", "content", "created", "status", "model", "route",
                                  "adapter_id", "tokens", "seconds")}
             | ({"external_id": row["external_id"]} if row.get("external_id") else {})
+            | said.get(row["id"], {})
             for row in rows]
         out.append(conv)
     return out

@@ -49,6 +49,8 @@ class ImportedMessage:
     adapter_id: str | None = None
     tokens: int | None = None
     seconds: float | None = None
+    rating: str | None = None       # the user's rating of a reply (up | down), Ember's export only
+    edit: str | None = None         # the user's correction of a reply, Ember's export only
 
 
 @dataclasses.dataclass
@@ -110,11 +112,16 @@ def _excluded(db: sqlite_utils.Database, conversation_id: int) -> bool:
 def _insert_messages(db: sqlite_utils.Database, conversation_id: int, import_id: int | None,
                      messages: Sequence[ImportedMessage], fallback_time: str) -> None:
     for m in messages:
-        db.execute(
+        message_id = db.execute(
             "INSERT INTO messages (conversation_id, role, content, created, model, status, route, adapter_id, "
             "tokens, seconds, import_id, external_id, content_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [conversation_id, m.role, m.content, m.created or fallback_time, m.model, m.status, m.route,
-             m.adapter_id, m.tokens, m.seconds, import_id, m.external_id, content_hash(m.role, m.content)])
+             m.adapter_id, m.tokens, m.seconds, import_id, m.external_id, content_hash(m.role, m.content)]).lastrowid
+        # The user's say on a reply comes back with it (what learning counts as approved).
+        for kind, content in ((m.rating, None), ("edit" if m.edit is not None else None, m.edit)):
+            if kind is not None:
+                db.execute("INSERT INTO feedback (conversation_id, message_id, kind, content, created) "
+                           "VALUES (?, ?, ?, ?, ?)", [conversation_id, message_id, kind, content, now()])
 
 
 def merge_conversation(db: sqlite_utils.Database, import_id: int | None, conv: ImportedConversation, *,

@@ -423,6 +423,11 @@ def test_export_then_import_is_lossless(ember, home, tmp_path):
     feedback.set_excluded(db, cid, True)
     other = convs.create_conversation(db)
     convs.add_message(db, other, "user", "Second conversation, learned from.")
+    liked = convs.add_message(db, other, "assistant", "Noted.")
+    feedback.rate(db, liked, "down")
+    feedback.rate(db, liked, "up")                        # the rating now: up
+    fixed = convs.add_message(db, other, "assistant", "Wrong answer.")
+    feedback.edit(db, fixed, "The right answer.")        # what learning takes as the approved reply
     assert ember("import", bare(tmp_path)).returncode == 0
     first = tmp_path / "first.json"
     assert ember("export", "-o", str(first)).returncode == 0
@@ -443,6 +448,10 @@ def test_export_then_import_is_lossless(ember, home, tmp_path):
         return sorted(out, key=lambda c: c["created"])
     assert comparable(first) == comparable(second)
     assert [c["excluded"] for c in comparable(second)] == [True, True, False]
+    said = [(m["content"], m.get("rating"), m.get("edit")) for m in comparable(second)[-1]["messages"]]
+    assert said[1:] == [("Noted.", "up", None), ("Wrong answer.", None, "The right answer.")]
+    moved = open_db(elsewhere)
+    assert sorted(v["rating"] or v["edit"] for v in feedback.state(moved).values()) == ["The right answer.", "up"]
     # Read back again: nothing new.
     repeat = json.loads(ember_at(elsewhere, "import", str(first), "--json").stdout)
     assert repeat["conversations"] == {"added": 0, "updated": 0, "unchanged": 3}

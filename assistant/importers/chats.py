@@ -125,6 +125,11 @@ def ember(export: Export, obj: Any, place: str) -> ImportedConversation | Proble
                 or not isinstance(m.get("content"), str)):
             return Problem(name, f"{place} (id {obj['id']}), message {number}", "needs a `role` and a `content` string")
         extra = {k: m[k] for k in MESSAGE_FIELDS if m.get(k) is not None}
+        if m.get("rating") not in (None, "up", "down") or not isinstance(m.get("edit"), (str, type(None))) or (
+                (m.get("rating") or m.get("edit") is not None) and m["role"] != "assistant"):
+            return Problem(name, f"{place} (id {obj['id']}), message {number}",
+                           "a `rating` (up or down) or an `edit` belongs to an assistant reply")
+        extra.update({k: m[k] for k in ("rating", "edit") if m.get(k) is not None})
         messages.append(ImportedMessage(external_id=str(m.get("external_id") or f"ember:{m.get('id', number)}"),
                                         role=m["role"], content=m["content"], created=m.get("created"),
                                         model=m.get("model"), **extra))
