@@ -49,14 +49,11 @@ class Verdict:
 class Evaluator:
     """A llama.cpp instance with all logits kept, to score sequences with and without an adapter."""
 
-    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, base_sha256: str | None,
-                 logits_all: bool = True):
+    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, base_sha256: str | None):
         from adapters.llama_log import quiet_llama
 
-        # logits_all=False: a caller that scores in a context of its own (adapters/scoring.py) and
-        # needs no n_ctx × n_vocab score buffer here (100 MB on the default model).
         self.llm = quiet_llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                               logits_all=logits_all, n_threads=threads, n_threads_batch=threads, seed=0)
+                               logits_all=True, n_threads=threads, n_threads_batch=threads, seed=0)
         self.template = ChatTemplate(self.llm, name=Path(model_path).name)
         self.base_sha256 = base_sha256
         self.loaded: runtime.Loaded | None = None

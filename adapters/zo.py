@@ -291,22 +291,29 @@ class LlamaControlVector:
 
     def __init__(self, model_path: Path, examples: Sequence[Example], config: ZoConfig, *,
                  base_sha256: str | None, n_ctx: int = 512, batched: bool = True):
-        from adapters.gate import Evaluator
-
         longest = max(len(e.tokens) for e in examples) if examples else 0
-        self.evaluator = Evaluator(model_path, n_ctx=max(n_ctx, longest + 8), threads=config.threads,
-                                   base_sha256=base_sha256, logits_all=not batched)
-        self.llm = self.evaluator.llm
+        self.evaluator = self.scorer = None
+        if batched:
+            from adapters.llama_log import quiet_llama
+            from adapters.scoring import CAPACITY, BatchScorer
+
+            # Only the model's owner: the scorer has a context of its own, so this one is the smallest
+            # llama.cpp makes, with a batch of 8 (its compute buffer holds a batch's logits).
+            self.llm = quiet_llama(model_path=str(model_path), n_ctx=256, n_batch=8, n_ubatch=8,
+                                   logits_all=False, n_threads=config.threads, n_threads_batch=config.threads,
+                                   seed=0)
+            self.scorer = BatchScorer(self.llm, threads=config.threads, capacity=max(CAPACITY, longest + 8))
+        else:
+            from adapters.gate import Evaluator
+
+            self.evaluator = Evaluator(model_path, n_ctx=max(n_ctx, longest + 8), threads=config.threads,
+                                       base_sha256=base_sha256)
+            self.llm = self.evaluator.llm
         self.n_embd = self.llm.n_embd()
         self.n_layer = int(self.llm.metadata.get(f"{self.llm.metadata['general.architecture']}.block_count"))
         self.vector = np.zeros((self.n_layer - 1) * self.n_embd, dtype=np.float32)
         self.tensors = [self.vector]
         self.examples = with_loss_on(examples, config)
-        self.scorer = None
-        if batched:
-            from adapters.scoring import CAPACITY, BatchScorer
-
-            self.scorer = BatchScorer(self.llm, threads=config.threads, capacity=max(CAPACITY, n_ctx, longest + 8))
 
     def reset(self) -> None:
         """Back to the initial state (no steering)."""
@@ -336,7 +343,9 @@ class LlamaControlVector:
         """Free the scoring context and the model."""
         if self.scorer is not None:
             self.scorer.close()
-        self.evaluator.close()
+            self.llm.close()
+        else:
+            self.evaluator.close()
 
 
 class TorchLora:

@@ -47,7 +47,7 @@ def test_a_step_moves_along_its_direction_only_and_restores_theta_exactly_in_bet
     assert not np.array_equal(control_vector.losses(range(4)), before)
 
 
-def test_batched_scoring_keeps_each_example_to_itself(control_vector, small):
+def test_batched_scoring_keeps_each_example_to_itself(control_vector, small, model_path):
     # One llama_decode for a whole batch, one sequence id each, the shared prefix evaluated once. An
     # example's loss must not see the other examples (DPZero clips one scalar per example): the same
     # batch with another example's tokens replaced (same length, so the same kernels run) gives the
@@ -69,7 +69,7 @@ def test_batched_scoring_keeps_each_example_to_itself(control_vector, small):
         # Alone, or in the one-sequence evaluator the gate uses, only the kernels' rounding differs.
         alone = np.array([scorer.losses([pair])[0] for pair in pairs])
         assert np.allclose(alone, together, atol=0.1)
-        sequential = zo.LlamaControlVector(control_vector.evaluator.llm.model_path, small.train, zo.ZoConfig(),
+        sequential = zo.LlamaControlVector(model_path, small.train, zo.ZoConfig(),
                                            base_sha256=None, batched=False)
         try:
             sequential.vector[:] = control_vector.vector
