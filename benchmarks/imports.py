@@ -24,6 +24,9 @@ from benchmarks.memory import TOPICS, WORDS, _latency
 
 FULL = (2_000, 20)      # conversations, messages each: 40,000 messages
 QUICK = (200, 20)       # 4,000 messages
+# The large file: ~500 MB of the same export (1.36 million messages), read with --dry-run, which parses
+# the whole file as an import does and writes nothing: its peak memory is the streaming parser's.
+LARGE = (68_000, 20)
 QUERIES = 100
 
 
@@ -109,6 +112,7 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
         search = _search_latency(home, settings)
         rng = random.Random(3)
         baseline = _baseline(settings, [_sentence(rng) for _ in range(min(2_000, holds["messages"]))])
+        large = None if quick else _large_file(tmp_path, env)
     return {
         "quick": quick, "export": holds,
         "import": {"seconds": round(first["seconds"], 1), "peak_rss_mb": round(first["peak_rss_mb"], 1),
@@ -123,7 +127,21 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
                      and repeated["messages"]["updated"] == 0 and repeated["indexed"]["chunks"] == 0},
         "search_after_import": search,
         "baseline_embedder_alone": baseline,
+        "large_file_dry_run": large,
     }
+
+
+def _large_file(tmp_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`ember import --dry-run` of a ~500 MB export into a fresh data directory: time and peak RSS."""
+    export = tmp_path / "large" / "conversations.json"
+    export.parent.mkdir()
+    holds = write_export(export, *LARGE)
+    run = _timed_process([sys.executable, "-m", "assistant", "import", str(export), "--dry-run", "--json"],
+                         dict(env, EMBER_HOME=str(tmp_path / "large" / "home")))
+    counted = json.loads(run.pop("output"))
+    export.unlink()
+    return {"bytes": holds["bytes"], "messages": holds["messages"], "seconds": round(run["seconds"], 1),
+            "peak_rss_mb": round(run["peak_rss_mb"], 1), "messages_counted": counted["messages"]["added"]}
 
 
 def report(result: dict[str, Any]) -> str:
@@ -138,4 +156,8 @@ def report(result: dict[str, Any]) -> str:
             f"{i['write_lock']['transactions']} transactions\n"
             f"search after import: p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms\n"
             f"re-import: {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB, "
-            + ("added nothing" if r["added_nothing"] else "CHANGED SOMETHING"))
+            + ("added nothing" if r["added_nothing"] else "CHANGED SOMETHING")
+            + ("" if not result.get("large_file_dry_run") else
+               "\nlarge file ({bytes_mb:.0f} MB, {m:,} messages) --dry-run: {s} s, peak RSS {rss} MB".format(
+                   bytes_mb=result["large_file_dry_run"]["bytes"] / 1e6, m=result["large_file_dry_run"]["messages"],
+                   s=result["large_file_dry_run"]["seconds"], rss=result["large_file_dry_run"]["peak_rss_mb"])))
