@@ -79,18 +79,23 @@ def _n_layer(llm: Any) -> int:
 def set_control_vector(llm: Any, vector: Any, n_embd: int, *, reset: bool = True) -> None:
     """Add `vector` ((n_layer − 1) · n_embd floats, layer 1 first) to the residual stream from now on;
     None removes it. llama.cpp copies the values; every change needs the prompt evaluated afresh."""
+    set_context_control_vector(llm._ctx.ctx, vector, n_embd)
+    if reset:
+        llm.reset()
+
+
+def set_context_control_vector(ctx: Any, vector: Any, n_embd: int) -> None:
+    """`set_control_vector` on one llama.cpp context (a `llama_context_p`); None removes it.
+    Raises AdapterInvalid when llama.cpp refuses it."""
     import llama_cpp
 
     if vector is None:
-        failed = llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, None, 0, n_embd, 0, 0)
+        failed = llama_cpp.llama_set_adapter_cvec(ctx, None, 0, n_embd, 0, 0)
     else:
         data = vector.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        failed = llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, data, len(vector), n_embd, 1,
-                                                  len(vector) // n_embd)
+        failed = llama_cpp.llama_set_adapter_cvec(ctx, data, len(vector), n_embd, 1, len(vector) // n_embd)
     if failed:
         raise AdapterInvalid("llama.cpp could not apply the control vector")
-    if reset:
-        llm.reset()
 
 
 def read_control_vector(path: Path, *, n_embd: int, n_layer: int) -> Any:

@@ -25,7 +25,6 @@ difference, the ZO scalar, sees the same kernels.
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Any, Sequence
 
 import numpy as np
@@ -68,18 +67,9 @@ class BatchScorer:
 
     def set_control_vector(self, vector: np.ndarray | None, n_embd: int) -> None:
         """Add `vector` ((n_layer − 1) · n_embd floats, layer 1 first) to every later evaluation."""
-        import llama_cpp
+        from adapters.runtime import set_context_control_vector
 
-        from adapters.errors import AdapterInvalid
-
-        if vector is None:
-            failed = llama_cpp.llama_set_adapter_cvec(self._ctx.ctx, None, 0, n_embd, 0, 0)
-        else:
-            data = vector.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            failed = llama_cpp.llama_set_adapter_cvec(self._ctx.ctx, data, len(vector), n_embd, 1,
-                                                      len(vector) // n_embd)
-        if failed:
-            raise AdapterInvalid("llama.cpp could not apply the control vector")
+        set_context_control_vector(self._ctx.ctx, vector, n_embd)
 
     def losses(self, sequences: Sequence[tuple[Sequence[int], int]]) -> np.ndarray:
         """Mean NLL (nats) of `tokens[loss_from:]` given what precedes, for each (tokens, loss_from);

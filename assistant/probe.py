@@ -160,15 +160,10 @@ def _apply(ctx: Any, loaded: Any) -> None:
 
     from adapters.errors import AdapterInvalid
 
-    vector = loaded.vector if loaded is not None else None
-    n_embd = llama_cpp.llama_model_n_embd(llama_cpp.llama_get_model(ctx.ctx))
-    if vector is None:
-        failed = llama_cpp.llama_set_adapter_cvec(ctx.ctx, None, 0, n_embd, 0, 0)
-    else:
-        failed = llama_cpp.llama_set_adapter_cvec(ctx.ctx, vector.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                                                  len(vector), n_embd, 1, len(vector) // n_embd)
-    if failed:
-        raise AdapterInvalid("llama.cpp could not apply the control vector to the router's probe")
+    from adapters.runtime import set_context_control_vector
+
+    set_context_control_vector(ctx.ctx, loaded.vector if loaded is not None else None,
+                               llama_cpp.llama_model_n_embd(llama_cpp.llama_get_model(ctx.ctx)))
     if loaded is None or loaded.handle is None:
         llama_cpp.llama_set_adapters_lora(ctx.ctx, None, 0, None)
     else:
