@@ -302,7 +302,9 @@ class LlamaControlVector:
             self.llm = quiet_llama(model_path=str(model_path), n_ctx=256, n_batch=8, n_ubatch=8,
                                    logits_all=False, n_threads=config.threads, n_threads_batch=config.threads,
                                    seed=0)
-            self.scorer = BatchScorer(self.llm, threads=config.threads, capacity=max(CAPACITY, longest + 8))
+            # n_ctx: room for the longest sequence scored later, held-out examples included.
+            self.scorer = BatchScorer(self.llm, threads=config.threads,
+                                      capacity=max(CAPACITY, n_ctx, longest + 8))
         else:
             from adapters.gate import Evaluator
 
