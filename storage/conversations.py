@@ -425,16 +425,11 @@ def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:
             SELECT MAX(id) FROM feedback g WHERE g.conversation_id = f.conversation_id
             AND g.kind IN ('exclude', 'include'))""")}
     imports = {r[0]: {"app": r[1], "sha256": r[2]} for r in db.execute("SELECT id, app, sha256 FROM imports")}
-    said: dict[int, dict[str, str]] = {}      # each reply's current rating and latest edit
-    for message_id, kind, content in db.execute(
-            "SELECT message_id, kind, content FROM feedback WHERE message_id IS NOT NULL ORDER BY id"):
-        entry = said.setdefault(message_id, {})
-        if kind == "edit":
-            entry["edit"] = content
-        elif kind == "clear":
-            entry.pop("rating", None)
-        elif kind in ("up", "down"):
-            entry["rating"] = kind
+    from storage.feedback import state     # feedback imports this module
+
+    # Each reply's current rating and latest edit, where the user gave them.
+    said = {message_id: {k: v for k, v in entry.items() if v is not None}
+            for message_id, entry in state(db).items()}
     out = []
     for conv in reversed(list_conversations(db)):
         conv = dict(conv)
