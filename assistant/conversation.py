@@ -360,6 +360,23 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
                     persona=question.persona["name"] if question.persona else None)
 
 
+def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, draft: str, *,
+               conversation_id: int | None = None, route: str | None = None, persona: str | None = None) -> int:
+    """Let the router read a message the user is still typing (`router.read_ahead`), as `respond` will
+    route it once sent: the same persona (its system prompt) and route. Nothing is stored, and a draft
+    that names an unknown persona, or a route other than auto, reads nothing. Returns the tokens read."""
+    if not engine.loaded_adapter:   # no adapter, no probe to read ahead for
+        return 0
+    try:
+        chosen = choose_persona(db, persona, conversation_id)
+    except EmberError:
+        return 0
+    settings, route = with_persona(settings, chosen, route)
+    if route != "auto":
+        return 0
+    return router.read_ahead(draft, engine=engine, db=db, system=settings.system_prompt)
+
+
 def with_persona(settings: Settings, persona: dict | None, route: str | None) -> tuple[Settings, str]:
     """The settings and route of a request asked of `persona`: its system prompt replaces the configured
     one, its temperature and route apply unless the request names its own."""

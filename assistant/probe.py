@@ -11,14 +11,19 @@ tokens, too little work to split well, and a decode split over threads that wait
 every step stalled for seconds when other processes had the cores (measured on the busy 2-core box:
 two threads one lane after the other, p50 0.2-2.6 s with 22 s stalls; one thread per lane side by side,
 0.2-0.4 s and none). The values do not depend on the thread count.
+
+Reading ahead (`read_ahead`): while the user is still typing, the chat feeds the words typed so far into
+both lanes, so that when the message is sent only its last word and the template's tail are left to
+evaluate. Nothing is stored; a draft that changes only rewinds the lanes to what it still shares.
 """
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -74,23 +79,56 @@ class Prober:
             _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False), [])
         self._lanes: dict[bool, _Lane] = {}
         self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")
+        self._lock = threading.Lock()   # one probe or read-ahead at a time on the lanes
 
     def entropies(self, tokens: Sequence[int], adapter: Any, n: int = PROBE_TOKENS) -> tuple[float, float]:
         """`entropy` of `tokens` with the base model and with `adapter`, both measured at once."""
         self._check(tokens)
-        base_lane, adapter_lane = self._lane(None), self._lane(adapter)   # set up here, run apart
-        with_adapter = self._beside.submit(self._measure, adapter_lane, tokens, n)
-        try:
-            base = self._measure(base_lane, tokens, n)
-        finally:
-            adapted = with_adapter.result()
-        return base, adapted
+        with self._lock:
+            return self._both(adapter, self._measure, tokens, n)
+
+    def read_ahead(self, tokens: Sequence[int], adapter: Any) -> int:
+        """Evaluate `tokens` (the start of a probe prompt still being typed) in both lanes, keeping what
+        they already hold of it; returns how many tokens were evaluated per lane (0: all were held).
+        A later `entropies` on a prompt that starts with `tokens` evaluates only the rest."""
+        if not tokens:
+            return 0
+        self._check(tokens)
+        with self._lock:
+            return max(self._both(adapter, self._prefill, tokens))
 
     def entropy(self, tokens: Sequence[int], adapter: Any = None, n: int = PROBE_TOKENS) -> float:
         """Mean entropy (nats) of the next-token distribution over the first `n` greedy tokens after
         `tokens`, with `adapter` (an adapters.runtime.Loaded; None: the base model)."""
         self._check(tokens)
-        return self._measure(self._lane(adapter), tokens, n)
+        with self._lock:
+            return self._measure(self._lane(adapter), tokens, n)
+
+    def held(self, adapter: Any = None) -> list[int]:
+        """The tokens the lane of `adapter` (None: the base model's) holds in its KV cache."""
+        with self._lock:
+            lane = self._lanes.get(adapter is not None)
+            return list(lane.tokens) if lane is not None and lane.adapter is adapter else []
+
+    def _both(self, adapter: Any, work: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
+        """`work(lane, *args)` on the base lane here and on the adapter's lane beside it, at once."""
+        base_lane, adapter_lane = self._lane(None), self._lane(adapter)   # set up here, run apart
+        with_adapter = self._beside.submit(work, adapter_lane, *args)
+        try:
+            base = work(base_lane, *args)
+        finally:
+            adapted = with_adapter.result()
+        return base, adapted
+
+    def _prefill(self, lane: _Lane, tokens: Sequence[int]) -> int:
+        tokens = list(tokens)
+        keep = _shared(lane.tokens, tokens, len(tokens))
+        if keep == len(tokens):   # held already, perhaps with more after it: keep that too
+            return 0
+        keep = _whole_batches(keep, len(tokens))
+        self._forget(lane, keep)
+        self._decode(lane, tokens[keep:])
+        return len(tokens) - keep
 
     def _check(self, tokens: Sequence[int]) -> None:
         if self._model.model is None:
@@ -123,10 +161,7 @@ class Prober:
     def _reuse(self, lane: _Lane, tokens: list[int]) -> list[int]:
         """Keep the KV of the longest prefix `tokens` shares with the last probe; return what is left to
         evaluate (at least the last token, whose logits the probe needs)."""
-        keep = 0
-        limit = min(len(lane.tokens), len(tokens) - 1)
-        while keep < limit and lane.tokens[keep] == tokens[keep]:
-            keep += 1
+        keep = _whole_batches(_shared(lane.tokens, tokens, len(tokens) - 1), len(tokens))
         self._forget(lane, keep)
         return tokens[keep:]
 
@@ -147,10 +182,27 @@ class Prober:
     def close(self) -> None:
         """Free the probe contexts (they are also freed with the engine's model)."""
         self._beside.shutdown(wait=True)
-        for lane in self._lanes.values():
-            lane.ctx.close()
-            lane.batch.close()
-        self._lanes.clear()
+        with self._lock:
+            for lane in self._lanes.values():
+                lane.ctx.close()
+                lane.batch.close()
+            self._lanes.clear()
+
+
+def _shared(held: Sequence[int], tokens: Sequence[int], limit: int) -> int:
+    """How many leading tokens `held` and `tokens` share, at most `limit`."""
+    keep, limit = 0, min(len(held), limit)
+    while keep < limit and held[keep] == tokens[keep]:
+        keep += 1
+    return keep
+
+
+def _whole_batches(keep: int, total: int) -> int:
+    """`keep`, one less when that would leave a single token to evaluate. llama.cpp's CPU matrix kernels
+    for a batch of one token are not those of larger batches: on the bundled SmolLM2 (Q4_1) the logits
+    after a prompt fed in one batch and after the same prompt whose last token came alone differ by up
+    to 0.7. Never feeding one token alone keeps a probe's values independent of what its lane held."""
+    return keep - 1 if total - keep == 1 and keep > 0 else keep
 
 
 def _apply(ctx: Any, loaded: Any) -> None:

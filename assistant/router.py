@@ -199,6 +199,38 @@ def _probe_prompt(engine: Engine, system: str | None, question: str) -> list[int
     return tokens
 
 
+def read_ahead(draft: str, *, engine: Engine, db: sqlite_utils.Database, system: str | None) -> int:
+    """Feed the words of `draft`, a message the user is still typing, to the adapter probe, so that the
+    decision when it is sent evaluates only its last word and the chat template's tail. Stores nothing.
+
+    Only when the probe will run: an adapter is loaded and the thresholds in use weigh it for the
+    draft's query type. The draft is cut after its last complete word (the word being typed would
+    change its tokens). Returns the tokens evaluated per lane (0: nothing to do or all held already).
+    """
+    loaded = engine._loaded if engine.loaded_adapter else None
+    cut = len(draft.rstrip()) - len(draft.rstrip().split()[-1]) if draft.strip() else 0
+    words = draft[:cut].rstrip()
+    if loaded is None or not words:
+        return 0
+    thresholds, _ = thresholds_in_use(db)
+    rule = thresholds.get(query_type(draft), DEFAULTS[query_type(draft)])
+    if not math.isfinite(rule["min_adapter_gain"]):
+        return 0
+    tokens = _probe_prompt(engine, system, words)
+    tail = _template_tail(engine, system)
+    return prober_for(engine).read_ahead(tokens[:len(tokens) - tail], loaded) if len(tokens) > tail else 0
+
+
+def _template_tail(engine: Engine, system: str | None) -> int:
+    """How many tokens the chat template puts after the question's text (its end-of-turn and the
+    assistant's header): the tokens two prompts of different texts share at their end."""
+    a, b = _probe_prompt(engine, system, "north"), _probe_prompt(engine, system, "south?")
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
 def needs_dense(kind: str, rule: dict[str, float]) -> Callable[[dict[str, Any]], bool]:
     """Whether a question of type `kind` must be embedded, given its BM25 signals: always for recall and
     temporal questions; for task and open ones only when a note shares a word with the question or the

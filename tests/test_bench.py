@@ -27,6 +27,7 @@ def test_engine_benchmark_compares_against_bare_llama_cpp(ember, tmp_path, reque
     everyday = written["everyday"]
     assert {"auto", "base", "bare"} <= set(everyday["whole_process"])
     assert everyday["router_decision"]["with_adapter"]["p50_ms"] > 0
+    assert everyday["router_decision"]["with_adapter_typed"]["p50_ms"] > 0
     assert set(everyday["multi_turn"]) == {"base", "rag", "adapter", "both", "auto"}
     assert all(len(turns["ttft_s"]) == 10 for turns in everyday["multi_turn"].values())
 

@@ -160,6 +160,36 @@ def test_the_probe_measures_the_adapter(settings, adapter_engine, db):
     assert with_adapter == pytest.approx(f.entropy_adapter, rel=1e-5)
 
 
+def test_reading_ahead_leaves_the_probe_only_the_last_word_and_changes_no_value(settings, adapter_engine, db):
+    question = "How should I paint the old garden fence?"
+    prober = probe.prober_for(adapter_engine)
+    cold, _ = router.features_for(question, engine=adapter_engine, retriever=None, db=db, system=None, k=3)
+    assert router.read_ahead("Tell me a story about", engine=adapter_engine, db=db, system=None) > 0   # another draft
+    # The user types on: only complete words are read, each once; the word being typed is left.
+    read = [router.read_ahead(question[:n], engine=adapter_engine, db=db, system=None)
+            for n in range(1, len(question) + 1)]
+    assert sum(read) > 0 and read[-1] == 0 and read.count(0) > len(read) // 2
+    full = router._probe_prompt(adapter_engine, None, question)
+    held = prober.held(adapter_engine._loaded)
+    assert held == prober.held(None) and full[:len(held)] == held
+    assert len(full) - len(held) == router._template_tail(adapter_engine, None) + len(
+        adapter_engine.llm.tokenize(b" fence?", add_bos=False, special=False))
+    warm, _ = router.features_for(question, engine=adapter_engine, retriever=None, db=db, system=None, k=3)
+    assert warm.entropy_base == pytest.approx(cold.entropy_base, rel=1e-3)
+    assert warm.entropy_adapter == pytest.approx(cold.entropy_adapter, rel=1e-3)
+    # Nothing to read ahead for: no adapter, or a route that never probes.
+    assert router.read_ahead(question, engine=adapter_engine, db=db, system=None) == 0   # all held already
+
+
+def test_no_reading_ahead_without_an_adapter_or_off_the_auto_route(settings, engine, adapter_engine, db):
+    from assistant.conversation import read_ahead
+    assert read_ahead(db, adapter_engine, settings, "Tell me about the sea and", route="base") == 0
+    assert read_ahead(db, adapter_engine, settings, "Tell me about the sea and", persona="nobody-here") == 0
+    assert read_ahead(db, adapter_engine, settings, "Tell me about the sea and") > 0
+    adapter_engine.load_adapter(None, None)
+    assert read_ahead(db, adapter_engine, settings, "Tell me about the ocean and") == 0
+
+
 def test_fit_from_log_and_router_show(settings, adapter_engine, db, ember):
     seed_habit_user(db, 8)            # eight edited replies: the answers the user wanted
     result = router.fit_from_log(db, settings)

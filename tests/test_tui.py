@@ -465,6 +465,33 @@ async def test_memory_with_an_adapter_uses_both(settings, swappable, db, tmp_pat
         assert chat(app).route == "both" and "route: both" in status(app)
 
 
+async def test_the_router_reads_a_message_while_it_is_typed(settings, swappable, db, tmp_path):
+    from assistant import router
+    from assistant.probe import prober_for
+    path = random_adapter(tmp_path / "tui-ahead.gguf", settings.model_path, settings.cache_dir)
+    register_adapter(db, "lora-ahead", path, [])
+    app = EmberApp(dataclasses.replace(settings, max_tokens=4), engine=swappable)
+    question = "How should I paint the old garden fence?"
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: "adapter: lora-ahead" in status(app), timeout=10)
+        await type_text(pilot, question)
+        # Before Enter, both probe lanes hold every complete word: only " fence?" and the template's
+        # tail are left for the decision.
+        words = router._probe_prompt(swappable, settings.system_prompt, question.rsplit(" ", 1)[0])
+        expected = words[:len(words) - router._template_tail(swappable, settings.system_prompt)]
+        prober = prober_for(swappable)
+        await wait_until(pilot, lambda: prober.held(None) == expected, timeout=30)
+        assert prober.held(swappable._loaded) == expected
+        assert convs.list_conversations(db) == []    # a draft is read, never stored
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: not app.screen.query_one(PromptInput).submit_pending, timeout=10)
+        await wait_until(pilot, lambda: not chat(app).generating)
+        view = app.screen.query(MessageView)[-1]
+        assert view.status in ("complete", "length") and view.content
+        full = router._probe_prompt(swappable, settings.system_prompt, question)
+        assert prober.held(None)[:len(full)] == full    # the decision read the rest
+
+
 async def test_a_corrupt_adapter_is_a_warning_and_the_chat_keeps_working(settings, swappable, db, tmp_path):
     path = tmp_path / "broken.gguf"
     good = random_adapter(tmp_path / "good.gguf", settings.model_path, settings.cache_dir).read_bytes()

@@ -5,6 +5,10 @@ loaded; everything after (routing, memories, the chat template, generation) may 
 The reply streams from a worker thread through the app's second connection, and shows how it ended:
 its status mark, a note when old messages no longer fit, or the one-line error that stopped it.
 An incognito conversation goes the same way with `log=False`: its messages are kept only on the screen.
+
+While the user types, a worker lets the router read the words typed so far (`conversation.read_ahead`),
+so that when the message is sent the adapter probe has only its last word left to read. It runs only
+between replies, never waits for the engine, and stores nothing.
 """
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ import os
 import threading
 import time
 
-from textual import work
+from textual import on, work
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
+from textual.widgets import TextArea
 
-from assistant.conversation import Exchange, Question, check_prompt, log_question, respond
+from assistant.conversation import Exchange, Question, check_prompt, log_question, read_ahead, respond
 from assistant.errors import EmberError
 from assistant.tui.errors import shows_errors
 from assistant.tui.widgets.message import DroppedNote, MessageView
@@ -46,6 +51,10 @@ class ReplyActions(Screen):
     incognito: bool
     private_history: list
     persona_asked: str | None
+    _draft = ""             # the prompt's text as last typed
+    _draft_read = ""        # the draft the router last read ahead
+    _reading_ahead = False  # a read-ahead worker is running
+    _draft_lock = threading.Lock()
 
     @property
     def generating(self) -> bool:
@@ -86,6 +95,36 @@ class ReplyActions(Screen):
         self.show_title()
         self.refresh_sidebar()
         self.stream_reply(question, reply, self.cancel, not self.incognito)
+
+    @on(TextArea.Changed, "#prompt")
+    def draft_changed(self, event: TextArea.Changed) -> None:
+        with self._draft_lock:
+            self._draft = event.text_area.text
+            if self._reading_ahead or self.generating or self.app.engine is None:
+                return
+            self._reading_ahead = True
+        self.read_draft_ahead()
+
+    @work(thread=True, group="read-ahead")
+    def read_draft_ahead(self) -> None:
+        """Read the draft ahead until it stops changing; give way at once to a reply or an adapter swap."""
+        app = self.app
+        while True:
+            with self._draft_lock:
+                draft = self._draft
+                if draft == self._draft_read or self.generating or not app.engine_lock.acquire(blocking=False):
+                    self._reading_ahead = False
+                    return
+            try:
+                read_ahead(app.reply_db, app.engine, app.settings, draft, conversation_id=self.conversation_id,
+                           route=self.route, persona=self.persona_asked)
+            except Exception:
+                # Only a head start: the probe after sending reads the message itself, and reports.
+                if os.environ.get("EMBER_DEBUG"):
+                    raise
+            finally:
+                app.engine_lock.release()
+            self._draft_read = draft
 
     @work(thread=True, group="reply")
     def stream_reply(self, question: Question, view: MessageView, cancel: threading.Event, log: bool) -> None:
