@@ -265,7 +265,7 @@ def _in_prompt(engine: Engine, settings: Settings, question: Question, reserved:
 def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text: str | Question, *,
             log: bool = True, conversation_id: int | None = None, route: str | None = None,
             max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
-            cancel: threading.Event | None = None, retriever: Retriever | None = None,
+            top_p: float | None = None, cancel: threading.Event | None = None, retriever: Retriever | None = None,
             on_piece: Callable[[str], None] | None = None, now: dt.date | None = None,
             cancelled_as: str = "cancelled", persona: str | None = None) -> Exchange:
     """Answer `text` in a conversation (a new one if None); with `log=False` nothing is stored.
@@ -279,6 +279,7 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     through `cancel` is stored: `interrupted` for `ember ask` through a resident engine whose process
     was interrupted, as it would be stored in-process.
 
+    `temperature`, `top_p` and `seed` override the settings' for this request (None: the settings').
     The question's persona supplies the system prompt (which context trimming never drops), and the
     route and temperature when these are None.
     """
@@ -304,7 +305,8 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
         memories = recall(retriever, engine, settings, text, budget, now=now,
                           found=decision.hits if decision else None, exclude=in_prompt)
     sampling = dict(max_tokens=max_tokens, temperature=settings.temperature if temperature is None else temperature,
-                    top_p=settings.top_p, seed=settings.seed if seed is None else seed, cancel=cancel)
+                    top_p=settings.top_p if top_p is None else top_p,
+                    seed=settings.seed if seed is None else seed, cancel=cancel)
     try:
         gen = engine.generate(prompt_messages(settings, question, memories), **sampling)
     except TemplateError:

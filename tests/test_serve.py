@@ -107,6 +107,17 @@ def test_a_completion_is_answered_logged_first_and_marked_as_from_the_api(server
     assert reply["status"] in ("complete", "length") and integrity_ok(db)
 
 
+def test_top_p_is_applied(server):
+    # At temperature 1 a nucleus of one token is greedy decoding; the whole distribution is not.
+    question = "Write one sentence about a red kite over the hills."
+    def answer(**sampling) -> str:
+        body = dict(_ask(question), max_tokens=24, seed=7, **sampling)
+        return server.client().chat.completions.create(**body).choices[0].message.content
+    greedy = answer(temperature=0)
+    assert answer(temperature=1.0, top_p=1e-6) == greedy
+    assert answer(temperature=1.0, top_p=1.0) != greedy
+
+
 def test_streaming_sends_role_then_content_then_finish_with_usage_then_done(server):
     chunks = list(server.client().chat.completions.create(**_ask(stream=True)))
     assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1

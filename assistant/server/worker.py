@@ -36,7 +36,7 @@ class Job:
     base_only: bool = False          # the client asked for the base model: the adapter is withheld
     max_tokens: int | None = None
     temperature: float | None = None
-    top_p: float | None = None       # kept for the record; Ember samples with its own top_p
+    top_p: float | None = None       # None: the settings' top_p
     seed: int | None = None
     warn: bool = False               # `ember ask`: send a refused adapter's warning first, as in-process
     cancelled_as: str = "cancelled"  # `ember ask`: its process was interrupted, the reply is "interrupted"
@@ -189,7 +189,7 @@ class Worker:
         withheld = self.engine.adapter_withheld() if job.base_only else contextlib.nullcontext()
         with withheld:
             return respond(db, self.engine, s, job.question, log=job.log, route=job.route,
-                           max_tokens=job.max_tokens, temperature=job.temperature,
+                           max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
                            seed=None if job.seed is None else job.seed % 2 ** 31, cancel=job.cancel,
                            retriever=self.retriever, on_piece=lambda piece: job.send("piece", piece),
                            cancelled_as=job.cancelled_as)
