@@ -142,7 +142,8 @@ class ChatScreen(ReplyActions, FeedbackActions):
 
     def show_adaptation(self, progress: str | None) -> None:
         """Show an adaptation run's progress (None: none is running)."""
-        self.query_one(StatusLine).adapting = progress
+        for status in self.query(StatusLine):   # none while the app is closing: the timer may still tick
+            status.adapting = progress
 
     @shows_errors
     def refresh_sidebar(self) -> None:
