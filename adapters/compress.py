@@ -89,15 +89,16 @@ def _scores(torch: Any, ref_logp: Any, logits: Any, targets: Any) -> tuple[float
 
 def measure(model_path: Path, tokens: Sequence[int], *, types: Sequence[str] = CANDIDATES, drop: bool = False,
             threads: int = 0, calibration: str = "builtin",
-            progress: Callable[[int, int], None] | None = None) -> Sensitivity:
+            progress: Callable[[int, int], None] | None = None, reference: Reference | None = None) -> Sensitivity:
     """Each block's sensitivity to each candidate type on `tokens` (T ≥ 2 token ids), in torch.
 
-    Raises `UnsupportedLayout` for a model that is not llama blocks without biases.
+    `reference`: the model already loaded (else it is loaded here). Raises `UnsupportedLayout` for a
+    model that is not llama blocks without biases.
     """
     if len(tokens) < 2:
         raise InvalidInput("calibration text is too short: it needs at least 2 tokens")
     started = time.monotonic()
-    ref = Reference(model_path, threads=threads)
+    ref = reference or Reference(model_path, threads=threads)
     torch, lay = ref.torch, ref.layout
     ref_logp = _log_softmax(torch, ref.logits(tokens))
     targets = torch.tensor(list(tokens[1:]))
@@ -230,8 +231,9 @@ def assign(sens: Sensitivity, *, size_bytes: int | None = None, max_kl: float | 
                     best = (ratio, i, j, extra, gain)
         if best is None:
             break
-        _, i, j, extra, gain = best
-        level[i], total, kl = j, total + extra, kl - gain
+        _, i, j, extra, _gain = best
+        level[i], total = j, total + extra
+        kl = sum(hulls[b][level[b]][2] for b in kept)    # summed afresh: no drift from subtracting gains
     if max_kl is not None and kl > max_kl:
         raise BudgetUnmet(f"--max-kl {max_kl:g} cannot be met: the best of {', '.join(sens.types)} in every block "
                           f"still changes the output by ~{kl:.4g} nats/token on the calibration text")
