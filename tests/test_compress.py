@@ -176,3 +176,25 @@ def test_a_killed_compression_registers_nothing_and_a_finished_one_is_used_and_r
             runtime.load(llm, adapter, base_sha256=file_sha256(path))
     finally:
         llm.close()
+
+
+def test_calibration_uses_the_users_own_words_when_enough_and_skips_excluded_conversations(settings, db, model_path):
+    from adapters.llama_log import quiet_llama
+    from assistant.compression import BUILTIN_NAME, Request, calibration
+    from storage import conversations as convs
+    from storage import feedback
+
+    vocab = quiet_llama(model_path=str(model_path), vocab_only=True)
+    try:
+        request = Request(size_mb=95, tokens=16, heldout_tokens=16)
+        assert calibration(settings, request, vocab, db)[2] == BUILTIN_NAME        # an empty log is too small
+        kept, hidden = convs.create_conversation(db), convs.create_conversation(db)
+        convs.add_message(db, kept, "user", "My allotment has twelve rows of runner beans and a shed. " * 4)
+        convs.add_message(db, hidden, "user", "zebra quartz " * 40)
+        feedback.set_excluded(db, hidden)
+        calib, held, source = calibration(settings, request, vocab, db)
+        assert source.startswith("log:") and len(calib) == len(held) == 16
+        text = vocab.detokenize(calib + held).decode()
+        assert "runner beans" in text and "zebra" not in text
+    finally:
+        vocab.close()
