@@ -204,7 +204,8 @@ def run(settings: Settings, request: Request, *, db: Any = None,
         return document
     if target.exists():
         raise InvalidInput(f"a model named {name} is registered already ({target}); pass --name")
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for directory in (settings.home, folder):    # the data dir is 0700 even when this run created it
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
     clean_partials(folder)
     partial = folder / f".{name}.{os.getpid()}.partial.gguf"
@@ -220,6 +221,13 @@ def run(settings: Settings, request: Request, *, db: Any = None,
                                 "nll": round(nll, 4), "perplexity": round(compress.perplexity(nll), 3),
                                 "reference_nll": round(ref_nll, 4),
                                 "reference_perplexity": round(compress.perplexity(ref_nll), 3)}
+        if request.max_kl is not None and kl > request.max_kl:
+            # per-block KLs are measured one block at a time; changed together they compound
+            suggestion = request.max_kl * max(policy.kl, 1e-9) / kl
+            raise compress.BudgetUnmet(
+                f"--max-kl {request.max_kl:g} was not met: the written model's KL on held-out tokens is {kl:.3g} "
+                f"nats/token (the per-block estimate was {policy.kl:.3g}; errors of blocks compound); nothing was "
+                f"registered; try --max-kl {suggestion:.2g}")
         document["source_sha256"] = file_sha256(source, settings.cache_dir)
         document["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record = {k: v for k, v in document.items() if k != "sensitivity"}

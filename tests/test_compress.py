@@ -152,6 +152,7 @@ def test_a_killed_compression_registers_nothing_and_a_finished_one_is_used_and_r
     path = Path(doc["path"])
     assert path == home / "models" / "small.gguf" and path.stat().st_size == doc["measured"]["bytes"] <= 95e6
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
     assert not list(models.glob(".*.partial.gguf"))
     assert "Q4_1" in doc["reference"] and doc["measured"]["kl"] > 0
     assert [m["name"] for m in json.loads(ember("compress", "--list", "--json").stdout)] == ["small"]
