@@ -2,7 +2,7 @@
 from storage.errors import EmberError, InvalidInput
 
 __all__ = ["AdapterInvalid", "AdapterMismatch", "BudgetExhausted", "NotEnoughData", "TrainingUnavailable",
-           "InvalidInput"]
+           "InvalidInput", "UnsupportedLayout", "BudgetUnmet"]
 
 
 class AdapterInvalid(EmberError):
@@ -23,3 +23,13 @@ class NotEnoughData(EmberError):
 
 class TrainingUnavailable(EmberError):
     """A training method or its libraries are not available on this machine."""
+
+
+class UnsupportedLayout(EmberError):
+    """A model whose blocks `ember compress` cannot measure or rewrite (another architecture, biases...)."""
+
+
+class BudgetUnmet(EmberError):
+    """A compression budget (`--size`, `--max-kl`) no assignment of the candidate types can meet."""
+
+    exit_code = 2

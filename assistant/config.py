@@ -65,8 +65,19 @@ class Settings:
 
     @property
     def model_path(self) -> Path:
-        """The chat model's GGUF file."""
-        return self.model if self.model is not None else bundled_model()
+        """The chat model's GGUF file: a path, a model `ember compress` registered (by name), or the bundled one."""
+        if self.model is None:
+            return bundled_model()
+        if not self.model.exists() and len(self.model.parts) == 1 and self.model.suffix != ".gguf":
+            registered = self.models_dir / f"{self.model.name}.gguf"
+            if registered.is_file():
+                return registered
+        return self.model
+
+    @property
+    def models_dir(self) -> Path:
+        """Models `ember compress` wrote and registered."""
+        return self.home / "models"
 
     @property
     def threads(self) -> int:

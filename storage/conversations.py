@@ -448,3 +448,17 @@ def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:
             for row in rows]
         out.append(conv)
     return out
+
+
+def user_texts(db: sqlite_utils.Database, *, max_chars: int, exclude: Iterable[int] = ()) -> list[str]:
+    """What the user wrote, newest first, up to `max_chars` characters in all; conversations in `exclude`
+    (those excluded from learning) are left out. Calibration text for `ember compress`."""
+    skip = json.dumps(sorted(set(exclude)))
+    texts, total = [], 0
+    for row in db.query("SELECT content FROM messages WHERE role = 'user' AND conversation_id NOT IN "
+                        "(SELECT value FROM json_each(?)) ORDER BY id DESC", [skip]):
+        if total >= max_chars:
+            break
+        texts.append(row["content"])
+        total += len(row["content"])
+    return texts

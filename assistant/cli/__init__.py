@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("assistant.cli.serve:serve",
               "Serve an OpenAI-compatible API (chat completions, models, embeddings) on this machine."),
     "status": ("assistant.cli.status:status", "Model, active adapter, privacy budget, memory size, daemon state."),
+    "compress": ("assistant.cli.compress:compress",
+                 "Compress MODEL layer by layer (LUC): a quantisation type per block from its measured sensitivity."),
     "bench": ("assistant.cli.bench:bench", "Run benchmark NAME (omit it to list them)."),
     "doctor": ("assistant.cli.doctor:doctor",
                "What to paste into a bug report: engine build, self-check, model, embedder, data dir."),

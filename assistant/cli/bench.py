@@ -25,6 +25,8 @@ BENCHMARKS = {
              "processes), 1/4/16 streaming clients (ttft p50/p95, tok/s, 429s), and nothing lost",
     "import": "ember import of a synthetic ChatGPT export (2,000 conversations, 40,000 messages): time, peak RSS, "
               "search p95 after it, and a re-import that adds nothing",
+    "compress": "ember compress (LUC) at uniform Q4_1's size vs uniform Q4_0/Q4_1/Q5_1/Q8_0 and a random mix: "
+                "file size, held-out perplexity and KL in llama.cpp, prompt and decode tok/s",
 }
 # A benchmark whose name is a Python keyword lives in a module of another name.
 MODULES = {"import": "imports"}
