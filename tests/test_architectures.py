@@ -262,22 +262,24 @@ def test_zeroth_order_control_vector_training_in_llama_cpp_changes_the_output(ti
 
 
 @pytest.mark.parametrize("name", ["gemma3"])
-def test_ember_adapt_trains_exports_gates_and_registers_an_adapter_for_another_architecture(tiny_gguf, ember, home,
-                                                                                         name):
-    """The real command, end to end, on a non-llama GGUF: LoRA without DP on the habit user's log."""
-    import json
-
+def test_adapt_trains_exports_gates_and_registers_an_adapter_for_another_architecture(tiny_gguf, home,
+                                                                                     training_cache, name):
+    """The one learning path (what `ember adapt` and the daemon call), end to end on a non-llama GGUF:
+    LoRA without DP on the habit user's log, exported for its architecture and scored in llama.cpp.
+    (`ember bench models` runs the real command on every architecture.)"""
+    from adapters import lora, pipeline
     from benchmarks.synthetic_user import seed_habit_user
+    from storage import registry
     from storage.db import open_db
 
     db = open_db(home)
-    seed_habit_user(db, 24)
-    db.close()
-    model = str(tiny_gguf(name, "Q8_0"))
-    result = ember("adapt", "--model", model, "--no-dp", "--steps", "12", "--json", timeout=600)
-    assert result.returncode == 0, result.err
-    report = json.loads(result.out)
-    assert report["adapter_id"] and export.read_adapter(report["path"]).architecture == "gemma3"
-    assert report["eval"]["heldout_loss"] < report["eval"]["base_loss"], report["eval"]
-    listed = json.loads(ember("adapters", "list", "--json").out)
-    assert [a["id"] for a in listed] == [report["adapter_id"]]
+    try:
+        seed_habit_user(db, 24)
+        config = pipeline.AdaptConfig(model_path=tiny_gguf(name, "Q8_0"), home=home, cache=training_cache,
+                                      lora=lora.LoraConfig(epsilon=None, steps=12, threads=2))
+        report = pipeline.adapt(db, config)
+        assert report["adapter_id"] and export.read_adapter(report["path"]).architecture == "gemma3"
+        assert report["eval"]["heldout_loss"] < report["eval"]["base_loss"], report["eval"]
+        assert [a["id"] for a in registry.list_adapters(db)] == [report["adapter_id"]]
+    finally:
+        db.close()
