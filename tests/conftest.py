@@ -156,12 +156,12 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def tiny_gguf(request, model_path, tmp_path_factory):
     """`tiny_gguf(name, quant="Q8_0")`: the path of a tiny random-weight model of one architecture
-    (`tests/tiny_models.py`), built once and kept in pytest's cache, keyed by the builder's source and
+    (`benchmarks/tiny_models.py`), built once and kept in pytest's cache, keyed by the builder's source and
     the llama.cpp, gguf and transformers versions."""
     import hashlib
     import importlib.metadata as md
 
-    from tests import tiny_models
+    from benchmarks import tiny_models
 
     source = Path(tiny_models.__file__).read_bytes()
     versions = "".join(md.version(p) for p in ("llama_cpp_python", "gguf", "transformers", "torch"))

@@ -1,4 +1,4 @@
-"""Every architecture Ember trains: tiny random-weight GGUFs of each (tests/tiny_models.py), on which the
+"""Every architecture Ember trains: tiny random-weight GGUFs of each (benchmarks/tiny_models.py), on which the
 exported LoRA in llama.cpp matches torch with the merged LoRA, chat templates give the right loss masks,
 control vectors train, and adapters made for one model are refused on another with one line."""
 from __future__ import annotations
@@ -9,9 +9,13 @@ import pytest
 from adapters import architectures, export, runtime
 from adapters.base import file_sha256, load_base
 from adapters.errors import AdapterMismatch, TrainingUnavailable
-from tests.tiny_models import SPECS
+from benchmarks.models import PROMPT
+from benchmarks.models import kl as _kl
+from benchmarks.models import llama_probs as _llama_probs
+from benchmarks.models import random_lora as _random_lora
+from benchmarks.models import torch_probs as _torch_probs
+from benchmarks.tiny_models import SPECS
 
-PROMPT = "The capital of France is Paris. The capital of Italy is"
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ARCHS = ("qwen2", "llama3", "qwen3", "gemma2", "gemma3", "phi3")
 
@@ -59,49 +63,6 @@ def _header(name: str, role: str) -> str:
     if name.startswith("gemma"):
         return "<start_of_turn>" + ("model" if role == "assistant" else role)
     return f"<|{role}|>"
-
-
-def _random_lora(base, arch, rank=4, seed=0, scale=0.3):
-    """LoRA on every projection of every layer, large enough to move the output (peft's B=0 would not)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for layer in range(base.config.num_hidden_layers):
-        for module in dict.fromkeys(arch.modules.values()):
-            name = f"model.layers.{layer}.{module}"
-            out_f, in_f = base.get_submodule(name).weight.shape
-            weights[name] = (torch.randn(rank, in_f, generator=gen) / in_f ** 0.5,
-                             torch.randn(out_f, rank, generator=gen) * scale / rank ** 0.5)
-    return weights
-
-
-def _torch_probs(base, tokens, weights, alpha, rank):
-    """Next-token distribution of torch with ΔW = (α/r)·B·A merged into the base weights."""
-    import torch
-
-    saved = {}
-    with torch.no_grad():
-        for module, (a, b) in weights.items():
-            linear = base.get_submodule(module)
-            saved[module] = linear.weight.clone()
-            linear.weight += (alpha / rank) * b @ a
-        logits = base(torch.tensor([tokens])).logits[0, -1].double()
-        for module, weight in saved.items():
-            base.get_submodule(module).weight.copy_(weight)
-    return torch.softmax(logits, -1).numpy()
-
-
-def _llama_probs(llm, tokens):
-    llm.reset()
-    llm.eval(tokens)
-    logits = np.asarray(llm.scores[len(tokens) - 1], dtype=np.float64)
-    p = np.exp(logits - logits.max())
-    return p / p.sum()
-
-
-def _kl(p, q):
-    return float(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12))))
 
 
 def _llama(path):

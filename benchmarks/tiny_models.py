@@ -214,8 +214,12 @@ def write_gguf(model: Any, spec: Spec, vocab: dict[str, Any], path: Path) -> Pat
 
 
 def quantize(source: Path, target: Path, quant: str) -> Path:
-    """Quantize a GGUF with llama.cpp's own quantizer."""
+    """Quantize a GGUF with llama.cpp's own quantizer (its log kept in memory, not printed)."""
     import llama_cpp
+
+    from adapters import llama_log
+
+    llama_log.install(verbose=llama_log.current().verbose if llama_log.current() else False)
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
