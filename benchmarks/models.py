@@ -19,7 +19,7 @@ from typing import Any
 
 from assistant.config import Settings
 
-ARCHS = ("qwen2", "llama3", "qwen3", "gemma2", "gemma3", "phi3")
+ARCHS = ("qwen2", "llama3", "mistral", "qwen3", "gemma2", "gemma3", "phi3")
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 STEPS = 10
 CONVERSATIONS = 40

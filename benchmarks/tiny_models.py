@@ -33,6 +33,8 @@ GEMMA = ("{{ bos_token }}{%- for message in messages -%}{%- set role = 'model' i
          "else message['role'] -%}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
          "'<end_of_turn>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}"
          "{%- endif -%}")
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
+           "message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
 PHI3 = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
@@ -62,6 +64,11 @@ SPECS = {s.name: s for s in (
          LLAMA3, "<|eot_id|>", bos="<|begin_of_text|>",
          extra_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
          turn_end="<|eot_id|>"),
+    # Mistral 7B's shape: llama.cpp writes it as `llama`, transformers reads a GGUF named "…mistral…" as
+    # MistralForCausalLM (modeling_gguf_pytorch_utils.py); Q/K rows permuted as for llama.
+    Spec("mistral", "llama", dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=1,
+                                  rope_theta=1e6, tie_word_embeddings=False),
+         MISTRAL, "</s>", bos="<s>", extra_tokens=("<s>", "</s>", "[INST]", "[/INST]"), turn_end="</s>"),
     Spec("qwen3", "qwen3", dict(model_type="qwen3", num_attention_heads=2, num_key_value_heads=1, head_dim=128,
                                rope_theta=1e6, tie_word_embeddings=True),
          CHATML, "<|im_end|>", turn_end="<|im_end|>"),

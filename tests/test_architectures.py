@@ -17,7 +17,7 @@ from benchmarks.models import torch_probs as _torch_probs
 from benchmarks.tiny_models import SPECS
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ARCHS = ("qwen2", "llama3", "qwen3", "gemma2", "gemma3", "phi3")
+ARCHS = ("qwen2", "llama3", "mistral", "qwen3", "gemma2", "gemma3", "phi3")
 
 
 def test_every_entry_uses_the_tensor_names_of_the_gguf_package():
@@ -31,6 +31,8 @@ def test_every_entry_uses_the_tensor_names_of_the_gguf_package():
             assert names.get_name(f"model.layers.3.{module}") == f"blk.3.{tensor}", (arch.name, module)
         assert set(arch.modules) == set(ALL)
         assert set(arch.modules.values()) == set(arch.tensors)
+        for module, parts in arch.fused.items():      # a fused module carries exactly its parts
+            assert [p for p, m in arch.modules.items() if m == module] == list(parts)
     assert architectures.get("llama").permute_qk and not architectures.get("qwen2").permute_qk
     assert architectures.get("phi3").targets(("q_proj", "v_proj", "o_proj")) == ["qkv_proj", "o_proj"]
     assert architectures.for_model_type("mistral").name == "llama"
@@ -91,6 +93,7 @@ def _parity(tiny_gguf, tmp_path, training_cache, name, quant="Q8_0", mangle=None
         _BASES[path] = load_base(path, training_cache)
     base = _BASES[path]
     arch = architectures.of_gguf(path)
+    assert base.config.model_type in arch.model_types     # e.g. a "…mistral…" llama GGUF → MistralForCausalLM
     weights = _random_lora(base, arch)
     exported = dict(weights) if mangle is None else mangle(dict(weights))
     sha = file_sha256(path)
