@@ -94,8 +94,8 @@ _PHI3_MODULES = {"q_proj": "self_attn.qkv_proj", "k_proj": "self_attn.qkv_proj",
                  "down_proj": "mlp.down_proj"}
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
-    # Llama 1-3.x, SmolLM, and Mistral 7B (llama.cpp writes Mistral as `llama`; transformers reads a
-    # GGUF named "mistral…" as model_type mistral).
+    # Llama 1-3.x, SmolLM, and Mistral 7B (llama.cpp writes Mistral as `llama`; transformers reads it as
+    # llama, or as mistral when general.name is exactly "mistral").
     Architecture("llama", ("llama", "mistral"), STANDARD, STANDARD_TENSORS, permute_qk=True),
     Architecture("qwen2", ("qwen2",), STANDARD, STANDARD_TENSORS),
     Architecture("qwen3", ("qwen3",), STANDARD, STANDARD_TENSORS),

@@ -64,8 +64,9 @@ SPECS = {s.name: s for s in (
          LLAMA3, "<|eot_id|>", bos="<|begin_of_text|>",
          extra_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
          turn_end="<|eot_id|>"),
-    # Mistral 7B's shape: llama.cpp writes it as `llama`, transformers reads a GGUF named "…mistral…" as
-    # MistralForCausalLM (modeling_gguf_pytorch_utils.py); Q/K rows permuted as for llama.
+    # Mistral 7B's shape (built as MistralForCausalLM): llama.cpp writes it as `llama` with Q/K rows permuted,
+    # and transformers reads it back as llama (its Mistral check in modeling_gguf_pytorch_utils.py tests
+    # whether "mistral" is one of the general.name values, which a real name such as "Mistral 7B" is not).
     Spec("mistral", "llama", dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=1,
                                   rope_theta=1e6, tie_word_embeddings=False),
          MISTRAL, "</s>", bos="<s>", extra_tokens=("<s>", "</s>", "[INST]", "[/INST]"), turn_end="</s>"),

@@ -93,7 +93,7 @@ def _parity(tiny_gguf, tmp_path, training_cache, name, quant="Q8_0", mangle=None
         _BASES[path] = load_base(path, training_cache)
     base = _BASES[path]
     arch = architectures.of_gguf(path)
-    assert base.config.model_type in arch.model_types     # e.g. a "…mistral…" llama GGUF → MistralForCausalLM
+    assert base.config.model_type in arch.model_types
     weights = _random_lora(base, arch)
     exported = dict(weights) if mangle is None else mangle(dict(weights))
     sha = file_sha256(path)
