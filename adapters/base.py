@@ -72,7 +72,10 @@ def import_torch() -> Any:
 
 
 def load_base(model_path: Path, cache_dir: Path, *, threads: int | None = None) -> Any:
-    """The GGUF's model in torch (float32, frozen, eval mode), dequantized once and then cached."""
+    """The GGUF's model in torch (float32, frozen, eval mode), dequantized once and then cached.
+
+    Any architecture in `adapters.architectures` whose GGUF transformers reads (F32/F16/BF16, Q8_0,
+    K-quants); TrainingUnavailable (one line) for another."""
     torch = import_torch()
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -83,6 +86,9 @@ def load_base(model_path: Path, cache_dir: Path, *, threads: int | None = None) 
     if threads:
         torch.set_num_threads(threads)
     model_path = Path(model_path).resolve()
+    from adapters import architectures
+
+    architectures.of_gguf(model_path)     # one line, before a long load, for an architecture Ember cannot train
     folder = cache_dir / "base" / file_sha256(model_path, cache_dir)[:16]
     weights, config_file = folder / "model.safetensors", folder / "config.json"
     if weights.is_file() and config_file.is_file():
@@ -93,9 +99,7 @@ def load_base(model_path: Path, cache_dir: Path, *, threads: int | None = None) 
     else:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
-        if model.config.model_type != "llama":
-            raise TrainingUnavailable(f"training supports llama-architecture models; {model_path.name} "
-                                      f"is {model.config.model_type}")
+        architectures.of_model(model)   # transformers' reading of it must be one Ember knows, too
         state = {k: v.contiguous() for k, v in model.state_dict().items()
                  if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)

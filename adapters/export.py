@@ -5,7 +5,9 @@ Format (as llama.cpp's convert_lora_to_gguf.py writes it): `general.type=adapter
 `general.architecture=<base arch>`, `adapter.type=lora`, `adapter.lora.alpha`; per adapted weight two F32
 tensors `blk.N.<name>.weight.lora_a` (numpy shape r × in) and `.lora_b` (out × r). llama.cpp stores Q
 and K rows permuted for its rotary embedding and transformers un-permutes them when it loads a GGUF, so
-`lora_b` of q_proj/k_proj is permuted back into llama.cpp's row order here. Ember adds `ember.*` keys:
+`lora_b` of q_proj/k_proj is permuted back into llama.cpp's row order here, for the architectures whose
+converter permutes (names, permutation and fused tensors per architecture: `adapters.architectures`).
+Ember adds `ember.*` keys:
 the SHA-256 of the base GGUF the adapter was trained on, so another base model is refused.
 """
 from __future__ import annotations
@@ -16,11 +18,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from adapters import architectures
 from adapters.errors import AdapterInvalid, AdapterMismatch
 
-NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-         "mlp.down_proj": "ffn_down"}
 MODULE = re.compile(r"model\.layers\.(\d+)\.(\w+\.\w+)$")
 
 
@@ -43,33 +43,40 @@ def permute_rows(b: Any, n_head: int) -> Any:
     return b.reshape(n_head, 2, rows // n_head // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
 
 
-def tensor_name(module: str) -> tuple[int, str]:
-    """`model.layers.3.self_attn.q_proj` → (3, `blk.3.attn_q.weight`)."""
+def tensor_name(module: str, architecture: str = "llama") -> tuple[int, str]:
+    """`model.layers.3.self_attn.q_proj` → (3, `blk.3.attn_q.weight`), by the architecture's names."""
     match = MODULE.fullmatch(module)
-    if not match or match.group(2) not in NAMES:
+    if not match:
         raise ValueError(f"cannot export LoRA on {module}: only attention and MLP projections")
     layer = int(match.group(1))
-    return layer, f"blk.{layer}.{NAMES[match.group(2)]}.weight"
+    return layer, f"blk.{layer}.{architectures.get(architecture).tensor(match.group(2))}.weight"
 
 
 def write_lora_gguf(path: Path, weights: dict[str, tuple[Any, Any]], *, alpha: float, n_head: int,
                     n_head_kv: int, base_sha256: str, base_name: str, architecture: str = "llama",
                     extra: dict[str, Any] | None = None) -> Path:
-    """Write `weights` ({module: (A r×in, B out×r)}) as a GGUF LoRA adapter, atomically, mode 0600."""
+    """Write `weights` ({module: (A r×in, B out×r)}) as a GGUF LoRA adapter, atomically, mode 0600.
+
+    `architecture` is the base GGUF's `general.architecture`: it names the tensors and says whether Q/K
+    rows are permuted. A fused module (Phi-3's `qkv_proj`, `gate_up_proj`) exports whole, as llama.cpp's
+    fused tensor. Raises TrainingUnavailable for an architecture without an entry, ValueError for a
+    module that cannot carry an exported LoRA.
+    """
     import numpy as np
+
+    arch = architectures.get(architecture)
 
     def tensors(writer: Any) -> None:
         writer.add_string("general.type", "adapter")
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", float(alpha))
-        for module, (a, b) in sorted(weights.items(), key=lambda kv: tensor_name(kv[0])):
-            _, name = tensor_name(module)
+        for module, (a, b) in sorted(weights.items(), key=lambda kv: tensor_name(kv[0], architecture)):
+            _, name = tensor_name(module, architecture)
             a = np.ascontiguousarray(_numpy(a), dtype=np.float32)
             b = np.ascontiguousarray(_numpy(b), dtype=np.float32)
-            if module.endswith("q_proj"):
-                b = np.ascontiguousarray(permute_rows(b, n_head))
-            elif module.endswith("k_proj"):
-                b = np.ascontiguousarray(permute_rows(b, n_head_kv))
+            heads = arch.permuted_heads(module, n_head, n_head_kv)
+            if heads is not None:
+                b = np.ascontiguousarray(permute_rows(b, heads))
             writer.add_tensor(f"{name}.lora_a", a)
             writer.add_tensor(f"{name}.lora_b", b)
 

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from adapters import privacy
+from adapters import architectures, privacy
 from adapters.base import import_torch, load_base, write_private
 from adapters.dataset import Dataset, Example
 
@@ -203,7 +203,8 @@ def prepare(model_path: Path, cache_dir: Path, examples: list[Example], config: 
     torch.manual_seed(config.seed)
     n_layers = base.config.num_hidden_layers
     first = max(0, n_layers - config.layers)
-    modules = list(config.modules + (MLP if config.mlp else ()))
+    # Logical names (q_proj …) → this architecture's modules (Phi-3: the fused qkv_proj, gate_up_proj).
+    modules = architectures.of_model(base).targets(config.modules + (MLP if config.mlp else ()))
     model = get_peft_model(base, PeftConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=modules,
         layers_to_transform=list(range(first, n_layers))))

@@ -33,7 +33,7 @@ def train_lora(model_path: Path, cache_dir: Path, data: Dataset, config: lora.Lo
         return None
     export.write_lora_gguf(path, trained.weights, alpha=config.alpha, n_head=trained.n_head,
                            n_head_kv=trained.n_head_kv, base_sha256=base_sha256, base_name=model_path.name,
-                           extra=extra)
+                           architecture=export.model_architecture(model_path), extra=extra)
     return Made("lora", trained.losses, trained.seconds, dataclasses.asdict(config))
 
 
@@ -57,12 +57,13 @@ def train_zo(model_path: Path, cache_dir: Path, data: Dataset, config: zo.ZoConf
         extra = {**extra, "zo_log": zo.log_document(config, trained)}
         if config.backend == "llama":
             export.write_control_vector_gguf(path, backend.directions(), base_sha256=base_sha256,
-                                             base_name=model_path.name, extra=extra)
+                                             base_name=model_path.name,
+                                             model_hint=export.model_architecture(model_path), extra=extra)
         else:
             n_head, n_head_kv, _ = backend.prepared.shape
             export.write_lora_gguf(path, backend.weights(), alpha=config.alpha, n_head=n_head,
                                    n_head_kv=n_head_kv, base_sha256=base_sha256, base_name=model_path.name,
-                                   extra=extra)
+                                   architecture=export.model_architecture(model_path), extra=extra)
     finally:
         backend.close()
         if heldout is not None and hasattr(heldout, "close"):
@@ -90,7 +91,8 @@ class HeldoutInLlama:
         with tempfile.TemporaryDirectory() as folder:
             path = export.write_lora_gguf(Path(folder) / "probe.gguf", self.backend.weights(),
                                           alpha=self.config.alpha, n_head=n_head, n_head_kv=n_head_kv,
-                                          base_sha256=self.base_sha256, base_name=self.model_path.name)
+                                          base_sha256=self.base_sha256, base_name=self.model_path.name,
+                                          architecture=export.model_architecture(self.model_path))
             self.evaluator.use(path)
             loss = self.evaluator.loss(self.data.heldout)
             self.evaluator.use(None)

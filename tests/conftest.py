@@ -151,3 +151,30 @@ def pytest_addoption(parser):
                      help="run the multi-process stress test this long (a soak; the suite's default is short)")
     parser.addoption("--benchmarks", action="store_true", default=False,
                      help="also run the benchmarks end to end (`ember bench engine --quick` alone takes ~5 minutes)")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(request, model_path, tmp_path_factory):
+    """`tiny_gguf(name, quant="Q8_0")`: the path of a tiny random-weight model of one architecture
+    (`benchmarks/tiny_models.py`), built once and kept in pytest's cache, keyed by the builder's source and
+    the llama.cpp, gguf and transformers versions."""
+    import hashlib
+    import importlib.metadata as md
+
+    from benchmarks import tiny_models
+
+    source = Path(tiny_models.__file__).read_bytes()
+    versions = "".join(md.version(p) for p in ("llama_cpp_python", "gguf", "transformers", "torch"))
+    key = hashlib.sha256(source + versions.encode()).hexdigest()[:12]
+    cache = getattr(request.config, "cache", None)     # None under -p no:cacheprovider: build per session
+    folder = (Path(cache.mkdir(f"ember-tiny-models-{key}")) if cache is not None
+              else tmp_path_factory.mktemp("tiny-models"))
+
+    def get(name: str, quant: str = "Q8_0") -> Path:
+        path = folder / f"tiny-{name}.{quant}.gguf"
+        if not path.is_file():
+            tiny_models.build(name, folder, model_path, quants=tuple(q for q in tiny_models.QUANTS
+                                                                      if not (folder / f"tiny-{name}.{q}.gguf").is_file()))
+        return path
+
+    return get
