@@ -14,6 +14,7 @@ from assistant.conversation import resolve_route, with_persona
 from assistant.engine import Message
 from assistant.display import display_title, one_line
 from assistant.tui.errors import shows_errors
+from assistant.tui.screens.chat_branches import BranchActions
 from assistant.tui.screens.chat_feedback import FeedbackActions
 from assistant.tui.screens.chat_reply import BUSY, ReplyActions
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
@@ -38,6 +39,12 @@ ACTIONS = [
     ("rename_conversation", "Rename conversation", "Give the open conversation a new title"),
     ("delete_conversation", "Delete conversation", "Delete the open conversation and its messages"),
     ("cancel_reply", "Cancel reply", "Stop the reply being written; the partial reply is kept"),
+    ("regenerate", "Regenerate reply", "Answer the last question again; the old reply stays as an alternative"),
+    ("previous_alternative", "Previous alternative",
+     "Show the previous alternative of the last reply (or of the focused message)"),
+    ("next_alternative", "Next alternative", "Show the next alternative of the last reply (or of the focused message)"),
+    ("edit_message", "Edit my message (new branch)",
+     "Edit your last message (or the focused one); the conversation goes on from the edit, the old branch stays"),
     ("copy_last_reply", "Copy last reply", "Copy Ember's last reply to the clipboard"),
     ("search", "Search conversations", "Find words in every past conversation"),
     ("toggle_sidebar", "Toggle conversation list", "Show or hide the list of conversations"),
@@ -52,7 +59,7 @@ ACTIONS = [
 ]
 
 
-class ChatScreen(ReplyActions, FeedbackActions):
+class ChatScreen(ReplyActions, FeedbackActions, BranchActions):
     """Chat with the model; every exchange is logged as it happens (sending and streaming: `ReplyActions`;
     feedback: `FeedbackActions`)."""
 
@@ -60,6 +67,9 @@ class ChatScreen(ReplyActions, FeedbackActions):
     BINDINGS = [
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("escape", "cancel_reply", "Cancel reply"),   # shown while a reply is being written
+        Binding("ctrl+g", "regenerate", "Regenerate", tooltip="Answer again; the old reply stays as an alternative"),
+        Binding("alt+left", "previous_alternative", "Previous alternative", show=False),
+        Binding("alt+right", "next_alternative", "Next alternative", show=False),
         Binding("f3", "toggle_memory", "Memory"),
         Binding("f2", "why_route", "Why", tooltip="Why the last reply took its route"),
         Binding("f5", "rate_up", "Good", tooltip="Rate the last reply up (again: clear the rating)"),
@@ -169,8 +179,9 @@ class ChatScreen(ReplyActions, FeedbackActions):
                                       memories=memory.reply_memories(self.app.db, m["id"])
                                       if m["route"] in ("rag", "both") else None,
                                       rating=said.get(m["id"], {}).get("rating"),
-                                      edit=said.get(m["id"], {}).get("edit"))
-                          for m in convs.messages(self.app.db, conversation_id))
+                                      edit=said.get(m["id"], {}).get("edit"),
+                                      alternative=m["alternative"], alternatives=m["alternatives"])
+                          for m in convs.branch(self.app.db, conversation_id))   # the branch kept
         log.scroll_end(animate=False)
         log.anchor()
 
@@ -200,6 +211,12 @@ class ChatScreen(ReplyActions, FeedbackActions):
         if warnings:
             self.app.warned.update(warnings)
             self.query_one(StatusLine).notice = "; ".join(one_line(w) for w in warnings)
+
+    def on_prompt_input_upward(self, event: PromptInput.Upward) -> None:
+        # ↑ in an empty prompt goes to the last message (as in Slack and Discord): Enter then edits it.
+        views = list(self.query(MessageView))
+        if views:
+            views[-1].focus()
 
     def on_paste(self, event: events.Paste) -> None:
         # A paste while the sidebar (say) has focus goes to the prompt, whole, rather than nowhere.

@@ -20,7 +20,7 @@ PASTE_GAP = 0.05
 # Keys the chat screen binds: the text area's own bindings for them (F6 select line, F7 select all,
 # Ctrl+Y redo) would hide the screen's actions while the prompt has focus.
 SCREEN_KEYS = {"f2", "f3", "f4", "f5", "f6", "f7", "f8", "ctrl+y", "ctrl+n", "ctrl+f", "ctrl+r", "ctrl+b",
-               "f9", "ctrl+t"}
+               "f9", "ctrl+t", "ctrl+g", "alt+left", "alt+right"}
 
 
 def _without_screen_keys(bindings: list) -> list[Binding]:
@@ -49,6 +49,9 @@ class PromptInput(TextArea, inherit_bindings=False):
         @property
         def control(self) -> PromptInput:
             return self.prompt
+
+    class Upward(Message):
+        """↑ in an empty box: the user wants to go up to the messages."""
 
     def __init__(self) -> None:
         super().__init__(id="prompt", soft_wrap=True, show_line_numbers=False, tab_behavior="focus",
@@ -83,7 +86,11 @@ class PromptInput(TextArea, inherit_bindings=False):
                 self._newline()
             else:   # the loop was slow to fire the timer: the Enter still meant "send"
                 self._submit()
-        if event.key == "enter":
+        if event.key == "up" and not self.text:
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Upward())
+        elif event.key == "enter":
             event.stop()
             event.prevent_default()
             self._enter_at = event.time
