@@ -30,6 +30,7 @@ class BranchActions(Screen):
     incognito: bool
     private_history: list
     generating: bool
+    persona_asked: str | None
 
     def _ready_to_reply(self) -> bool:
         if self.generating:
@@ -60,7 +61,8 @@ class BranchActions(Screen):
                 return
             self.private_history.pop()
             asked = self.private_history[-1]["content"]
-            question = Question(asked, None, None, list(self.private_history[:-1]))
+            question = log_question(self.app.db, asked, log=False, history=list(self.private_history[:-1]),
+                                    persona=self.persona_asked)
             await view.remove()
             self.notify(INCOGNITO_BRANCHES + " The new reply replaces the old one.")
             self.begin_reply(question)

@@ -133,7 +133,7 @@ class ReplyActions(Screen):
                                  f"internal error: {type(err).__name__}: {err} (EMBER_DEBUG=1 for details)")
         else:
             flush()
-            app.call_from_thread(self._reply_done, view, exchange)
+            app.call_from_thread(self._reply_done, view, exchange, question)
 
     async def on_reply_piece(self, message: ReplyPiece) -> None:
         if message.view.is_attached:
@@ -141,10 +141,11 @@ class ReplyActions(Screen):
             await message.view.append(message.piece)
 
     @shows_errors
-    async def _reply_done(self, view: MessageView, exchange: Exchange) -> None:
+    async def _reply_done(self, view: MessageView, exchange: Exchange, question: Question) -> None:
         self.cancel = None
         self.refresh_bindings()
         view.message_id, view.route, view.adapter = exchange.message_id, exchange.route, exchange.adapter
+        view.asked = (question, exchange.memories, exchange.tokens)   # for its context view (Ctrl+O)
         if exchange.message_id is not None:   # a regenerated reply stands beside the ones before it
             ids = convs.alternatives(self.app.db, exchange.message_id)
             view.set_alternatives(ids.index(exchange.message_id) + 1, len(ids))

@@ -100,6 +100,7 @@ class MessageView(Vertical, can_focus=True):
         super().__init__(classes=f"message {role}")
         self.alternative = alternative       # its place among the messages sharing its parent and role
         self.alternatives = alternatives
+        self.asked: tuple | None = None      # (question, memories, tokens) of a reply written in this session
         self.memories = memories or []
         self.role = role
         self.content = content       # as generated (and logged)
@@ -187,12 +188,12 @@ class MessageView(Vertical, can_focus=True):
         views = list(self.screen.query(MessageView))
         index = views.index(self) + step
         if 0 <= index < len(views):
-            views[index].focus()
+            self.screen.set_focus(views[index])   # at once: the next key already goes to it
         elif step > 0:
             self.action_back()
 
     def action_back(self) -> None:
-        self.screen.query_one("#prompt").focus()
+        self.screen.set_focus(self.screen.query_one("#prompt"))
 
     def set_status(self, status: str) -> None:
         """Show how the reply ended."""
