@@ -1,8 +1,10 @@
 """The log, turned into training examples that carry the user's signal (see DESIGN: "What the adapter
 learns from").
 
-One example per target message: the user's own turns, and assistant replies the user rated up or
-edited (the edit replaces the reply). A reply rated down is never a target; it may still appear in the
+One example per target message: the user's own turns, and assistant replies the user rated up,
+edited (the edit replaces the reply) or preferred (among regenerated alternatives, the one the user
+went on from). Only the branch the user kept counts: a regenerated-away reply or an edited-away
+message is never read. A reply rated down is never a target; it may still appear in the
 context of a later turn, because the user's next message answers it. Conversations the user excluded are
 skipped entirely, and so, when the user says so (`learn_from_api = false`), are conversations that came
 through `ember serve` from other apps. Every text is redacted (emails, phones, cards, accounts, addresses) before it is
@@ -43,7 +45,7 @@ class Example:
     loss_from: int
     message_id: int                   # the target message
     context_ids: tuple[int, ...]      # the earlier messages shown before it
-    kind: str                         # user | approved | edited
+    kind: str                         # user | approved | edited | preferred
     split: str                        # train | heldout
 
     @property
@@ -107,10 +109,14 @@ def build(db: sqlite_utils.Database, template: ChatTemplate, *, max_len: int = 1
         if conv["id"] in from_api:
             skipped["API conversation messages"] += conv["messages"]
             continue
-        rows = convs.messages(db, conv["id"])
+        rows = convs.branch(db, conv["id"])
+        others = conv["messages"] - len(rows)
+        if others:
+            skipped["messages on branches not kept"] += others
         opinions = feedback.state(db, conv["id"])
         shown: list[tuple[int, Message]] = []
-        for row in rows:
+        for index, row in enumerate(rows):
+            row = dict(row, continued=index + 1 < len(rows))
             opinion = opinions.get(row["id"], {})
             text, found = redact_counts(opinion.get("edit") or row["content"])
             redactions.update(found)
@@ -152,6 +158,9 @@ def _target_kind(row: dict, opinion: dict) -> str | None:
         return "edited"
     if opinion.get("rating") == "up" and row["status"] == "complete":
         return "approved"
+    if (opinion.get("rating") != "down" and row["status"] == "complete" and row.get("alternatives", 1) > 1
+            and row.get("continued")):
+        return "preferred"   # the user saw alternatives for this question, kept this one and went on
     return None
 
 
@@ -175,5 +184,5 @@ def _example(template: ChatTemplate, shown: list[tuple[int, Message]], row: dict
 
 
 def counts(examples: Iterable[Example]) -> dict[str, int]:
-    """How many examples of each kind (user, approved, edited)."""
+    """How many examples of each kind (user, approved, edited, preferred)."""
     return dict(collections.Counter(e.kind for e in examples))

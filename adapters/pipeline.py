@@ -268,7 +268,8 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
         finally:
             evaluator.close()
         evaluation = {**verdict.as_json(), "train_loss_first": _mean(made.losses[:5]),
-                      "train_loss_last": _mean(made.losses[-5:]), "train_seconds": round(made.seconds, 1)}
+                      "train_loss_last": _mean(made.losses[-5:]), "train_seconds": round(made.seconds, 1),
+                      "train_losses": _curve(made.losses)}   # the Learning screen plots it
         registry.register(db, {
             "id": adapter_id, "path": str(path), "kind": made.kind, "method": config.method,
             "base_sha256": base_sha256, "base_name": config.model_path.name,
@@ -319,6 +320,14 @@ class PeakMemory:
         self.sample()
         after = process_peak_mb()
         return round(after if after > self.before else self.sampled, 1)
+
+
+def _curve(losses: list[float], points: int = 100) -> list[float]:
+    """The training loss per step, averaged into at most `points` buckets (NaN steps left out)."""
+    if not losses:
+        return []
+    size = max(1, -(-len(losses) // points))
+    return [m for m in (_mean(losses[i:i + size]) for i in range(0, len(losses), size)) if m is not None]
 
 
 def _mean(values: list[float]) -> float | None:

@@ -16,7 +16,7 @@ from adapters.template import TemplateError
 from assistant import evidence, router
 from assistant.config import ROUTES, Settings
 from assistant.engine import Engine, Message
-from assistant.errors import EmberError, InvalidInput, RouteUnavailable
+from assistant.errors import EmberError, InvalidInput, NotFound, RouteUnavailable
 from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
 from assistant.router import Decision
 from storage import conversations as convs
@@ -68,7 +68,7 @@ def choose_persona(db: sqlite_utils.Database, persona: str | None, conversation_
 
 def log_question(db: sqlite_utils.Database, text: str, *, conversation_id: int | None = None,
                  log: bool = True, history: list[Message] | None = None, origin: str | None = None,
-                 client: str | None = None, persona: str | None = None) -> Question:
+                 client: str | None = None, persona: str | None = None, instead_of: int | None = None) -> Question:
     """Check `text` and commit it as the user's message (a new conversation when None).
 
     The first act of every request (CLI, chat, server, importer): routing, retrieval, probes, loading
@@ -77,10 +77,18 @@ def log_question(db: sqlite_utils.Database, text: str, *, conversation_id: int |
     carries every turn); when given it is what the model reads, and only the new message is stored.
     `origin` and `client` say where the message came from (see `storage.conversations.add_message`).
     `persona` names the persona to ask (see `choose_persona`); the conversation then remembers it.
+    `instead_of` is an earlier user message this one edits: the new message starts a branch beside it
+    (the old branch stays stored), and the model reads the history before it.
     """
     check_prompt(text)
     rows: list[dict] = []
-    if conversation_id is not None:
+    parent: int | None | str = "kept"
+    if instead_of is not None:
+        edited = _user_message(db, instead_of)
+        conversation_id, parent = edited["conversation_id"], edited["parent_id"]
+        path = _history_rows(db, conversation_id, through=instead_of)
+        rows = path[:[row["id"] for row in path].index(instead_of)]
+    elif conversation_id is not None:
         convs.get_conversation(db, conversation_id)
         rows = _history_rows(db, conversation_id)
     chosen = choose_persona(db, persona, conversation_id, origin)   # an unknown name stores nothing
@@ -89,7 +97,8 @@ def log_question(db: sqlite_utils.Database, text: str, *, conversation_id: int |
         new = conversation_id is None
         if new:
             conversation_id = convs.create_conversation(db)
-        message_id = convs.add_message(db, conversation_id, "user", text, origin=origin, client=client)
+        message_id = convs.add_message(db, conversation_id, "user", text, origin=origin, client=client,
+                                       parent_id=parent)
         if (new and chosen is not None) or persona is not None:   # the conversation remembers it
             personas.set_for_conversation(db, conversation_id, chosen["name"] if chosen else None)
     if history is not None:
@@ -133,14 +142,65 @@ def sync_adapter(db: sqlite_utils.Database, engine: Engine) -> str | None:
     return None
 
 
-def _history_rows(db: sqlite_utils.Database, conversation_id: int) -> list[dict]:
-    return [row for row in convs.messages(db, conversation_id)
+def _history_rows(db: sqlite_utils.Database, conversation_id: int, through: int | None = None) -> list[dict]:
+    return [row for row in convs.branch(db, conversation_id, through=through)
             if row["content"] and row["status"] != "generating"]
 
 
 def history(db: sqlite_utils.Database, conversation_id: int) -> list[Message]:
-    """A conversation as chat messages for the model (empty and still-streaming replies left out)."""
+    """The kept branch of a conversation as chat messages for the model (empty and still-streaming
+    replies left out)."""
     return [{"role": row["role"], "content": row["content"]} for row in _history_rows(db, conversation_id)]
+
+
+def _user_message(db: sqlite_utils.Database, message_id: int) -> dict:
+    rows = list(db["messages"].rows_where("id = ?", [message_id]))
+    if not rows:
+        raise NotFound(f"no message with id {message_id}; `ember history --json` shows message ids")
+    if rows[0]["role"] != "user":
+        raise InvalidInput(f"message {message_id} is a reply; give the id of one of your own messages")
+    return rows[0]
+
+
+def ask_question(db: sqlite_utils.Database, prompt: str | None, *, conversation_id: int | None = None,
+                 log: bool = True, persona: str | None = None, regenerate: int | None = None,
+                 instead_of: int | None = None) -> Question:
+    """The question of an `ember ask` request, committed first: a new message (`log_question`), an
+    edit of an earlier one that branches (`instead_of`), or the question of a reply to answer again
+    (`regenerate`, which commits nothing new)."""
+    if regenerate is not None:
+        if instead_of is not None or conversation_id is not None or not log:
+            raise InvalidInput("--regenerate takes a reply's id alone (no --edit, --conversation or --no-log)")
+        return regenerate_question(db, regenerate)
+    if instead_of is not None and (conversation_id is not None or not log):
+        raise InvalidInput("--edit takes the id of your message alone (no --conversation or --no-log)")
+    return log_question(db, prompt or "", conversation_id=conversation_id, log=log, persona=persona,
+                        instead_of=instead_of)
+
+
+def regenerate_question(db: sqlite_utils.Database, reply_id: int) -> Question:
+    """The question a reply answered, ready for `respond` to answer again: the new reply becomes an
+    alternative beside `reply_id` (which stays stored) and the end of the kept branch.
+
+    Nothing new is said by the user, so there is nothing to commit first; the question was committed
+    when it was asked. `InvalidInput` when `reply_id` is not a reply, or answers no stored question.
+    """
+    rows = list(db["messages"].rows_where("id = ?", [reply_id]))
+    if not rows:
+        raise NotFound(f"no message with id {reply_id}; `ember history --json` shows message ids")
+    reply = rows[0]
+    if reply["role"] != "assistant":
+        raise InvalidInput(f"message {reply_id} is your own; regenerate takes the id of a reply")
+    if reply["status"] == "generating":
+        raise InvalidInput(f"reply {reply_id} is still being written; wait for it, or cancel it")
+    if reply["parent_id"] is None:
+        raise InvalidInput(f"reply {reply_id} answers no question of yours; there is nothing to ask again")
+    asked = _user_message(db, reply["parent_id"])
+    path = _history_rows(db, reply["conversation_id"], through=reply["parent_id"])
+    before = path[:next(i for i, row in enumerate(path) if row["id"] == asked["id"])]
+    return Question(asked["content"], reply["conversation_id"], asked["id"],
+                    [{"role": row["role"], "content": row["content"]} for row in before],
+                    [row["id"] for row in before], persona=personas.of_conversation(db, reply["conversation_id"]))
 
 
 @dataclasses.dataclass
@@ -323,7 +383,8 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     reply_id = None
     if log:
         reply_id = convs.start_reply(db, conversation_id, model=engine.name, route=chosen,
-                                     adapter_id=engine.adapter, origin=question.origin, client=question.client)
+                                     adapter_id=engine.adapter, origin=question.origin, client=question.client,
+                                     parent_id=question.message_id)
         if memories:
             memory.record_reply_memories(db, reply_id, [(hit.id, hit.score) for hit in memories])
         if decision is not None:

@@ -408,8 +408,9 @@ def labelled(db: sqlite_utils.Database, limit: int = 200) -> list[tuple[int, str
         row = db.execute("SELECT conversation_id FROM messages WHERE id = ? AND role = 'assistant'", [mid]).fetchone()
         if row is None or row[0] in excluded:
             continue
-        before = [m for m in convs.messages(db, row[0]) if m["id"] < mid]
-        question = next((m for m in reversed(before) if m["role"] == "user"), None)
+        path = [m["id"] for m in convs.branch(db, row[0], through=mid)]
+        before = [m for m in convs.messages(db, row[0]) if m["id"] in path[:path.index(mid)]]
+        question = next((m for m in reversed(before) if m["role"] == "user"), None)   # the one it answered
         answer = said[mid]["edit"] or db.execute("SELECT content FROM messages WHERE id = ?", [mid]).fetchone()[0]
         if question and question["content"].strip() and answer and answer.strip():
             out.append((question["id"], question["content"], answer))

@@ -54,7 +54,7 @@ def get_conversation(db: sqlite_utils.Database, conversation_id: int) -> dict[st
 def list_conversations(db: sqlite_utils.Database, limit: int | None = None) -> list[dict[str, Any]]:
     """Conversations, most recently active first, with message counts."""
     sql = """
-        SELECT c.id, c.title, c.created, c.updated, COUNT(m.id) AS messages
+        SELECT c.id, c.title, c.created, c.updated, c.current_id, COUNT(m.id) AS messages
         FROM conversations c LEFT JOIN messages m ON m.conversation_id = c.id
         GROUP BY c.id ORDER BY c.updated DESC, c.id DESC"""
     params: list[Any] = []
@@ -72,17 +72,108 @@ def rename_conversation(db: sqlite_utils.Database, conversation_id: int, title: 
 
 
 def messages(db: sqlite_utils.Database, conversation_id: int) -> list[dict[str, Any]]:
-    """A conversation's messages, oldest first."""
+    """A conversation's messages, every branch, oldest first (`branch` gives the one the user kept)."""
     return list(db["messages"].rows_where("conversation_id = ?", [conversation_id], order_by="id"))
+
+
+def _path(db: sqlite_utils.Database, start: int) -> list[int]:
+    """Ids from the root to `start`, then on down by the newest child to a leaf (recursive CTEs)."""
+    return [r[0] for r in db.execute("""
+        WITH RECURSIVE up(id, depth) AS (
+            SELECT ?, 0
+            UNION ALL SELECT m.parent_id, up.depth - 1 FROM messages m JOIN up ON m.id = up.id
+            WHERE m.parent_id IS NOT NULL),
+        down(id, depth) AS (
+            SELECT ?, 0
+            UNION ALL SELECT (SELECT MAX(c.id) FROM messages c WHERE c.parent_id = down.id), down.depth + 1
+            FROM down WHERE EXISTS (SELECT 1 FROM messages c WHERE c.parent_id = down.id))
+        SELECT id FROM (SELECT id, depth FROM up UNION SELECT id, depth FROM down) ORDER BY depth""",
+        [start, start])]
+
+
+def _kept_start(db: sqlite_utils.Database, conversation_id: int) -> int | None:
+    row = db.execute("SELECT current_id FROM conversations WHERE id = ?", [conversation_id]).fetchone()
+    return row[0] if row else None
+
+
+def branch(db: sqlite_utils.Database, conversation_id: int, through: int | None = None) -> list[dict[str, Any]]:
+    """The kept branch of a conversation, root first: the path to its `current_id`, continued down by
+    the newest child to a leaf (`through`: the branch through that message instead).
+
+    Each row carries `alternatives` (how many messages share its parent and role, itself included) and
+    `alternative` (its 1-based place among them, oldest first).
+    """
+    start = through if through is not None else _kept_start(db, conversation_id)
+    if start is None:
+        return []
+    ids = _path(db, start)
+    rows = {row["id"]: row for row in db.query("""
+        SELECT m.*,
+            CASE WHEN m.parent_id IS NULL THEN (
+                SELECT COUNT(*) FROM messages s WHERE s.conversation_id = m.conversation_id
+                AND s.parent_id IS NULL AND s.role = m.role)
+            ELSE (SELECT COUNT(*) FROM messages s WHERE s.parent_id = m.parent_id AND s.role = m.role) END
+            AS alternatives,
+            CASE WHEN m.parent_id IS NULL THEN (
+                SELECT COUNT(*) FROM messages s WHERE s.conversation_id = m.conversation_id
+                AND s.parent_id IS NULL AND s.role = m.role AND s.id <= m.id)
+            ELSE (SELECT COUNT(*) FROM messages s WHERE s.parent_id = m.parent_id AND s.role = m.role
+                  AND s.id <= m.id) END AS alternative
+        FROM messages m WHERE m.id IN (SELECT value FROM json_each(?)) AND m.conversation_id = ?""",
+        [json.dumps(ids), conversation_id])}
+    return [rows[i] for i in ids if i in rows]
+
+
+def branch_ids(db: sqlite_utils.Database, conversation_id: int) -> set[int]:
+    """Ids of the messages on a conversation's kept branch."""
+    start = _kept_start(db, conversation_id)
+    return set() if start is None else set(_path(db, start))
+
+
+def alternatives(db: sqlite_utils.Database, message_id: int) -> list[int]:
+    """The ids of a message and its alternatives (same parent, same role), oldest first."""
+    row = db.execute("SELECT conversation_id, parent_id, role FROM messages WHERE id = ?", [message_id]).fetchone()
+    if row is None:
+        raise NotFound(f"no message with id {message_id}; `ember history --json` shows message ids")
+    return [r[0] for r in db.execute(
+        "SELECT id FROM messages WHERE conversation_id = ? AND parent_id IS ? AND role = ? ORDER BY id", list(row))]
+
+
+def choose(db: sqlite_utils.Database, message_id: int) -> int:
+    """Keep the branch through `message_id` (continued down by the newest child); returns its leaf.
+
+    Memories of the messages that leave the kept branch go with it (they come back when it is chosen
+    again): history, memory and learning read the kept branch alone.
+    """
+    row = db.execute("SELECT conversation_id FROM messages WHERE id = ?", [message_id]).fetchone()
+    if row is None:
+        raise NotFound(f"no message with id {message_id}; `ember history --json` shows message ids")
+    conversation_id = row[0]
+    with transaction(db):
+        leaf = _path(db, message_id)[-1]
+        _keep(db, conversation_id, leaf)
+    return leaf
+
+
+def _keep(db: sqlite_utils.Database, conversation_id: int, leaf: int) -> None:
+    """Make `leaf` the end of the kept branch, dropping the memories of messages that leave it."""
+    before = branch_ids(db, conversation_id)
+    db.execute("UPDATE conversations SET current_id = ? WHERE id = ?", [leaf, conversation_id])
+    left = before - branch_ids(db, conversation_id)
+    if left:
+        db.execute("DELETE FROM memory_chunks WHERE message_id IN (SELECT value FROM json_each(?))", [_ids(left)])
 
 
 def add_message(db: sqlite_utils.Database, conversation_id: int, role: str, content: str, *,
                 status: str = "complete", model: str | None = None, route: str | None = None,
                 adapter_id: str | None = None, tokens: int | None = None,
-                seconds: float | None = None, origin: str | None = None, client: str | None = None) -> int:
+                seconds: float | None = None, origin: str | None = None, client: str | None = None,
+                parent_id: int | None | str = "kept") -> int:
     """Append a message and commit it; the first user message also titles a new conversation.
 
-    `origin` says where it came from (None: Ember's own chat or CLI; `api`: `ember serve`) and
+    It follows `parent_id` (by default the end of the kept branch; None: a new root) and becomes the
+    end of the kept branch: a message with another parent starts a branch beside the old one, which
+    stays stored. `origin` says where it came from (None: Ember's own chat or CLI; `api`: `ember serve`) and
     `client` which program sent it (an HTTP User-Agent, cut to CLIENT_CHARS).
     """
     if role not in ROLES:
@@ -92,13 +183,24 @@ def add_message(db: sqlite_utils.Database, conversation_id: int, role: str, cont
     conversation = get_conversation(db, conversation_id)
     stamp = now()
     with transaction(db):
+        start = _kept_start(db, conversation_id)
+        leaf = _path(db, start)[-1] if start is not None else None
+        if parent_id == "kept":
+            parent_id = leaf
+        elif parent_id is not None and not db.execute(
+                "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?", [parent_id, conversation_id]).fetchone():
+            raise NotFound(f"no message {parent_id} in conversation {conversation_id}")
         message_id = db["messages"].insert({
             "conversation_id": conversation_id, "role": role, "content": content, "created": stamp,
             "model": model, "route": route, "adapter_id": adapter_id, "status": status,
             "writer_pid": os.getpid() if status == "generating" else None,
             "tokens": tokens, "seconds": seconds, "origin": origin,
-            "client": client[:CLIENT_CHARS] if client else None,
+            "client": client[:CLIENT_CHARS] if client else None, "parent_id": parent_id,
         }).last_pk
+        if parent_id == leaf:   # the kept branch grows by one: nothing leaves it
+            db.execute("UPDATE conversations SET current_id = ? WHERE id = ?", [message_id, conversation_id])
+        else:
+            _keep(db, conversation_id, message_id)
         changes = {"updated": stamp}
         if role == "user" and conversation["title"] == NEW_TITLE:
             changes["title"] = title_from(content) or NEW_TITLE
@@ -419,7 +521,8 @@ def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:
 
     With what `ember import` needs to read it back losslessly: whether the conversation is excluded from
     learning, each reply's rating and edit (`rating`, `edit`, only when the user gave them), and for
-    imported ones the source's ids and the import they came from."""
+    imported ones the source's ids and the import they came from. Every branch is there: each message
+    names the one it follows (`parent_id`), and `current_id` the end of the branch the user kept."""
     excluded = {r[0] for r in db.execute("""
         SELECT conversation_id FROM feedback f WHERE kind = 'exclude' AND id = (
             SELECT MAX(id) FROM feedback g WHERE g.conversation_id = f.conversation_id
@@ -441,7 +544,7 @@ def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:
             conv["source"] = imports.get(stored.get("import_id"))
         rows = messages(db, conv["id"])
         conv["messages"] = [
-            {k: row[k] for k in ("id", "role", "content", "created", "status", "model", "route",
+            {k: row[k] for k in ("id", "parent_id", "role", "content", "created", "status", "model", "route",
                                  "adapter_id", "tokens", "seconds")}
             | ({"external_id": row["external_id"]} if row.get("external_id") else {})
             | said.get(row["id"], {})

@@ -51,6 +51,7 @@ class ImportedMessage:
     seconds: float | None = None
     rating: str | None = None       # the user's rating of a reply (up | down), Ember's export only
     edit: str | None = None         # the user's correction of a reply, Ember's export only
+    parent_external_id: str | None = None   # the message it follows, in a source that keeps the tree
 
 
 @dataclasses.dataclass
@@ -63,6 +64,10 @@ class ImportedConversation:
     created: str | None = None
     updated: str | None = None
     excluded: bool | None = None    # the source's own say on learning (Ember's export); None: not said
+    # A source that keeps every branch (Ember's export) says which message each follows and where the
+    # kept branch ends; any other source is one line, each message following the one before it.
+    tree: bool = False
+    current_external_id: str | None = None
 
 
 def content_hash(role: str, content: str) -> str:
@@ -110,18 +115,38 @@ def _excluded(db: sqlite_utils.Database, conversation_id: int) -> bool:
 
 
 def _insert_messages(db: sqlite_utils.Database, conversation_id: int, import_id: int | None,
-                     messages: Sequence[ImportedMessage], fallback_time: str) -> None:
+                     messages: Sequence[ImportedMessage], fallback_time: str, *, tree: bool = False,
+                     known: dict[str, int] | None = None, last: int | None = None) -> int | None:
+    """Insert `messages`, each following its parent (`tree`: by the source's ids, mapped through
+    `known`, external id → stored id) or the message before it (the first after `last`). Returns the
+    id of the last one inserted (or `last`)."""
+    known = {} if known is None else known
     for m in messages:
+        parent = known.get(m.parent_external_id) if tree else last
         message_id = db.execute(
             "INSERT INTO messages (conversation_id, role, content, created, model, status, route, adapter_id, "
-            "tokens, seconds, import_id, external_id, content_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "tokens, seconds, import_id, external_id, content_hash, parent_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [conversation_id, m.role, m.content, m.created or fallback_time, m.model, m.status, m.route,
-             m.adapter_id, m.tokens, m.seconds, import_id, m.external_id, content_hash(m.role, m.content)]).lastrowid
+             m.adapter_id, m.tokens, m.seconds, import_id, m.external_id, content_hash(m.role, m.content),
+             parent]).lastrowid
+        known[m.external_id] = last = message_id
         # The user's say on a reply comes back with it (what learning counts as approved).
         for kind, content in ((m.rating, None), ("edit" if m.edit is not None else None, m.edit)):
             if kind is not None:
                 db.execute("INSERT INTO feedback (conversation_id, message_id, kind, content, created) "
                            "VALUES (?, ?, ?, ?, ?)", [conversation_id, message_id, kind, content, now()])
+    return last
+
+
+def _set_current(db: sqlite_utils.Database, conversation_id: int, conv: ImportedConversation,
+                 known: dict[str, int], last: int | None) -> None:
+    """The kept branch ends where the source says (a tree), else at the newest message."""
+    current = known.get(conv.current_external_id) if conv.tree else None
+    if current is None:
+        current = last
+    if current is not None:
+        db.execute("UPDATE conversations SET current_id = ? WHERE id = ?", [current, conversation_id])
 
 
 def merge_conversation(db: sqlite_utils.Database, import_id: int | None, conv: ImportedConversation, *,
@@ -151,7 +176,9 @@ def merge_conversation(db: sqlite_utils.Database, import_id: int | None, conv: I
         conversation_id = db.execute(
             "INSERT INTO conversations (title, created, updated, import_id, external_id) VALUES (?, ?, ?, ?, ?)",
             [title, created, updated, import_id, conv.external_id]).lastrowid
-        _insert_messages(db, conversation_id, import_id, conv.messages, created)
+        known: dict[str, int] = {}
+        last = _insert_messages(db, conversation_id, import_id, conv.messages, created, tree=conv.tree, known=known)
+        _set_current(db, conversation_id, conv, known, last)
         if not learn and conv.excluded is not False:
             _exclude(db, conversation_id, "exclude")
         return counts
@@ -183,7 +210,11 @@ def merge_conversation(db: sqlite_utils.Database, import_id: int | None, conv: I
     if removed:
         # Deleting drops the messages' memories and taints adapters trained on them (triggers).
         db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(removed)])
-    _insert_messages(db, conversation_id, import_id, added, created)
+    known = {ext: mid for mid, ext, _ in stored[:same] if ext is not None}
+    last = _insert_messages(db, conversation_id, import_id, added, created, tree=conv.tree, known=known,
+                            last=stored[same - 1][0] if same else None)
+    if added or removed or conv.tree:
+        _set_current(db, conversation_id, conv, known, last)
     if counts["conversations_updated"] or owner != import_id:
         db.execute("UPDATE conversations SET title = ?, updated = ?, import_id = ? WHERE id = ?",
                    [title, updated, import_id, conversation_id])

@@ -60,7 +60,8 @@ def _insert_chunks(db: sqlite_utils.Database, source: str, source_id: str, text:
 
 
 def sync_messages(db: sqlite_utils.Database, batch: int = 2000) -> int:
-    """Chunk every finished message not yet in memory (new ones, and edited ones); return how many.
+    """Chunk every finished message on a kept branch not yet in memory (new ones, edited ones, and
+    ones whose branch was chosen again); return how many looked at.
 
     Works in batches of `batch` messages, each its own transaction, so an import of thousands of
     conversations is indexed in bounded memory. A reply's sentences copied from the memories it was
@@ -75,8 +76,14 @@ def sync_messages(db: sqlite_utils.Database, batch: int = 2000) -> int:
             ORDER BY m.id LIMIT ?""", [after, batch]))
         if not pending:
             return done
+        kept: dict[int, set[int]] = {}   # only the branch the user kept becomes memory
+        for m in pending:
+            if m["conversation_id"] not in kept:
+                kept[m["conversation_id"]] = convs.branch_ids(db, m["conversation_id"])
         with transaction(db):
             for m in pending:
+                if m["id"] not in kept[m["conversation_id"]]:
+                    continue
                 text = m["content"]
                 if m["role"] == "assistant":
                     text = without_copies(text, [row["text"] for row in reply_memories(db, m["id"])])

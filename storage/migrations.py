@@ -437,3 +437,29 @@ def m013_personas(db: sqlite_utils.Database) -> None:
         CREATE UNIQUE INDEX idx_personas_default ON personas (is_default) WHERE is_default = 1;
         ALTER TABLE conversations ADD COLUMN persona_id INTEGER REFERENCES personas(id) ON DELETE SET NULL;
     """)
+
+
+@migration
+def m014_message_tree(db: sqlite_utils.Database) -> None:
+    """Regenerate and edit make a conversation a tree: `parent_id` is the message a message follows
+    (NULL: the conversation's first), and `conversations.current_id` is the leaf of the branch the user
+    kept, whose path to the root is what history, memory, learning and the model read.
+
+    Earlier conversations were one line: each message follows the one before it, and the kept branch
+    ends at the newest. Forgetting a message re-links its children to its parent (and moves the kept
+    leaf up), so no delete path can leave a branch cut in two.
+    """
+    db.executescript("""
+        ALTER TABLE messages ADD COLUMN parent_id INTEGER;
+        ALTER TABLE conversations ADD COLUMN current_id INTEGER;
+        UPDATE messages SET parent_id = (
+            SELECT MAX(p.id) FROM messages p WHERE p.conversation_id = messages.conversation_id AND p.id < messages.id);
+        UPDATE conversations SET current_id = (SELECT MAX(m.id) FROM messages m WHERE m.conversation_id = conversations.id);
+        CREATE INDEX idx_messages_parent ON messages (parent_id) WHERE parent_id IS NOT NULL;
+        CREATE TRIGGER messages_tree_ad AFTER DELETE ON messages BEGIN
+            UPDATE messages SET parent_id = old.parent_id WHERE parent_id = old.id;
+            UPDATE conversations SET current_id = COALESCE(old.parent_id, (
+                SELECT MAX(m.id) FROM messages m WHERE m.conversation_id = old.conversation_id AND m.parent_id IS NULL))
+            WHERE current_id = old.id;
+        END;
+    """)

@@ -127,3 +127,21 @@ def sources(db: sqlite_utils.Database, adapter_id: str) -> list[dict[str, Any]]:
 def tainted_count(db: sqlite_utils.Database) -> int:
     """How many adapters are withdrawn because their data was forgotten."""
     return db["adapters"].count_where("status = 'tainted'")
+
+
+def learned_from(db: sqlite_utils.Database, adapter_id: str) -> list[dict[str, Any]]:
+    """The conversations an adapter was trained (or evaluated) on, by lineage: id, title and how many
+    of their messages it read, newest conversation first."""
+    get(db, adapter_id)
+    return [dict(r) for r in db.query("""
+        SELECT c.id, c.title, COUNT(*) AS messages FROM adapter_sources s
+        JOIN messages m ON m.id = s.message_id JOIN conversations c ON c.id = m.conversation_id
+        WHERE s.adapter_id = ? GROUP BY c.id ORDER BY c.updated DESC, c.id DESC""", [adapter_id])]
+
+
+def trained_on_conversation(db: sqlite_utils.Database, conversation_id: int) -> list[str]:
+    """Adapters not yet tainted that read any message of this conversation (forgetting it taints them)."""
+    return [r[0] for r in db.execute("""
+        SELECT DISTINCT s.adapter_id FROM adapter_sources s JOIN messages m ON m.id = s.message_id
+        JOIN adapters a ON a.id = s.adapter_id
+        WHERE m.conversation_id = ? AND a.status != 'tainted' ORDER BY s.adapter_id""", [conversation_id])]

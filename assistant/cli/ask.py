@@ -56,20 +56,30 @@ def _warn(warning: str) -> None:
 @click.option("--persona", default=None,
               help="Ask persona NAME (`ember persona list`; 'none': no persona). Default: the "
                    "conversation's, or for a new one the default persona.")
+@click.option("--regenerate", "regenerate", type=int, default=None, metavar="REPLY_ID",
+              help="Answer the question of this reply again; the old reply stays as an alternative "
+                   "(no PROMPT).")
+@click.option("--edit", "instead_of", type=int, default=None, metavar="MESSAGE_ID",
+              help="PROMPT replaces your earlier message MESSAGE_ID: a new branch from there; the old "
+                   "one stays.")
 @click.option("--why", is_flag=True, help="Also say why the router chose the route (on stderr).")
 @model_option
 @json_option
-def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, persona, why, model,
-        as_json):
+def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, persona, regenerate, instead_of,
+        why, model, as_json):
     """Answer PROMPT (or standard input when PROMPT is '-' or omitted)."""
-    if prompt is None or prompt == "-":
+    if regenerate is not None:
+        if prompt is not None:
+            raise InvalidInput("--regenerate asks the reply's own question again; give no PROMPT")
+    elif prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise InvalidInput("no prompt: pass it as an argument or pipe it on standard input")
         prompt = read_stdin()
     settings = settings_from(model=model)
     signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill still marks the reply
-    request = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "temperature": temperature,
-               "log": not no_log, "conversation_id": conversation_id, "route": route, "persona": persona}
+    request = {"prompt": prompt or "", "max_tokens": max_tokens, "seed": seed, "temperature": temperature,
+               "log": not no_log, "conversation_id": conversation_id, "route": route, "persona": persona,
+               "regenerate": regenerate, "instead_of": instead_of}
     try:
         report = resident.ask(settings, request, on_piece=None if as_json else _show, on_warning=_warn)
     except resident.Unavailable:
@@ -80,14 +90,15 @@ def ask(prompt, max_tokens, seed, temperature, no_log, conversation_id, route, p
 def _answer_here(settings: Any, request: dict[str, Any], as_json: bool) -> dict[str, Any]:
     """Load the model in this process and answer; returns `Exchange.report()`."""
     from assistant.cli.common import open_store
-    from assistant.conversation import log_question, respond, sync_adapter
+    from assistant.conversation import ask_question, respond, sync_adapter
     from assistant.engine import Engine
     from assistant.retrieval import retriever_for
 
     db = open_store(settings)
     # Log first: the question is committed before the model loads, so no crash or kill can lose it.
-    question = log_question(db, request["prompt"], conversation_id=request["conversation_id"], log=request["log"],
-                            persona=request["persona"])
+    question = ask_question(db, request["prompt"], conversation_id=request["conversation_id"], log=request["log"],
+                            persona=request["persona"], regenerate=request["regenerate"],
+                            instead_of=request["instead_of"])
     engine = Engine(settings.model_path, n_ctx=settings.n_ctx, n_threads=settings.threads,
                     seed=settings.seed or 0, cache_dir=settings.cache_dir)
     warning = sync_adapter(db, engine)

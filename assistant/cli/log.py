@@ -21,11 +21,25 @@ from storage import conversations as convs
 @click.option("--conversation", "conversation_id", type=int, default=None,
               help="Show this conversation's messages in full.")
 @click.option("--search", "query", default=None, help="Find messages containing these words.")
+@click.option("--choose", "choose", type=int, default=None, metavar="MESSAGE_ID",
+              help="Keep the branch through this message (an alternative reply, or an edit of yours), "
+                   "and show its conversation.")
+@click.option("--context", "context_of", type=int, default=None, metavar="REPLY_ID",
+              help="What the model saw for this reply: tokens of the system prompt, memories, history kept "
+                   "and dropped, the question, and the room left (loads the model to count).")
 @model_option
 @json_option
-def history(limit, conversation_id, query, model, as_json):
-    """Conversations and their messages."""
-    db = open_store(settings_from(model=model))
+def history(limit, conversation_id, query, choose, context_of, model, as_json):
+    """Conversations and their messages.
+
+    The text shows each conversation's kept branch (a message with alternatives is marked `[2/3]`);
+    `--json` gives every message, each with the `parent_id` it follows, `current_id` (where the kept
+    branch ends) and `branch` (the kept branch's message ids, oldest first).
+    """
+    settings = settings_from(model=model)
+    db = open_store(settings)
+    if context_of is not None:
+        return _context(db, settings, context_of, as_json)
     if query is not None:
         hits = convs.search_messages(db, query, limit=limit)
         if as_json:
@@ -34,31 +48,75 @@ def history(limit, conversation_id, query, model, as_json):
             click.echo(f"#{hit['conversation_id']} {display_title(hit['title'])}  "
                        f"[{hit['role']} {hit['message_id']}] {one_line(hit['snippet'])}")
         return None
+    if choose is not None:
+        convs.choose(db, choose)
+        conversation_id = db["messages"].get(choose)["conversation_id"]
     chosen = ([convs.get_conversation(db, conversation_id)] if conversation_id is not None
               else convs.list_conversations(db, limit=limit))
-    result = [dict(c, messages=convs.messages(db, c["id"])) for c in chosen]
+    result = []
+    for c in chosen:
+        kept = convs.branch(db, c["id"])
+        result.append(dict(c, messages=convs.messages(db, c["id"]), branch=[m["id"] for m in kept],
+                           kept=kept))
     if as_json:
-        return print_json(result)
+        return print_json([{k: v for k, v in conv.items() if k != "kept"} for conv in result])
     if not result:
         click.echo("No conversations yet. Start one with `ember chat` or `ember ask`.")
     for conv in result:
+        others = len(conv["messages"]) - len(conv["kept"])
+        more = f", {others} on other branches" if others else ""
         click.secho(f"#{conv['id']} {display_title(conv['title'])}  ({display_time(conv['updated'])}, "
-                    f"{len(conv['messages'])} messages)", bold=True)
-        shown = conv["messages"] if conversation_id is not None else conv["messages"][-2:]
+                    f"{len(conv['kept'])} messages{more})", bold=True)
+        shown = conv["kept"] if conversation_id is not None else conv["kept"][-2:]
         for msg in shown:
             mark = "" if msg["status"] == "complete" else f" [{msg['status']}]"
+            if msg["alternatives"] > 1:
+                mark += f" [{msg['alternative']}/{msg['alternatives']}]"
             text = msg["content"] if conversation_id is not None else one_line(msg["content"])[:100]
             click.echo(f"  {msg['role']:>9} {msg['id']}{mark}: {text}")
     return None
 
 
+def _context(db, settings, reply_id: int, as_json: bool) -> None:
+    """`ember history --context REPLY_ID`: the reply's context window, by part."""
+    from assistant.context_view import of_reply
+    from assistant.engine import Engine
+
+    convs.select_message(db, reply_id)   # NotFound before the model loads
+    engine = Engine(settings.model_path, n_ctx=settings.n_ctx, n_threads=settings.threads,
+                    seed=settings.seed or 0, cache_dir=settings.cache_dir)
+    found = of_reply(db, engine, settings, reply_id)
+    if as_json:
+        return print_json(found.as_json())
+    click.echo(f"context of reply {reply_id}: {found.prompt:,} of {found.n_ctx:,} tokens")
+    for part in ("system", "memories", "history", "question"):
+        extra = f" ({found.history_messages} messages)" if part == "history" else ""
+        click.echo(f"  {part:<9} {getattr(found, part):>6,}{extra}")
+    used = "" if found.reply is None else f", {found.reply:,} used"
+    click.echo(f"  {'reply':<9} {found.free:>6,} left ({found.reserved:,} kept for it{used})")
+    if found.dropped_messages:
+        click.echo(f"  dropped   {found.dropped_tokens:>6,} ({found.dropped_messages} older messages that no longer fit; "
+                   "they are in memory)")
+    return None
+
+
+def kept_branch(conv: dict) -> list[dict]:
+    """An exported conversation's kept branch: from `current_id` up by `parent_id`, root first."""
+    by_id = {m["id"]: m for m in conv["messages"]}
+    path, node = [], conv.get("current_id")
+    while node in by_id and len(path) <= len(by_id):
+        path.append(by_id[node])
+        node = by_id[node].get("parent_id")
+    return path[::-1]
+
+
 def to_markdown(conversations: list[dict]) -> str:
-    """The log as a readable Markdown document."""
+    """The log as a readable Markdown document: each conversation's kept branch."""
     lines = ["# Ember conversations", ""]
     for conv in conversations:
         lines += [f"## {display_title(conv['title'])}", "",
                   f"*Conversation {conv['id']}, started {display_time(conv['created'])}*", ""]
-        for msg in conv["messages"]:
+        for msg in kept_branch(conv):
             mark = "" if msg["status"] == "complete" else f" ({msg['status']})"
             lines += [f"**{msg['role']}**{mark} — {display_time(msg['created'])}", "", msg["content"], ""]
     return "\n".join(lines)
@@ -77,7 +135,7 @@ def export(fmt, output, model, as_json):
     if as_json:
         fmt = "json"
     if fmt == "json":
-        text = json.dumps({"format": "ember-export", "version": 1,
+        text = json.dumps({"format": "ember-export", "version": 2,
                            "exported": convs.now(), "conversations": conversations},
                           ensure_ascii=False, indent=2) + "\n"
     else:

@@ -120,6 +120,9 @@ def ember(export: Export, obj: Any, place: str) -> ImportedConversation | Proble
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or "id" not in obj:
         return Problem(name, place, "needs `id` and a list of `messages`")
     messages = []
+    # Every branch comes back: each message names the one it follows by its id in the export.
+    tree = any(isinstance(m, dict) and "parent_id" in m for m in obj["messages"])
+    external: dict = {}
     for number, m in enumerate(obj["messages"], start=1):
         if (not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system")
                 or not isinstance(m.get("content"), str)):
@@ -130,13 +133,20 @@ def ember(export: Export, obj: Any, place: str) -> ImportedConversation | Proble
             return Problem(name, f"{place} (id {obj['id']}), message {number}",
                            "a `rating` (up or down) or an `edit` belongs to an assistant reply")
         extra.update({k: m[k] for k in ("rating", "edit") if m.get(k) is not None})
-        messages.append(ImportedMessage(external_id=str(m.get("external_id") or f"ember:{m.get('id', number)}"),
-                                        role=m["role"], content=m["content"], created=m.get("created"),
-                                        model=m.get("model"), **extra))
+        ident = str(m.get("external_id") or f"ember:{m.get('id', number)}")
+        parent = m.get("parent_id")
+        if tree and parent is not None and parent not in external:
+            return Problem(name, f"{place} (id {obj['id']}), message {number}",
+                           f"`parent_id` {parent} is not an earlier message of this conversation")
+        external[m.get("id", number)] = ident
+        messages.append(ImportedMessage(external_id=ident, role=m["role"], content=m["content"],
+                                        created=m.get("created"), model=m.get("model"),
+                                        parent_external_id=external.get(parent), **extra))
     # A conversation first imported from another app keeps that app's id, so re-importing the app's own
     # export later still finds it; Ember's own conversations are keyed by their id and start time.
     ident = obj.get("external_id") or f"ember:{obj['id']}:{obj.get('created')}"
     excluded = obj.get("excluded")
     return ImportedConversation(external_id=ident, title=obj.get("title"), messages=messages,
                                 created=obj.get("created"), updated=obj.get("updated"),
-                                excluded=excluded if isinstance(excluded, bool) else None)
+                                excluded=excluded if isinstance(excluded, bool) else None,
+                                tree=tree, current_external_id=external.get(obj.get("current_id")))

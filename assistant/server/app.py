@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from assistant import resident
 from assistant.config import ROUTES, Settings
-from assistant.conversation import Exchange, log_question
+from assistant.conversation import Exchange, ask_question, log_question
 from assistant.errors import DatabaseLocked, EmberError, InvalidInput, NotFound, PromptTooLong, RouteUnavailable
 from assistant.server import protocol
 from assistant.server.protocol import ApiError
@@ -273,8 +273,9 @@ def create_app(settings: Settings, options: ServeOptions) -> FastAPI:
         def commit():   # log first, as `ember ask` in-process: from the CLI, not the API
             with log_lock:
                 db = connections(settings.home, busy_timeout_ms=settings.busy_timeout_ms).get("api")
-                return log_question(db, body["prompt"], conversation_id=body.get("conversation_id"),
-                                    log=body.get("log", True), persona=body.get("persona"))
+                return ask_question(db, body["prompt"], conversation_id=body.get("conversation_id"),
+                                    log=body.get("log", True), persona=body.get("persona"),
+                                    regenerate=body.get("regenerate"), instead_of=body.get("instead_of"))
 
         if await request.is_disconnected():
             # The CLI gave up waiting (a stopped or stalled server) and answered in-process: storing
@@ -307,6 +308,9 @@ def check_ask(body: dict[str, Any]) -> None:
         value = body.get(name)
         if name not in body or not isinstance(value, kind) or (isinstance(value, bool) and bool not in kind):
             raise protocol.bad(f"{name} is missing or of the wrong type", name)
+    for name in ("regenerate", "instead_of"):   # optional: a branch's message id
+        if not isinstance(body.get(name), (int, type(None))) or isinstance(body.get(name), bool):
+            raise protocol.bad(f"{name} is of the wrong type", name)
     if body["route"] is not None and body["route"] not in ROUTES:
         raise protocol.bad(f"route must be one of {', '.join(ROUTES)}", "route")
 

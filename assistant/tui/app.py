@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from textual import events, work
 from textual.app import App, SystemCommand
+from textual.binding import Binding
 from textual.screen import Screen
 
 from assistant.config import Settings
@@ -39,6 +40,9 @@ class EmberApp(App):
 
     CSS_PATH = "ember.tcss"
     TITLE = "Ember"
+    # Quit in the footer (Textual hides it by default); the chat screen's keys come before it.
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True,
+                        tooltip="Leave Ember (a reply being written is kept, marked cancelled)")]
 
     def __init__(self, settings: Settings, *, conversation_id: int | None = None, incognito: bool = False,
                  engine: Engine | None = None, embedder: Embedder | None = None) -> None:

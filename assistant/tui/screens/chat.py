@@ -14,8 +14,11 @@ from assistant.conversation import resolve_route, with_persona
 from assistant.engine import Message
 from assistant.display import display_title, one_line
 from assistant.tui.errors import shows_errors
+from assistant.tui.screens.chat_branches import BranchActions
+from assistant.tui.screens.chat_context import ContextActions
 from assistant.tui.screens.chat_feedback import FeedbackActions
 from assistant.tui.screens.chat_reply import BUSY, ReplyActions
+from assistant.tui.screens.help import PROMPT_KEYS, HelpScreen, keys_of
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
 from assistant.tui.screens.persona import PersonaScreen
 from assistant.tui.screens.search import SearchScreen
@@ -35,9 +38,20 @@ ACTIONS = [
     ("toggle_incognito", "Incognito conversation on/off",
      "Start a conversation that is saved nowhere (again: back to a normal one)"),
     ("choose_persona", "Choose persona", "Pick the persona of this conversation, or the default for new ones"),
+    ("help", "Help: every key", "List every key of the chat"),
+    ("learning", "Learning", "Adapters, the privacy budget spent, training curves, what each adapter learned "
+                             "from, the daemon; adapt now"),
+    ("toggle_context", "Show the reply's context",
+     "What the model saw for the last reply: system prompt, memories, history kept and dropped, room left"),
     ("rename_conversation", "Rename conversation", "Give the open conversation a new title"),
     ("delete_conversation", "Delete conversation", "Delete the open conversation and its messages"),
     ("cancel_reply", "Cancel reply", "Stop the reply being written; the partial reply is kept"),
+    ("regenerate", "Regenerate reply", "Answer the last question again; the old reply stays as an alternative"),
+    ("previous_alternative", "Previous alternative",
+     "Show the previous alternative of the last reply (or of the focused message)"),
+    ("next_alternative", "Next alternative", "Show the next alternative of the last reply (or of the focused message)"),
+    ("edit_message", "Edit my message (new branch)",
+     "Edit your last message (or the focused one); the conversation goes on from the edit, the old branch stays"),
     ("copy_last_reply", "Copy last reply", "Copy Ember's last reply to the clipboard"),
     ("search", "Search conversations", "Find words in every past conversation"),
     ("toggle_sidebar", "Toggle conversation list", "Show or hide the list of conversations"),
@@ -52,27 +66,38 @@ ACTIONS = [
 ]
 
 
-class ChatScreen(ReplyActions, FeedbackActions):
+class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions):
     """Chat with the model; every exchange is logged as it happens (sending and streaming: `ReplyActions`;
     feedback: `FeedbackActions`)."""
 
-    # Most used first: a narrow footer cuts off the last ones (all are in the palette, Ctrl+P).
+    # The footer shows the most used keys, quit included, and fits in 100 columns; F1 lists every key,
+    # and every action is in the palette (Ctrl+P).
     BINDINGS = [
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("escape", "cancel_reply", "Cancel reply"),   # shown while a reply is being written
-        Binding("f3", "toggle_memory", "Memory"),
-        Binding("f2", "why_route", "Why", tooltip="Why the last reply took its route"),
+        Binding("ctrl+g", "regenerate", "Regenerate", tooltip="Answer again; the old reply stays as an alternative"),
         Binding("f5", "rate_up", "Good", tooltip="Rate the last reply up (again: clear the rating)"),
         Binding("f6", "rate_down", "Bad", tooltip="Rate the last reply down (again: clear the rating)"),
         Binding("f7", "edit_reply", "Edit", tooltip="Edit the last reply into what you wanted"),
-        Binding("f4", "toggle_exclude", "Exclude", tooltip="Keep this conversation out of learning"),
-        Binding("ctrl+y", "copy_last_reply", "Copy"),
-        Binding("ctrl+f", "search", "Search"),
-        Binding("ctrl+r", "rename_conversation", "Rename"),
-        Binding("f8", "delete_conversation", "Delete"),
-        Binding("ctrl+b", "toggle_sidebar", "Sidebar"),
-        Binding("f9", "toggle_incognito", "Incognito", tooltip="A conversation saved nowhere"),
-        Binding("ctrl+t", "choose_persona", "Persona", tooltip="The persona of this conversation"),
+        Binding("ctrl+f", "search", "Search", tooltip="Search every past conversation"),
+        Binding("f1", "help", "Help", tooltip="Every key, in one table"),
+        Binding("alt+left", "previous_alternative", "Previous alternative", show=False,
+                tooltip="The last reply's previous alternative"),
+        Binding("alt+right", "next_alternative", "Next alternative", show=False,
+                tooltip="The last reply's next alternative"),
+        Binding("ctrl+l", "learning", "Learning", show=False,
+                tooltip="What Ember learned, from what, at what privacy cost; adapt now"),
+        Binding("ctrl+o", "toggle_context", "Context", show=False,
+                tooltip="What the model saw for the last (or focused) reply: tokens by part"),
+        Binding("f3", "toggle_memory", "Memory", show=False, tooltip="Memory: auto / on / off"),
+        Binding("f2", "why_route", "Why", show=False, tooltip="Why the last reply took its route"),
+        Binding("f4", "toggle_exclude", "Exclude", show=False, tooltip="Keep this conversation out of learning"),
+        Binding("ctrl+y", "copy_last_reply", "Copy", show=False, tooltip="Copy the last reply"),
+        Binding("ctrl+r", "rename_conversation", "Rename", show=False, tooltip="Rename the conversation"),
+        Binding("f8", "delete_conversation", "Delete", show=False, tooltip="Delete the conversation"),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False, tooltip="Show or hide the conversation list"),
+        Binding("f9", "toggle_incognito", "Incognito", show=False, tooltip="A conversation saved nowhere"),
+        Binding("ctrl+t", "choose_persona", "Persona", show=False, tooltip="The persona of this conversation"),
     ]
 
     def __init__(self, conversation_id: int | None = None, *, incognito: bool = False) -> None:
@@ -170,8 +195,9 @@ class ChatScreen(ReplyActions, FeedbackActions):
                                       memories=memory.reply_memories(self.app.db, m["id"])
                                       if m["route"] in ("rag", "both") else None,
                                       rating=said.get(m["id"], {}).get("rating"),
-                                      edit=said.get(m["id"], {}).get("edit"))
-                          for m in convs.messages(self.app.db, conversation_id))
+                                      edit=said.get(m["id"], {}).get("edit"),
+                                      alternative=m["alternative"], alternatives=m["alternatives"])
+                          for m in convs.branch(self.app.db, conversation_id))   # the branch kept
         log.scroll_end(animate=False)
         log.anchor()
 
@@ -394,6 +420,21 @@ class ChatScreen(ReplyActions, FeedbackActions):
                 return
             self.open_conversation(self.conversation_id)
             self.refresh_sidebar()
+
+    def action_help(self) -> None:
+        """Show every key: the chat's, a focused message's, the prompt's and the app's."""
+        self.app.push_screen(HelpScreen([
+            ("chat", keys_of(self.BINDINGS)),
+            ("a focused message", keys_of(MessageView.BINDINGS)),
+            ("prompt", PROMPT_KEYS),
+            ("app", [("ctrl+p", "Command palette: every action, themes too"), *keys_of(self.app.BINDINGS)]),
+        ]))
+
+    def action_learning(self) -> None:
+        """Open the Learning screen."""
+        from assistant.tui.screens.learning import LearningScreen   # plotext: only when it is opened
+
+        self.app.push_screen(LearningScreen())
 
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one(ConversationList)

@@ -28,6 +28,7 @@ from assistant.tui.errors import shows_errors
 from assistant.tui.widgets.message import DroppedNote, MessageView
 from assistant.tui.widgets.prompt import PromptInput
 from assistant.tui.widgets.status_line import StatusLine
+from storage import conversations as convs
 
 PAINT_INTERVAL = 0.1   # seconds between repaints of a streaming reply
 BUSY = "Ember is still replying; Esc cancels the reply."
@@ -85,9 +86,15 @@ class ReplyActions(Screen):
                                     persona=self.persona_asked)
             self.conversation_id = question.conversation_id
         event.prompt.take(text)
+        self.begin_reply(question, show_question=True)
+
+    def begin_reply(self, question: Question, *, show_question: bool = False) -> None:
+        """Show the reply to `question` (already committed) as it streams; `show_question` shows the
+        question above it first."""
         log = self.query_one("#log", VerticalScroll)
         reply = MessageView("assistant", status="generating")
-        log.mount_all([MessageView("user", text, message_id=question.message_id), reply])
+        shown = [MessageView("user", question.text, message_id=question.message_id)] if show_question else []
+        log.mount_all([*shown, reply])
         log.anchor()
         self.cancel = threading.Event()
         self.refresh_bindings()
@@ -165,7 +172,7 @@ class ReplyActions(Screen):
                                  f"internal error: {type(err).__name__}: {err} (EMBER_DEBUG=1 for details)")
         else:
             flush()
-            app.call_from_thread(self._reply_done, view, exchange)
+            app.call_from_thread(self._reply_done, view, exchange, question)
 
     async def on_reply_piece(self, message: ReplyPiece) -> None:
         if message.view.is_attached:
@@ -173,10 +180,14 @@ class ReplyActions(Screen):
             await message.view.append(message.piece)
 
     @shows_errors
-    async def _reply_done(self, view: MessageView, exchange: Exchange) -> None:
+    async def _reply_done(self, view: MessageView, exchange: Exchange, question: Question) -> None:
         self.cancel = None
         self.refresh_bindings()
         view.message_id, view.route, view.adapter = exchange.message_id, exchange.route, exchange.adapter
+        view.asked = (question, exchange.memories, exchange.tokens)   # for its context view (Ctrl+O)
+        if exchange.message_id is not None:   # a regenerated reply stands beside the ones before it
+            ids = convs.alternatives(self.app.db, exchange.message_id)
+            view.set_alternatives(ids.index(exchange.message_id) + 1, len(ids))
         if exchange.message_id is None and self.incognito and exchange.text:
             self.private_history.append({"role": "assistant", "content": exchange.text})
         if view.is_attached:

@@ -13,19 +13,21 @@ class EditReplyScreen(ModalScreen[str | None]):
 
     BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *, title: str = "Edit the reply into what you wanted it to say",
+                 help: str = "Ctrl+S saves, Esc cancels · the original reply stays in the log",
+                 save: str = "Save") -> None:
         super().__init__()
         self.text = text
+        self.title_text, self.help_text, self.save_label = title, help, save
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog edit-dialog"):
-            yield Label("Edit the reply into what you wanted it to say", classes="dialog-title")
+            yield Label(self.title_text, classes="dialog-title")
             yield TextArea(self.text, id="edit-text", soft_wrap=True, show_line_numbers=False)
             with Horizontal(classes="dialog-buttons"):
-                yield Button("Save", variant="primary", id="save")
+                yield Button(self.save_label, variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
-            yield Label("Ctrl+S saves, Esc cancels · the original reply stays in the log",
-                        classes="dialog-help")
+            yield Label(self.help_text, classes="dialog-help")
 
     def on_mount(self) -> None:
         area = self.query_one(TextArea)

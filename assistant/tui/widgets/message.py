@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, Collapsible, Label, Markdown, Static
@@ -48,6 +49,23 @@ class MemoryItem(Horizontal):
         self.post_message(ForgetMemory(self.memory["id"]))
 
 
+class PageAlternative(Message):
+    """The user asked for the previous (-1) or next (+1) alternative of a message."""
+
+    def __init__(self, view: "MessageView", step: int) -> None:
+        super().__init__()
+        self.view = view
+        self.step = step
+
+
+class EditMessage(Message):
+    """The user asked to edit one of their earlier messages (a new branch starts from it)."""
+
+    def __init__(self, view: "MessageView") -> None:
+        super().__init__()
+        self.view = view
+
+
 class DroppedNote(Label):
     """Above a reply: how many of the conversation's oldest messages the model no longer saw."""
 
@@ -58,14 +76,31 @@ class DroppedNote(Label):
         self.dropped = dropped
 
 
-class MessageView(Vertical):
-    """A user or assistant message; assistant replies can be streamed into it."""
+class MessageView(Vertical, can_focus=True):
+    """A user or assistant message; assistant replies can be streamed into it.
+
+    Focused (Shift+Tab from the prompt, or a click), ↑ ↓ move between messages, ← → page through a
+    message's alternatives (regenerated replies, edits of a message), Enter edits a message of the user's
+    into a new branch, and Esc goes back to the prompt.
+    """
+
+    BINDINGS = [
+        Binding("left", "page(-1)", "Previous alternative", show=False),
+        Binding("right", "page(1)", "Next alternative", show=False),
+        Binding("up", "move(-1)", "Previous message", show=False),
+        Binding("down", "move(1)", "Next message", show=False),
+        Binding("enter", "edit", "Edit (new branch)", show=False),
+        Binding("escape", "back", "Back to the prompt", show=False),
+    ]
 
     def __init__(self, role: str, content: str = "", *, status: str = "complete",
                  message_id: int | None = None, route: str | None = None, adapter: str | None = None,
                  memories: list[dict[str, Any]] | None = None, rating: str | None = None,
-                 edit: str | None = None) -> None:
+                 edit: str | None = None, alternative: int = 1, alternatives: int = 1) -> None:
         super().__init__(classes=f"message {role}")
+        self.alternative = alternative       # its place among the messages sharing its parent and role
+        self.alternatives = alternatives
+        self.asked: tuple | None = None      # (question, memories, tokens) of a reply written in this session
         self.memories = memories or []
         self.role = role
         self.content = content       # as generated (and logged)
@@ -120,6 +155,8 @@ class MessageView(Vertical):
     def _header(self) -> str:
         who = "You" if self.role == "user" else "Ember"
         parts = [who]
+        if self.alternatives > 1:
+            parts.append(f"‹ {self.alternative}/{self.alternatives} ›")
         if self.role == "assistant" and self.route:
             uses_adapter = self.route in ("adapter", "both") and self.adapter
             parts.append(f"route: {self.route}" + (f" ({short_id(self.adapter)})" if uses_adapter else ""))
@@ -135,6 +172,28 @@ class MessageView(Vertical):
         # The label, not `is_mounted`: a request that fails at once ends before the view's mount does.
         if self._header_label is not None:
             self._header_label.update(self._header())
+
+    def set_alternatives(self, alternative: int, alternatives: int) -> None:
+        """Show where this message stands among its alternatives (‹ 2/3 ›)."""
+        self.alternative, self.alternatives = alternative, alternatives
+        self._update_header()
+
+    def action_page(self, step: int) -> None:
+        self.post_message(PageAlternative(self, step))
+
+    def action_edit(self) -> None:
+        self.post_message(EditMessage(self))
+
+    def action_move(self, step: int) -> None:
+        views = list(self.screen.query(MessageView))
+        index = views.index(self) + step
+        if 0 <= index < len(views):
+            self.screen.set_focus(views[index])   # at once: the next key already goes to it
+        elif step > 0:
+            self.action_back()
+
+    def action_back(self) -> None:
+        self.screen.set_focus(self.screen.query_one("#prompt"))
 
     def set_status(self, status: str) -> None:
         """Show how the reply ended."""

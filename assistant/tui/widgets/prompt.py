@@ -3,7 +3,8 @@
 Enter sends; Shift+Enter, Alt+Enter or Ctrl+J start a new line (many terminals send Shift+Enter as a plain
 Enter; Ctrl+J is a line feed in every terminal). A bracketed paste arrives whole and keeps its lines. A paste
 without brackets arrives as keys: its line feeds are Ctrl+J, and its carriage returns are Enters followed
-at once by more text, which are taken as line breaks rather than as "send".
+at once by more text, which are taken as line breaks rather than as "send". ↑ in an empty box goes up
+to the messages (to page alternatives, or edit one of yours).
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from textual.timer import Timer
 from textual.widgets import TextArea
 
 NEWLINE_KEYS = ("shift+enter", "alt+enter", "ctrl+j")
+HINT = "Enter sends · Ctrl+J or Shift+Enter: new line · F1 keys · Ctrl+P commands"
 # An Enter followed by more keys within this time was a line break inside a paste, not "send". People
 # take far longer between pressing Enter and typing on; a terminal delivers a paste in one burst.
 PASTE_GAP = 0.05
 # Keys the chat screen binds: the text area's own bindings for them (F6 select line, F7 select all,
 # Ctrl+Y redo) would hide the screen's actions while the prompt has focus.
 SCREEN_KEYS = {"f2", "f3", "f4", "f5", "f6", "f7", "f8", "ctrl+y", "ctrl+n", "ctrl+f", "ctrl+r", "ctrl+b",
-               "f9", "ctrl+t"}
+               "f9", "ctrl+t", "ctrl+g", "alt+left", "alt+right", "f1", "ctrl+o", "ctrl+l"}
 
 
 def _without_screen_keys(bindings: list) -> list[Binding]:
@@ -52,7 +54,9 @@ class PromptInput(TextArea, inherit_bindings=False):
 
     def __init__(self) -> None:
         super().__init__(id="prompt", soft_wrap=True, show_line_numbers=False, tab_behavior="focus",
-                         placeholder="Message Ember… (Enter sends, Ctrl+J new line, Ctrl+P commands)")
+                         placeholder="Message Ember…")
+        # Always in sight, also while typing (a placeholder goes with the first key).
+        self.border_subtitle = HINT
         self._enter_at: float | None = None   # when a pending Enter was pressed
         self._submit_timer: Timer | None = None
 
@@ -76,6 +80,12 @@ class PromptInput(TextArea, inherit_bindings=False):
 
     async def _on_key(self, event: events.Key) -> None:
         # Runs before TextArea's own handler, which inserts printable keys (and a newline for Enter).
+        focused = self.screen.focused
+        if focused is not None and focused is not self and focused.has_class("message"):
+            # Typed right behind a key that moved the focus (↑ to the messages), so queued here: it is
+            # the focused widget's; left to bubble, the bindings of the focus chain as it is now take it.
+            event.prevent_default()
+            return
         if self._enter_at is not None and (event.is_printable or event.key in ("enter", *NEWLINE_KEYS)):
             pasted = event.time - self._enter_at < PASTE_GAP
             self._cancel_submit()
@@ -83,7 +93,14 @@ class PromptInput(TextArea, inherit_bindings=False):
                 self._newline()
             else:   # the loop was slow to fire the timer: the Enter still meant "send"
                 self._submit()
-        if event.key == "enter":
+        if event.key == "up" and not self.text:
+            event.stop()
+            event.prevent_default()
+            # Focus moves now, not after the queue: keys typed right behind this one go to the message.
+            messages = self.screen.query("MessageView")
+            if messages:
+                self.screen.set_focus(messages.last())
+        elif event.key == "enter":
             event.stop()
             event.prevent_default()
             self._enter_at = event.time
