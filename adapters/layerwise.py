@@ -392,8 +392,9 @@ def gains_document(trained: AdaptiveTrained, config: AdaptiveConfig) -> str:
 # ---- voting across exits (evaluation in torch) ----
 
 def exit_log_probs(model: Any, ids: Any, mask: Any, exit_layers: Sequence[int],
-                   gains: dict[int, Any] | None = None) -> Any:
-    """Next-token log-probabilities at each exit: tensor (exits, batch, tokens, vocab), float32.
+                   gains: dict[int, Any] | None = None, positions: Any | None = None) -> Any:
+    """Next-token log-probabilities at each exit: tensor (exits, batch, tokens, vocab), float32, or
+    (exits, n, vocab) at the n True places of the boolean (batch, tokens) `positions` only.
 
     Exit e = log_softmax(head(final_norm(h_e) · g_e)), h_e the output of decoder layer e (forward hooks,
     as upstream); the last layer's exit is the model's own output.
@@ -410,7 +411,7 @@ def exit_log_probs(model: Any, ids: Any, mask: Any, exit_layers: Sequence[int],
             inner(input_ids=ids, attention_mask=mask, use_cache=False)
             out = []
             for e in exit_layers:
-                h = inner.norm(caught[e])
+                h = inner.norm(caught[e] if positions is None else caught[e][positions])
                 if gains and e in gains:
                     h = h * torch.as_tensor(gains[e], dtype=h.dtype)
                 out.append(torch.log_softmax(head(h).float(), dim=-1))
@@ -433,7 +434,7 @@ def vote(log_probs: Any, how: str) -> Any:
 
 
 def voting_scores(model: Any, examples: list[Example], exit_layers: Sequence[int],
-                  gains: dict[int, Any] | None = None, batch: int = 8) -> dict[str, dict[str, float]]:
+                  gains: dict[int, Any] | None = None, batch: int = 4) -> dict[str, dict[str, float]]:
     """Next-token accuracy and mean NLL over the loss-carrying tokens of `examples`, for each exit alone,
     max-confidence voting and average voting: {name: {"accuracy", "nll", "tokens"}}."""
     torch = import_torch()
@@ -441,15 +442,16 @@ def voting_scores(model: Any, examples: list[Example], exit_layers: Sequence[int
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
         ids, mask, labels = lora._tensors(torch, chunk, max(len(e.tokens) for e in chunk))
-        lp = exit_log_probs(model, ids, mask, exit_layers, gains)[:, :, :-1]
         target = labels[:, 1:]
         where = target != -100
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = where                      # the places whose next token carries loss
+        lp = exit_log_probs(model, ids, mask, exit_layers, gains, positions=predicts)
+        gold = target[where]
         picked = {f"exit_{e}": lp[k] for k, e in enumerate(exit_layers)}
         picked["vote_max"] = vote(lp, "max")
         picked["vote_mean"] = vote(lp, "mean")
-        for name, dist in picked.items():
-            rows = dist[where]
-            gold = target[where]
+        for name, rows in picked.items():
             nll = -rows.gather(1, gold[:, None])[:, 0]
             hit = (rows.argmax(-1) == gold).float()
             t = totals.setdefault(name, [0.0, 0.0, 0.0])

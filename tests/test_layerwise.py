@@ -16,6 +16,7 @@ from adapters import dataset, export, gate, layerwise
 from adapters.base import file_sha256
 from benchmarks.synthetic_user import seed_habit_user
 from storage import ledger, registry, runs
+from assistant.config import Settings
 from storage.db import open_db
 
 # Two windows of 15 layers (exits at 14 and 29), two steps each: the whole schedule in a few seconds.
@@ -136,3 +137,22 @@ def test_ember_adapt_layers_adaptive_runs_with_dp_through_the_ledger_gate_and_re
     bad = subprocess.run([sys.executable, "-m", "assistant", "adapt", "--method", "zo", "--layers", "adaptive"],
                          capture_output=True, env=env, timeout=120)
     assert bad.returncode != 0 and b"needs --method lora" in bad.stderr and b"Traceback" not in bad.stderr
+
+
+def test_the_daemon_runs_adaptive_layers_when_they_learned_most_per_minute_here(tmp_path):
+    from assistant import adaptation
+    from assistant.daemon import choose_method
+
+    db = open_db(tmp_path / "home")
+    for run_id, method, gain in (("top", "lora", 0.2), ("adaptive", "lora-adaptive", 0.6), ("zo", "zo-llama", 0.1)):
+        registry.register(db, {"id": run_id, "path": f"/nonexistent/{run_id}.gguf", "kind": "lora", "method": "lora",
+                               "base_sha256": "abc", "base_name": "m.gguf", "status": "inactive",
+                               "eval": {"base_loss": 3.7, "heldout_loss": 3.7 - gain, "train_seconds": 60}},
+                          [], activate=False)
+        runs.start(db, run_id, method=method, steps=1, fingerprint="x")
+        runs.update(db, run_id, status="done", adapter_id=run_id, peak_rss_mb=300.0)
+    method, reason = choose_method(db, 4000, [])
+    assert method == "lora-adaptive" and "lora-adaptive learns most per minute" in reason
+    assert adaptation.flags_for(method) == {"method": "lora", "layers": "adaptive"}
+    config = adaptation.config_for(Settings(home=tmp_path / "home"), **adaptation.flags_for(method))
+    assert config.label == "lora-adaptive" and isinstance(config.lora, layerwise.AdaptiveConfig)
