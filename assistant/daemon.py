@@ -36,9 +36,9 @@ from storage import activity, ledger, runs
 from storage.db import connections
 
 LOG_NAME = "daemon.jsonl"
-# A whole `ember adapt --layers adaptive` run (DP, the default batch, gate included) on the synthetic
-# habit user of 100 conversations.
-ADAPTIVE_MB = 1500.0
+# A whole `ember adapt --layers adaptive` run (DP ε=8, batch 32, 40 steps, gate included) on the synthetic
+# habit user of 100 conversations peaked at 2,384 MB (2026-11-30, the loaded 2-core machine).
+ADAPTIVE_MB = 2390.0
 # Peak RSS of each method's run on the default model, used until this machine has finished runs of its
 # own to go by: LoRA 1,942 MB (`ember bench adapt`, DP run), torch ZO 1,457 MB (`ember bench zo`), and a
 # whole `ember adapt --method zo` run in llama.cpp, gate included, 361 MB. LoRA learns most per minute;
