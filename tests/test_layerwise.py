@@ -121,7 +121,7 @@ def test_every_windows_lora_is_exported_and_llama_cpp_applies_it(model_path, sma
 def test_ember_adapt_layers_adaptive_runs_with_dp_through_the_ledger_gate_and_registry(tmp_path, training_cache):
     home = tmp_path / "home"
     db = open_db(home)
-    seed_habit_user(db, 24)
+    seed_habit_user(db, 12)
     env = dict(os.environ, EMBER_HOME=str(home), EMBER_CACHE=str(training_cache), EMBER_THREADS="2")
     result = subprocess.run([sys.executable, "-m", "assistant", "adapt", "--layers", "adaptive", "--steps", "5",
                              "--json"], capture_output=True, env=env, timeout=900)
