@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from adapters import export, lora, privacy, zo
+from adapters import export, layerwise, lora, privacy, zo
 from adapters.dataset import Dataset
 from adapters.gate import Evaluator
 
@@ -35,6 +35,23 @@ def train_lora(model_path: Path, cache_dir: Path, data: Dataset, config: lora.Lo
                            n_head_kv=trained.n_head_kv, base_sha256=base_sha256, base_name=model_path.name,
                            architecture=export.model_architecture(model_path), extra=extra)
     return Made("lora", trained.losses, trained.seconds, dataclasses.asdict(config))
+
+
+def train_adaptive(model_path: Path, cache_dir: Path, data: Dataset, config: layerwise.AdaptiveConfig, path: Path,
+                   *, base_sha256: str, checkpoint: Path, extra: dict[str, Any],
+                   on_step: Callable[[lora.Progress], None], should_stop: Callable[[], bool] | None) -> Made | None:
+    """DP-SGD LoRA with EDGE-LLM's adaptive layer tuning (a window moving shallow → deep); None when paused.
+    Every window's LoRA goes into one GGUF; the exits and their gains into `ember.exits`."""
+    trained = layerwise.train(model_path, cache_dir, data, config, checkpoint=checkpoint, on_step=on_step,
+                              should_stop=should_stop)
+    if trained is None:
+        return None
+    export.write_lora_gguf(path, trained.weights, alpha=config.alpha, n_head=trained.n_head,
+                           n_head_kv=trained.n_head_kv, base_sha256=base_sha256, base_name=model_path.name,
+                           extra={**extra, "exits": layerwise.gains_document(trained, config)})
+    return Made("lora", trained.losses, trained.seconds,
+                {**dataclasses.asdict(config), "layers": "adaptive",
+                 "windows": [dataclasses.asdict(w) for w in trained.windows]})
 
 
 def train_zo(model_path: Path, cache_dir: Path, data: Dataset, config: zo.ZoConfig, path: Path, *,

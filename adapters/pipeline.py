@@ -40,7 +40,7 @@ class AdaptConfig:
     model_path: Path
     home: Path
     method: str = "lora"
-    lora: lora.LoraConfig = lora.LoraConfig()
+    lora: lora.LoraConfig = lora.LoraConfig()   # a layerwise.AdaptiveConfig with layers="adaptive"
     zo: zo.ZoConfig = zo.ZoConfig()
     cache: Path | None = None       # None: <home>/cache
     budget: float = 32.0            # total ε the user allows across all adapters
@@ -49,6 +49,7 @@ class AdaptConfig:
     dry_run: bool = False
     keep_facts: bool = False        # True: personal facts are trained on too, not left to memory only
     learn_from_api: bool = True     # False: conversations that came through `ember serve` are left out
+    layers: str = "top"             # lora: the top N layers, or "adaptive" (EDGE-LLM's moving window)
 
     @property
     def trainer(self) -> Any:
@@ -58,6 +59,8 @@ class AdaptConfig:
     @property
     def label(self) -> str:
         """The method as runs record it (`lora`, `zo-llama`, `zo-torch`): each needs its own memory."""
+        if self.method == "lora" and self.layers == "adaptive":
+            return "lora-adaptive"
         return f"zo-{self.zo.backend}" if self.method == "zo" else self.method
 
     @property
@@ -113,7 +116,8 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
                                                                            learn_from_api=config.learn_from_api)
     n_train = len(data.train)
     steps, plan = methods.plan(config.method, config.trainer, n_train)
-    summary = {"method": config.method, "backend": config.zo.backend if config.method == "zo" else None, "dp": plan is not None, "examples": n_train,
+    summary = {"method": config.method, "layers": config.layers if config.method == "lora" else None,
+               "backend": config.zo.backend if config.method == "zo" else None, "dp": plan is not None, "examples": n_train,
                "heldout": len(data.heldout), "kinds": datasets.counts(data.train),
                "redactions": data.redactions, "skipped": data.skipped, "steps": steps,
                "epsilon": plan.epsilon if plan else None, "delta": plan.delta if plan else None,
@@ -245,12 +249,15 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
 
     try:
         what = "LoRA" if config.method == "lora" else f"zeroth-order ({config.zo.backend})"
+        if config.label == "lora-adaptive":
+            what = f"LoRA, adaptive layers (an exit every {config.lora.stride} layers, window shallow to deep)"
         stage(f"training {what} ({'DP ε=%g' % plan.epsilon if plan else 'WITHOUT differential privacy'})")
         base_sha256 = file_sha256(config.model_path, config.cache_dir)
         adapter_id = run_id
         path = config.adapters_dir / f"{adapter_id}.gguf"
         config.adapters_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        train = methods.train_zo if config.method == "zo" else methods.train_lora
+        train = (methods.train_zo if config.method == "zo" else
+                 methods.train_adaptive if config.layers == "adaptive" else methods.train_lora)
         made = train(config.model_path, config.cache_dir, data, config.trainer, path, base_sha256=base_sha256,
                      checkpoint=checkpoint, extra={"adapter_id": adapter_id}, on_step=progress,
                      should_stop=should_stop)

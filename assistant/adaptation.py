@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 
 METHODS = ("lora", "zo")
 BACKENDS = ("llama", "torch")
+LAYERS = ("top", "adaptive")
 
 
 def config_for(settings: Settings, *, method: str = "lora", epsilon: float | None = None,
                no_dp: bool = False, steps: int | None = None, dry_run: bool = False,
-               backend: str | None = None) -> AdaptConfig:
+               backend: str | None = None, layers: str | None = None) -> AdaptConfig:
     """The pipeline's configuration from the user's settings and a run's flags; bad flags are `InvalidInput`."""
     from adapters import lora, zo
     from adapters.pipeline import AdaptConfig
@@ -38,18 +39,29 @@ def config_for(settings: Settings, *, method: str = "lora", epsilon: float | Non
         raise InvalidInput(f"--epsilon must be positive, not {epsilon:g}")
     if backend is not None and method != "zo":
         raise InvalidInput("--backend chooses where zeroth-order training runs; it needs --method zo")
+    if layers is not None and layers not in LAYERS:
+        raise InvalidInput(f"--layers must be one of {', '.join(LAYERS)}, not {layers!r}")
+    if layers is not None and method != "lora":
+        raise InvalidInput("--layers chooses which layers LoRA trains; it needs --method lora")
     private = None if no_dp else (epsilon or settings.adapt_epsilon)
     train = dataclasses.replace(lora.LoraConfig(), threads=settings.threads, steps=steps, epsilon=private)
+    if layers == "adaptive":
+        from adapters.layerwise import AdaptiveConfig
+
+        train = AdaptiveConfig(threads=settings.threads, steps=steps, epsilon=private)
     forward = zo.ZoConfig(backend=backend or settings.zo_backend, threads=settings.threads, epsilon=private,
                           steps=steps or settings.zo_steps)
     return AdaptConfig(model_path=settings.model_path, home=settings.home, cache=settings.cache_dir,
                        method=method, lora=train, zo=forward,
                        budget=settings.privacy_budget, threads=settings.threads, dry_run=dry_run,
-                       learn_from_api=settings.learn_from_api)
+                       learn_from_api=settings.learn_from_api, layers=layers or "top")
 
 
 def flags_for(label: str) -> dict[str, str]:
-    """The flags of a method as runs record it (`lora`, `zo-llama`, `zo-torch`), for `config_for`/`run`."""
+    """The flags of a method as runs record it (`lora`, `lora-adaptive`, `zo-llama`, `zo-torch`), for
+    `config_for`/`run`."""
+    if label == "lora-adaptive":
+        return {"method": "lora", "layers": "adaptive"}
     method, _, backend = label.partition("-")
     if method not in METHODS or (backend and (method != "zo" or backend not in BACKENDS)):
         raise InvalidInput(f"unknown adaptation method {label!r}")
@@ -58,14 +70,14 @@ def flags_for(label: str) -> dict[str, str]:
 
 def run(settings: Settings, db: sqlite_utils.Database, *, method: str = "lora", epsilon: float | None = None,
         no_dp: bool = False, steps: int | None = None, dry_run: bool = False, backend: str | None = None,
-        on_step: Callable[[Any], None] | None = None, on_stage: Callable[[str], None] | None = None,
-        should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        layers: str | None = None, on_step: Callable[[Any], None] | None = None,
+        on_stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Build the dataset, train, export, gate and promote once (or plan only, with `dry_run`); returns
     the `ember adapt --json` document. `should_stop` is asked after every step: True pauses the run."""
     from adapters.pipeline import adapt
 
     config = config_for(settings, method=method, epsilon=epsilon, no_dp=no_dp, steps=steps, dry_run=dry_run,
-                        backend=backend)
+                        backend=backend, layers=layers)
     return adapt(db, config, on_step=on_step, on_stage=on_stage, should_stop=should_stop)
 
 

@@ -36,15 +36,21 @@ from storage import activity, ledger, runs
 from storage.db import connections
 
 LOG_NAME = "daemon.jsonl"
+# A whole `ember adapt --layers adaptive` run (DP ε=8, batch 32, 40 steps, gate included) on the synthetic
+# habit user of 100 conversations peaked at 2,384 MB (2026-11-30, the loaded 2-core machine).
+ADAPTIVE_MB = 2390.0
 # Peak RSS of each method's run on the default model, used until this machine has finished runs of its
 # own to go by: LoRA 1,942 MB (`ember bench adapt`, DP run), torch ZO 1,457 MB (`ember bench zo`), and a
 # whole `ember adapt --method zo` run in llama.cpp, gate included, 361 MB. LoRA learns most per minute;
 # ZO in llama.cpp needs no more than the chat itself. Refitting the router (`ember router fit` on 100
 # judged replies: the chat model, a scoring instance and the embedder) peaked at 1,114 MB.
-MEASURED_MB = {"lora": 1950.0, "zo-torch": 1460.0, "zo-llama": 370.0, "router": 1120.0}
+MEASURED_MB = {"lora": 1950.0, "zo-torch": 1460.0, "zo-llama": 370.0, "router": 1120.0,
+               "lora-adaptive": ADAPTIVE_MB}
 # Held-out loss gained per minute of training (nats/min), until this machine has finished runs of its
 # own: `ember bench zo`, each method 90 s without DP on the synthetic user (benchmarks/results/zo.json).
-MEASURED_GAIN_PER_MINUTE = {"lora": 2.19, "zo-llama": 0.018}
+# Adaptive layers (`ember bench layers`, 20 steps of batch 8 without DP, wall time from the trainer's call):
+# 0.82 nats/min, where top-N LoRA made 1.73 in the same run; the daemon runs it when it does better here.
+MEASURED_GAIN_PER_MINUTE = {"lora": 2.19, "zo-llama": 0.018, "lora-adaptive": 0.82}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +142,7 @@ def choose_method(db: Any, free_mb: float, paused: list[dict[str, Any]]) -> tupl
     that learns most per idle minute."""
     if paused and paused[0]["method"] in MEASURED_MB and memory_need_mb(db, paused[0]["method"]) <= free_mb:
         return paused[0]["method"], "resuming a paused run"
-    fits = [method for method in ("lora", "zo-llama") if memory_need_mb(db, method) <= free_mb]
+    fits = [method for method in ("lora", "lora-adaptive", "zo-llama") if memory_need_mb(db, method) <= free_mb]
     if not fits:
         return None, (f"not enough free memory to learn ({free_mb:.0f} MB free; zeroth-order training in "
                       f"llama.cpp needs {memory_need_mb(db, 'zo-llama'):.0f} MB)")

@@ -88,6 +88,7 @@ def test_when_both_fit_picks_the_method_that_learned_more_per_minute_here(user, 
     assert check(db, settings, CONFIG, FakeSensors(), _later(db, 31)).method == "lora"   # the benchmark's figures
     _finished(db, "lora-slow", "lora", gain=0.1, seconds=600, peak_mb=300)      # 0.01 nats/min here
     _finished(db, "zo-quick", "zo-llama", gain=0.5, seconds=300, peak_mb=400)   # 0.1 nats/min here
+    _finished(db, "adaptive-slow", "lora-adaptive", gain=0.2, seconds=600, peak_mb=400)   # 0.02 nats/min
     method, reason = choose_method(db, FakeSensors().available_mb(), [])
     assert method == "zo-llama" and "zo-llama learns most per minute" in reason
     assert choose_method(db, 350, [])[0] == "lora"                              # only what fits competes

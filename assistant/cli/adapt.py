@@ -64,6 +64,9 @@ class ProgressBar:
 @click.option("--backend", type=click.Choice(adaptation.BACKENDS), default=None,
               help="With --method zo: llama (a control vector in llama.cpp, no torch, inference memory; "
                    "the default) or torch (LoRA on the dequantized model).")
+@click.option("--layers", type=click.Choice(adaptation.LAYERS), default=None,
+              help="With --method lora: top (the top layers only, the default) or adaptive (EDGE-LLM: an "
+                   "exit every 6 layers, LoRA trained in a window that moves shallow to deep).")
 @click.option("--epsilon", type=float, default=None,
               help="Privacy budget of this run (default: adapt_epsilon in config.toml, 8).")
 @click.option("--no-dp", is_flag=True, help="Train WITHOUT differential privacy (no guarantee).")
@@ -71,11 +74,11 @@ class ProgressBar:
 @click.option("--dry-run", is_flag=True, help="Build the dataset and plan the run; train nothing.")
 @model_option
 @json_option
-def adapt(method, backend, epsilon, no_dp, steps, dry_run, model, as_json):
+def adapt(method, backend, layers, epsilon, no_dp, steps, dry_run, model, as_json):
     """Learn from your log: build the dataset, train, export, evaluate, promote if better."""
     settings = settings_from(model=model)
     flags = {"method": method, "epsilon": epsilon, "no_dp": no_dp, "steps": steps, "dry_run": dry_run,
-             "backend": backend}
+             "backend": backend, "layers": layers}
     adaptation.config_for(settings, **flags)   # bad flags fail before the database is touched
     db = open_store(settings)
     signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill keeps the checkpoint
