@@ -31,7 +31,8 @@ $(LLAMA_STAMP): Makefile
 $(STAMP): pyproject.toml $(LLAMA_STAMP)
 	# torch first, pinned: an unpinned torch resolves to a build that pulls GBs of CUDA packages.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# federated: Flower (no Ray), so the household-learning tests run in CI too.
+	$(BIN)/python -m pip install --quiet -e '.[test,federated]'
 	# The engine's self-check: one tiny decode in a child process; a native crash is one line, not a core dump.
 	$(BIN)/ember doctor --self-check
 	touch $(STAMP)
