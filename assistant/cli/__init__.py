@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("assistant.cli.serve:serve",
               "Serve an OpenAI-compatible API (chat completions, models, embeddings) on this machine."),
     "status": ("assistant.cli.status:status", "Model, active adapter, privacy budget, memory size, daemon state."),
+    "federate": ("assistant.cli.federate:federate",
+                 "Household learning on Flower: credentials and this device's federated rounds."),
     "bench": ("assistant.cli.bench:bench", "Run benchmark NAME (omit it to list them)."),
     "doctor": ("assistant.cli.doctor:doctor",
                "What to paste into a bug report: engine build, self-check, model, embedder, data dir."),

@@ -25,6 +25,8 @@ BENCHMARKS = {
              "processes), 1/4/16 streaming clients (ttft p50/p95, tok/s, 429s), and nothing lost",
     "import": "ember import of a synthetic ChatGPT export (2,000 conversations, 40,000 messages): time, peak RSS, "
               "search p95 after it, and a re-import that adds nothing",
+    "federated": "household learning on Flower, 3 devices in one process: FedAvg-LoRA vs FedKSeed-ZO vs each alone "
+                 "(held-out by round, habit on the device that never saw it, bytes/round, wall time, canary)",
 }
 # A benchmark whose name is a Python keyword lives in a module of another name.
 MODULES = {"import": "imports"}
