@@ -194,18 +194,19 @@ def test_a_round_over_the_privacy_budget_is_skipped_and_recorded(tmp_path, model
 
 
 def test_a_fedkseed_household_goes_on_without_a_device_that_drops_mid_round(tmp_path, model_path, training_cache):
-    devices = {n: _device(tmp_path, f"d{n}", training_cache, seed=n) for n in (10, 11, 12)}
+    devices = {n: _device(tmp_path, f"d{n}", training_cache, seed=n) for n in (10, 11)}
     plan = _plan(model_path, training_cache, kind="fedkseed", pool_size=64, steps=3)
     outcome = Outcome()
-    grid = run_household(server_app(plan, model_path, 3, outcome), {n: client_app(d) for n, d in devices.items()},
-                         drop=lambda node, msg: node == 12)       # gone for the whole round
+    grid = run_household(server_app(plan, model_path, 2, outcome), {n: client_app(d) for n, d in devices.items()},
+                         drop=lambda node, msg: node == 11)       # gone for the whole round
     sums = outcome.arrays[federated.POOL_KEY]
-    assert sums.shape == (64,) and np.count_nonzero(sums) > 0
-    assert federation.rounds(devices[12].db) == [] and ledger.entries(devices[12].db) == []
-    for node in (10, 11):
-        train = federation.rounds(devices[node].db)[0]
-        assert train["status"] == "contributed" and train["bytes_sent"] < 1024   # 64 scalars and framing
-    assert 12 not in grid.traffic.sent and grid.traffic.down[12] > 0      # asked, never answered
+    assert sums.shape == (64,) and 0 < np.count_nonzero(sums) <= 3      # 3 steps, one pool seed each
+    assert federation.rounds(devices[11].db) == [] and ledger.entries(devices[11].db) == []
+    train, evaluate = federation.rounds(devices[10].db)
+    assert train["status"] == "contributed" and train["bytes_sent"] < 1024    # 64 scalars and framing
+    assert evaluate["status"] in ("promoted", "kept")
+    assert registry.get(devices[10].db, evaluate["adapter_id"])["kind"] == "control_vector"
+    assert 11 not in grid.traffic.sent and grid.traffic.down[11] > 0      # asked, never answered
 
 
 def test_federate_init_makes_private_tls_and_supernode_keys_flower_can_read_and_never_overwrites(ember, home):
