@@ -39,11 +39,25 @@ $(STAMP): pyproject.toml $(LLAMA_STAMP)
 chat: setup
 	$(BIN)/ember chat
 
-test: setup
+# Household learning's tests run in a venv of their own, layered over Ember's: Flower 1.42 pins older
+# protobuf, rich, typer and packaging than Ember's environment resolves to (rich draws the chat), so
+# Flower and its pins go in .venv-federated and a .pth file adds .venv's packages after them.
+FED_VENV := .venv-federated
+FED_STAMP := $(FED_VENV)/.ember-installed
+PURELIB := import sysconfig; print(sysconfig.get_paths()["purelib"])
+
+$(FED_STAMP): pyproject.toml $(STAMP)
+	test -x $(FED_VENV)/bin/python || $(BIN)/python -m venv $(FED_VENV)
+	$(FED_VENV)/bin/python -m pip install --quiet 'flwr>=1.42,<1.43'
+	$(BIN)/python -c '$(PURELIB)' > "$$($(FED_VENV)/bin/python -c '$(PURELIB)')/zz_ember_venv.pth"
+	touch $(FED_STAMP)
+
+test: setup $(FED_STAMP)
 	$(BIN)/python -m pytest
+	$(FED_VENV)/bin/python -m pytest tests/test_federated.py
 
 bench: setup
 	$(BIN)/ember bench engine
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(FED_VENV) build *.egg-info

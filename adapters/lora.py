@@ -230,8 +230,12 @@ def prepare(model_path: Path, cache_dir: Path, examples: list[Example], config: 
 def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, *,
           checkpoint: Path | None = None, on_step: Callable[[Progress], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
-          on_weights: tuple[int, Callable[[int, dict[str, tuple[Any, Any]]], None]] | None = None) -> Trained | None:
+          on_weights: tuple[int, Callable[[int, dict[str, tuple[Any, Any]]], None]] | None = None,
+          init: dict[str, tuple[Any, Any]] | None = None) -> Trained | None:
     """Train LoRA on `data.train`; resume from `checkpoint` if it exists. None when stopped early.
+
+    `init` ({module: (A, B)}, as `Trained.weights` names them) starts from given weights instead of
+    peft's init: a household's global adapter (adapters/federated.py).
 
     `on_weights=(k, f)` hands f the step and the current (A, B) weights every k steps (for learning curves).
 
@@ -242,6 +246,8 @@ def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, 
     prepared = prepare(model_path, cache_dir, data.train, config)
     net, lm_head, hidden, mask, labels = (prepared.net, prepared.lm_head, prepared.hidden, prepared.mask,
                                           prepared.labels)
+    if init is not None:
+        _load_init(torch, net, prepared.first, init)
     examples = data.train
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -340,6 +346,26 @@ def _load_trainable(net: Any, saved: dict[str, Any]) -> None:
     with import_torch().no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
+
+
+def _load_init(torch: Any, net: Any, first: int, init: dict[str, tuple[Any, Any]]) -> None:
+    """Copy given (A, B) into the LoRA parameters; every adapted module must be given, in its shape."""
+    found = 0
+    with torch.no_grad():
+        for name, p in _lora(net).items():
+            parts = name.split(".")
+            at = parts.index("layers")
+            module = ".".join(["model", "layers", str(int(parts[at + 1]) + first), *parts[at + 2:-3]])
+            if module not in init:
+                raise ValueError(f"the starting LoRA has no weights for {module}")
+            value = torch.as_tensor(init[module][0 if parts[-3] == "lora_A" else 1], dtype=p.dtype)
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"the starting LoRA's {module} {parts[-3]} is {tuple(value.shape)}, "
+                                 f"not {tuple(p.shape)}")
+            p.copy_(value)
+            found += 1
+    if found != 2 * len(init):
+        raise ValueError("the starting LoRA adapts modules this configuration does not")
 
 
 def _save(torch: Any, path: Path, net: Any, optimizer: Any, state: dict[str, Any]) -> None:

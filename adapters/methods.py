@@ -25,10 +25,11 @@ class Made:
 
 def train_lora(model_path: Path, cache_dir: Path, data: Dataset, config: lora.LoraConfig, path: Path, *,
                base_sha256: str, checkpoint: Path, extra: dict[str, Any],
-               on_step: Callable[[lora.Progress], None], should_stop: Callable[[], bool] | None) -> Made | None:
-    """DP-SGD LoRA; None when paused."""
+               on_step: Callable[[lora.Progress], None], should_stop: Callable[[], bool] | None,
+               start: dict[str, Any] | None = None) -> Made | None:
+    """DP-SGD LoRA (from `start["lora"]`'s weights when given); None when paused."""
     trained = lora.train(model_path, cache_dir, data, config, checkpoint=checkpoint, on_step=on_step,
-                         should_stop=should_stop)
+                         should_stop=should_stop, init=(start or {}).get("lora"))
     if trained is None:
         return None
     export.write_lora_gguf(path, trained.weights, alpha=config.alpha, n_head=trained.n_head,
@@ -56,8 +57,12 @@ def train_adaptive(model_path: Path, cache_dir: Path, data: Dataset, config: lay
 
 def train_zo(model_path: Path, cache_dir: Path, data: Dataset, config: zo.ZoConfig, path: Path, *,
              base_sha256: str, checkpoint: Path, extra: dict[str, Any],
-             on_step: Callable[[lora.Progress], None], should_stop: Callable[[], bool] | None) -> Made | None:
-    """Zeroth-order training on the chosen backend; None when paused. The update log goes into the file."""
+             on_step: Callable[[lora.Progress], None], should_stop: Callable[[], bool] | None,
+             start: dict[str, Any] | None = None) -> Made | None:
+    """Zeroth-order training on the chosen backend; None when paused. The update log goes into the file.
+
+    With `start["sums"]` (FedKSeed pool sums) the tensors start from the household's global update,
+    replayed from the pool; the run must not stop early (`eval_every=0`), which would reset them."""
     if config.backend == "llama":
         longest = max(len(e.tokens) for e in data.train + data.heldout)
         backend: Any = zo.LlamaControlVector(model_path, data.train, config, base_sha256=base_sha256,
@@ -67,6 +72,11 @@ def train_zo(model_path: Path, cache_dir: Path, data: Dataset, config: zo.ZoConf
         backend = zo.TorchLora(model_path, cache_dir, data.train, config)
         heldout = HeldoutInLlama(backend, model_path, data, config, base_sha256) if config.eval_every else None
     try:
+        if start and start.get("sums") is not None:
+            from adapters.federated import replay_sums, seed_pool
+
+            replay_sums(backend.tensors, start["sums"], seed_pool(config.pool_seed, config.seed_pool),
+                        lr=config.learning_rate(0), perturbations=config.perturbations)
         trained = zo.train(backend, data, config, checkpoint=checkpoint, on_step=on_step,
                            should_stop=should_stop, heldout_loss=heldout)
         if trained is None:

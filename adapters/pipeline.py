@@ -50,6 +50,7 @@ class AdaptConfig:
     keep_facts: bool = False        # True: personal facts are trained on too, not left to memory only
     learn_from_api: bool = True     # False: conversations that came through `ember serve` are left out
     layers: str = "top"             # lora: the top N layers, or "adaptive" (EDGE-LLM's moving window)
+    start: Path | None = None       # train from these weights (adapters.federated.save_start), not from init
 
     @property
     def trainer(self) -> Any:
@@ -139,6 +140,8 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
 
 def _config_fingerprint(config: AdaptConfig) -> str:
     key = f"{config.method}:{config.trainer}:{config.model_path}:{config.max_len}"
+    if config.start is not None:
+        key += f":{config.start}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -260,7 +263,7 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
                  methods.train_adaptive if config.layers == "adaptive" else methods.train_lora)
         made = train(config.model_path, config.cache_dir, data, config.trainer, path, base_sha256=base_sha256,
                      checkpoint=checkpoint, extra={"adapter_id": adapter_id}, on_step=progress,
-                     should_stop=should_stop)
+                     should_stop=should_stop, **_start(config))
         if made is None:
             runs.update(db, run_id, status="interrupted", message="paused; resumes on the next run")
             return {"adapter_id": None, "path": None, "promoted": False, "eval": None, "paused": True,
@@ -297,6 +300,15 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         runs.update(db, run_id, status=status, message=str(err)[:300] or type(err).__name__)
         raise
+
+
+def _start(config: AdaptConfig) -> dict[str, Any]:
+    """The trainer's starting weights, when the run continues a household's global update."""
+    if config.start is None:
+        return {}
+    from adapters.federated import load_start
+
+    return {"start": load_start(config.start)}
 
 
 def process_peak_mb() -> float:

@@ -69,8 +69,14 @@ class ZoConfig:
     alpha: float = 16.0
     layers: int = 2
     modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj")
+    # FedKSeed (arXiv 2312.06353): directions only from a public pool of `seed_pool` seeds drawn from
+    # `pool_seed` (0: every step's own seed). Household learning sets it; the lr must then be constant.
+    seed_pool: int = 0
+    pool_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.seed_pool and self.lr_schedule != "constant":
+            raise InvalidInput("a seed pool needs a constant learning rate (per-seed sums must add up)")
         if self.backend not in BACKENDS:
             raise InvalidInput(f"the ZO backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         for name in ("lr_schedule", "mu_schedule"):
@@ -129,6 +135,17 @@ def direction_seed(run_seed: int, step: int, k: int) -> int:
     return int(np.random.SeedSequence([run_seed, step, k]).generate_state(1, np.uint64)[0])
 
 
+def step_seed(config: ZoConfig, step: int, k: int) -> int:
+    """The seed of perturbation k at `step`: its own, or with a seed pool one of the pool's K, picked
+    uniformly (public randomness either way)."""
+    if not config.seed_pool:
+        return direction_seed(config.seed, step, k)
+    from adapters.federated import seed_pool
+
+    pick = direction_seed(config.seed, step, k) % config.seed_pool
+    return seed_pool(config.pool_seed, config.seed_pool)[pick]
+
+
 def perturb(tensors: list[np.ndarray], origin: list[np.ndarray], seed: int, scale: float) -> None:
     """θ = θ₀ + scale·z, z ~ N(0, I) from `seed`, one tensor at a time."""
     rng = np.random.default_rng(seed)
@@ -159,7 +176,7 @@ def zo_step(backend: Backend, batch: Sequence[int], config: ZoConfig, step: int,
     origin = [t.copy() for t in backend.tensors]
     scalars = np.zeros((len(batch), n))
     losses = []
-    seeds = [direction_seed(config.seed, step, k) for k in range(n)]
+    seeds = [step_seed(config, step, k) for k in range(n)]
     for k, seed in enumerate(seeds):
         if len(batch):
             perturb(backend.tensors, origin, seed, mu)

@@ -26,8 +26,12 @@ LAYERS = ("top", "adaptive")
 
 def config_for(settings: Settings, *, method: str = "lora", epsilon: float | None = None,
                no_dp: bool = False, steps: int | None = None, dry_run: bool = False,
-               backend: str | None = None, layers: str | None = None) -> AdaptConfig:
-    """The pipeline's configuration from the user's settings and a run's flags; bad flags are `InvalidInput`."""
+               backend: str | None = None, layers: str | None = None, start: Path | None = None,
+               seed_pool: tuple[int, int, int] | None = None) -> AdaptConfig:
+    """The pipeline's configuration from the user's settings and a run's flags; bad flags are `InvalidInput`.
+
+    Household learning (assistant/federation) adds `start` (the global weights to train from) and, for
+    FedKSeed, `seed_pool` = (K, public pool seed, this run's seed)."""
     from adapters import lora, zo
     from adapters.pipeline import AdaptConfig
 
@@ -51,10 +55,19 @@ def config_for(settings: Settings, *, method: str = "lora", epsilon: float | Non
         train = AdaptiveConfig(threads=settings.threads, steps=steps, epsilon=private)
     forward = zo.ZoConfig(backend=backend or settings.zo_backend, threads=settings.threads, epsilon=private,
                           steps=steps or settings.zo_steps)
+    if start is not None and layers == "adaptive":
+        raise InvalidInput("household learning trains the top layers' LoRA; --layers adaptive is not federated")
+    if start is not None and method == "lora":
+        # The household shares A (drawn from a public seed) and averages B: FFA-LoRA (arXiv 2403.12313).
+        train = dataclasses.replace(train, train_a=False)
+    if seed_pool is not None:
+        # FedKSeed: directions from the pool, constant lr, and no early stop (it would drop the start).
+        forward = dataclasses.replace(forward, seed_pool=seed_pool[0], pool_seed=seed_pool[1], seed=seed_pool[2],
+                                      lr_schedule="constant", eval_every=0)
     return AdaptConfig(model_path=settings.model_path, home=settings.home, cache=settings.cache_dir,
                        method=method, lora=train, zo=forward,
                        budget=settings.privacy_budget, threads=settings.threads, dry_run=dry_run,
-                       learn_from_api=settings.learn_from_api, layers=layers or "top")
+                       learn_from_api=settings.learn_from_api, layers=layers or "top", start=start)
 
 
 def flags_for(label: str) -> dict[str, str]:
@@ -71,13 +84,14 @@ def flags_for(label: str) -> dict[str, str]:
 def run(settings: Settings, db: sqlite_utils.Database, *, method: str = "lora", epsilon: float | None = None,
         no_dp: bool = False, steps: int | None = None, dry_run: bool = False, backend: str | None = None,
         layers: str | None = None, on_step: Callable[[Any], None] | None = None,
-        on_stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        on_stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+        start: Path | None = None, seed_pool: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Build the dataset, train, export, gate and promote once (or plan only, with `dry_run`); returns
     the `ember adapt --json` document. `should_stop` is asked after every step: True pauses the run."""
     from adapters.pipeline import adapt
 
     config = config_for(settings, method=method, epsilon=epsilon, no_dp=no_dp, steps=steps, dry_run=dry_run,
-                        backend=backend, layers=layers)
+                        backend=backend, layers=layers, start=start, seed_pool=seed_pool)
     return adapt(db, config, on_step=on_step, on_stage=on_stage, should_stop=should_stop)
 
 

@@ -463,3 +463,37 @@ def m014_message_tree(db: sqlite_utils.Database) -> None:
             WHERE current_id = old.id;
         END;
     """)
+
+
+@migration
+def m015_federation_rounds(db: sqlite_utils.Database) -> None:
+    """Household learning: what this device did in each federated round (`ember federate`).
+
+    One row per round and phase: in `train` the device contributed an update (its local run is in the
+    privacy ledger and `adapt_runs` under `run_id`), skipped the round (it would exceed the privacy
+    budget) or refused it (another base model, a malformed global update); in `evaluate` its gate
+    promoted the household's global adapter or kept its own. `bytes_sent` is every byte of the reply,
+    so the user can see that nothing but the update left the device. `sigma` and `clip` are the
+    user-level DP the server applied to the sum (Flower's client-side fixed clipping).
+    """
+    db.executescript("""
+        CREATE TABLE federation_rounds (
+            id INTEGER PRIMARY KEY,
+            server TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('fedavg', 'fedkseed')),
+            phase TEXT NOT NULL CHECK (phase IN ('train', 'evaluate')),
+            status TEXT NOT NULL CHECK (status IN ('contributed', 'skipped', 'refused', 'promoted', 'kept')),
+            run_id TEXT,
+            adapter_id TEXT,
+            examples INTEGER,
+            epsilon REAL,
+            sigma REAL,
+            clip REAL,
+            bytes_sent INTEGER,
+            bytes_received INTEGER,
+            message TEXT,
+            created TEXT NOT NULL
+        );
+        CREATE INDEX idx_federation_rounds_round ON federation_rounds (server, round);
+    """)

@@ -41,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("assistant.cli.status:status", "Model, active adapter, privacy budget, memory size, daemon state."),
     "compress": ("assistant.cli.compress:compress",
                  "Compress MODEL layer by layer (LUC): a quantisation type per block from its measured sensitivity."),
+    "federate": ("assistant.cli.federate:federate",
+                 "Household learning on Flower: credentials and this device's federated rounds."),
     "bench": ("assistant.cli.bench:bench", "Run benchmark NAME (omit it to list them)."),
     "doctor": ("assistant.cli.doctor:doctor",
                "What to paste into a bug report: engine build, self-check, model, embedder, data dir."),

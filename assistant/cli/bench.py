@@ -31,6 +31,8 @@ BENCHMARKS = {
               "search p95 after it, and a re-import that adds nothing",
     "compress": "ember compress (LUC) at uniform Q4_1's size vs uniform Q4_0/Q4_1/Q5_1/Q8_0 and a random mix: "
                 "file size, held-out perplexity and KL in llama.cpp, prompt and decode tok/s",
+    "federated": "household learning on Flower, 3 devices in one process: FedAvg-LoRA vs FedKSeed-ZO vs each alone "
+                 "(held-out by round, habit on the device that never saw it, bytes/round, wall time, canary)",
 }
 # A benchmark whose name is a Python keyword lives in a module of another name.
 MODULES = {"import": "imports"}
