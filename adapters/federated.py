@@ -69,8 +69,9 @@ def model_shape(model_path: Path) -> dict[str, int]:
 def lora_targets(model_path: Path, *, rank: int, layers: int, modules: Sequence[str]) -> dict[str, tuple[int, int]]:
     """{llama.cpp weight name: (out, in)} of the top `layers` layers' `modules` of a llama-style model:
     what a federated LoRA of this shape adapts."""
-    from adapters.export import NAMES
+    from adapters import architectures
 
+    arch = architectures.get("llama")
     m = model_shape(model_path)
     q, kv = m["n_head"] * m["head_dim"], m["n_head_kv"] * m["head_dim"]
     sizes = {"q_proj": (q, m["n_embd"]), "k_proj": (kv, m["n_embd"]), "v_proj": (kv, m["n_embd"]),
@@ -79,7 +80,7 @@ def lora_targets(model_path: Path, *, rank: int, layers: int, modules: Sequence[
     out: dict[str, tuple[int, int]] = {}
     for layer in range(max(0, m["n_layer"] - layers), m["n_layer"]):
         for module in modules:
-            short = NAMES[f"self_attn.{module}" if f"self_attn.{module}" in NAMES else f"mlp.{module}"]
+            short = arch.tensor(f"self_attn.{module}" if f"self_attn.{module}" in arch.tensors else f"mlp.{module}")
             out[f"blk.{layer}.{short}.weight"] = sizes[module]
     return out
 
@@ -140,9 +141,9 @@ def unpermute_rows(b: np.ndarray, n_head: int) -> np.ndarray:
 def init_weights(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, n_head: int,
                  n_head_kv: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{HF module name: (A, B)} for the LoRA trainer to start from, from llama.cpp-named A and B."""
-    from adapters.export import NAMES
+    from adapters import architectures
 
-    short_to_module = {v: k for k, v in NAMES.items()}
+    short_to_module = {v: k for k, v in architectures.get("llama").tensors.items()}
     out = {}
     for name, a_value in a.items():
         _, layer, short, _ = name.split(".")
