@@ -18,8 +18,9 @@ import sqlite_utils
 from assistant.config import Settings
 from assistant.conversation import Question, _history_rows, prompt_messages, reply_budget, with_persona
 from assistant.engine import Engine
-from assistant.errors import InvalidInput, NotFound
+from assistant.errors import InvalidInput
 from assistant.retrieval import Hit
+from storage import conversations as convs
 from storage import memory, personas
 
 
@@ -85,15 +86,12 @@ def of_reply(db: sqlite_utils.Database, engine: Engine, settings: Settings, repl
     """The context of a stored reply, rebuilt from the log: the kept branch before its question, the
     memories it was given, its conversation's persona. `NotFound`, or `InvalidInput` for a message that
     is not a reply."""
-    rows = list(db["messages"].rows_where("id = ?", [reply_id]))
-    if not rows:
-        raise NotFound(f"no message with id {reply_id}; `ember history --json` shows message ids")
-    reply = rows[0]
+    reply = convs.get_message(db, reply_id)
     if reply["role"] != "assistant" or reply["parent_id"] is None:
         raise InvalidInput(f"message {reply_id} is not a reply to a question of yours")
     path = _history_rows(db, reply["conversation_id"], through=reply_id)
     ids = [row["id"] for row in path]
-    asked = db["messages"].get(reply["parent_id"])
+    asked = convs.get_message(db, reply["parent_id"])
     before = path[:ids.index(asked["id"])] if asked["id"] in ids else []
     persona = personas.of_conversation(db, reply["conversation_id"])
     settings, _route = with_persona(settings, persona, None)

@@ -16,7 +16,7 @@ from adapters.template import TemplateError
 from assistant import evidence, router
 from assistant.config import ROUTES, Settings
 from assistant.engine import Engine, Message
-from assistant.errors import EmberError, InvalidInput, NotFound, RouteUnavailable
+from assistant.errors import EmberError, InvalidInput, RouteUnavailable
 from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
 from assistant.router import Decision
 from storage import conversations as convs
@@ -154,12 +154,10 @@ def history(db: sqlite_utils.Database, conversation_id: int) -> list[Message]:
 
 
 def _user_message(db: sqlite_utils.Database, message_id: int) -> dict:
-    rows = list(db["messages"].rows_where("id = ?", [message_id]))
-    if not rows:
-        raise NotFound(f"no message with id {message_id}; `ember history --json` shows message ids")
-    if rows[0]["role"] != "user":
+    row = convs.get_message(db, message_id)
+    if row["role"] != "user":
         raise InvalidInput(f"message {message_id} is a reply; give the id of one of your own messages")
-    return rows[0]
+    return row
 
 
 def ask_question(db: sqlite_utils.Database, prompt: str | None, *, conversation_id: int | None = None,
@@ -185,10 +183,7 @@ def regenerate_question(db: sqlite_utils.Database, reply_id: int) -> Question:
     Nothing new is said by the user, so there is nothing to commit first; the question was committed
     when it was asked. `InvalidInput` when `reply_id` is not a reply, or answers no stored question.
     """
-    rows = list(db["messages"].rows_where("id = ?", [reply_id]))
-    if not rows:
-        raise NotFound(f"no message with id {reply_id}; `ember history --json` shows message ids")
-    reply = rows[0]
+    reply = convs.get_message(db, reply_id)
     if reply["role"] != "assistant":
         raise InvalidInput(f"message {reply_id} is your own; regenerate takes the id of a reply")
     if reply["status"] == "generating":

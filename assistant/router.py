@@ -399,19 +399,23 @@ def labelled(db: sqlite_utils.Database, limit: int = 200) -> list[tuple[int, str
     user approved or edited, in conversations not kept out of learning."""
     from storage import conversations as convs
     from storage import feedback
+    from storage.errors import NotFound
 
     said = feedback.state(db)
     wanted = sorted((mid for mid, s in said.items() if s["edit"] or s["rating"] == "up"), reverse=True)
     excluded = feedback.excluded_conversations(db)
     out: list[tuple[int, str, str]] = []
     for mid in wanted:
-        row = db.execute("SELECT conversation_id FROM messages WHERE id = ? AND role = 'assistant'", [mid]).fetchone()
-        if row is None or row[0] in excluded:
+        try:
+            reply = convs.get_message(db, mid)
+        except NotFound:
             continue
-        path = [m["id"] for m in convs.branch(db, row[0], through=mid)]
-        before = [m for m in convs.messages(db, row[0]) if m["id"] in path[:path.index(mid)]]
+        if reply["role"] != "assistant" or reply["conversation_id"] in excluded:
+            continue
+        path = [m["id"] for m in convs.branch(db, reply["conversation_id"], through=mid)]
+        before = [m for m in convs.messages(db, reply["conversation_id"]) if m["id"] in path[:path.index(mid)]]
         question = next((m for m in reversed(before) if m["role"] == "user"), None)   # the one it answered
-        answer = said[mid]["edit"] or db.execute("SELECT content FROM messages WHERE id = ?", [mid]).fetchone()[0]
+        answer = said[mid]["edit"] or reply["content"]
         if question and question["content"].strip() and answer and answer.strip():
             out.append((question["id"], question["content"], answer))
         if len(out) == limit:

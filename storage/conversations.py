@@ -51,6 +51,14 @@ def get_conversation(db: sqlite_utils.Database, conversation_id: int) -> dict[st
     return rows[0]
 
 
+def get_message(db: sqlite_utils.Database, message_id: int) -> dict[str, Any]:
+    """One message's row, or `NotFound`."""
+    rows = list(db["messages"].rows_where("id = ?", [message_id]))
+    if not rows:
+        raise NotFound(f"no message with id {message_id}; `ember history --json` shows message ids")
+    return rows[0]
+
+
 def list_conversations(db: sqlite_utils.Database, limit: int | None = None) -> list[dict[str, Any]]:
     """Conversations, most recently active first, with message counts."""
     sql = """

@@ -50,7 +50,7 @@ def history(limit, conversation_id, query, choose, context_of, model, as_json):
         return None
     if choose is not None:
         convs.choose(db, choose)
-        conversation_id = db["messages"].get(choose)["conversation_id"]
+        conversation_id = convs.get_message(db, choose)["conversation_id"]
     chosen = ([convs.get_conversation(db, conversation_id)] if conversation_id is not None
               else convs.list_conversations(db, limit=limit))
     result = []

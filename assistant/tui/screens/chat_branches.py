@@ -153,7 +153,7 @@ class BranchActions(Screen):
     def _message_edited(self, message_id: int, text: str | None) -> None:
         if text is None or not self._ready_to_reply():
             return
-        original = self.app.db["messages"].get(message_id)["content"]
+        original = convs.get_message(self.app.db, message_id)["content"]
         if text.strip() == original.strip():
             return
         question = log_question(self.app.db, text, instead_of=message_id)   # stored before anything else
