@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import io
 import json
-import secrets
 import time
 import warnings
 from pathlib import Path
@@ -313,22 +312,8 @@ def _run_window(torch: Any, model: Model, window: Window, index: int, schedule: 
     net = model.net(window)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     window_start = sum(w.steps for w in schedule[:index])
-    sampling = torch.Generator()
-    sampling.manual_seed(secrets.randbits(63) if plan is not None else config.seed)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(hidden, mask, labels),
-                                         batch_size=min(config.batch_size, len(hidden)), shuffle=True,
-                                         generator=sampling)
-    if plan is not None:
-        from opacus import PrivacyEngine
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant="rdp")
-        noise = torch.Generator()
-        noise.manual_seed(secrets.randbits(63))
-        net, optimizer, loader = engine.make_private(
-            module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.sigma,
-            max_grad_norm=plan.clip, poisson_sampling=True, noise_generator=noise)
+    net, optimizer, loader, sampling = lora.batches(torch, net, optimizer, (hidden, mask, labels),
+                                                    min(config.batch_size, len(hidden)), plan, config.seed)
     if state.get("window") == index and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     per_epoch = len(loader)

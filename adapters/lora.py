@@ -255,24 +255,8 @@ def train(model_path: Path, cache_dir: Path, data: Dataset, config: LoraConfig, 
     plan = plan_for(config, len(examples))
     # The privacy noise and the Poisson sampling must be unpredictable: they draw from generators seeded
     # by the OS, never from `config.seed` (which only fixes the LoRA init and the non-DP data order).
-    sampling = torch.Generator()
-    sampling.manual_seed(secrets.randbits(63) if plan is not None else config.seed)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(hidden, mask, labels),
-                                         batch_size=min(config.batch_size, len(examples)), shuffle=True,
-                                         generator=sampling)
-    if plan is not None:
-        from opacus import PrivacyEngine
-
-        with warnings.catch_warnings():
-            # Opacus' secure_mode needs torchcsprng, which has no build for current torch; the noise
-            # generator below is seeded from the OS instead (see the module docstring).
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant="rdp")
-        noise = torch.Generator()
-        noise.manual_seed(secrets.randbits(63))
-        net, optimizer, loader = engine.make_private(
-            module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.sigma,
-            max_grad_norm=plan.clip, poisson_sampling=True, noise_generator=noise)
+    net, optimizer, loader, sampling = batches(torch, net, optimizer, (hidden, mask, labels),
+                                               min(config.batch_size, len(examples)), plan, config.seed)
     state = {"step": 0, "losses": []}
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
@@ -392,3 +376,31 @@ def _lora_weights(net: Any, first: int) -> dict[str, tuple[Any, Any]]:
 def checkpoint_exists(path: Path) -> bool:
     """Whether a resumable checkpoint is there."""
     return path.is_file() and os.path.getsize(path) > 0
+
+
+def batches(torch: Any, net: Any, optimizer: Any, tensors: tuple[Any, ...], batch_size: int,
+            plan: privacy.Plan | None, seed: int) -> tuple[Any, Any, Any, Any]:
+    """(net, optimizer, loader, sampling generator) over `tensors` (equal first dimension) in shuffled
+    batches of `batch_size`; with a DP `plan`, made private by Opacus (RDP accountant, Poisson sampling
+    at rate q, Gaussian noise σ·C, per-example clip C). With DP the sampling and the noise draw from
+    generators seeded by the OS; without, the order follows `seed` (callers re-seed the returned
+    generator per epoch so that a resumed run takes the same batches)."""
+    sampling = torch.Generator()
+    sampling.manual_seed(secrets.randbits(63) if plan is not None else seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=batch_size,
+                                         shuffle=True, generator=sampling)
+    if plan is None:
+        return net, optimizer, loader, sampling
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        # Opacus' secure_mode needs torchcsprng, which has no build for current torch; the noise
+        # generator below is seeded from the OS instead (see the module docstring).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
+    noise = torch.Generator()
+    noise.manual_seed(secrets.randbits(63))
+    net, optimizer, loader = engine.make_private(
+        module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.sigma,
+        max_grad_norm=plan.clip, poisson_sampling=True, noise_generator=noise)
+    return net, optimizer, loader, sampling
