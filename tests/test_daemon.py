@@ -256,7 +256,9 @@ def test_the_real_daemon_process_survives_a_kill_and_promotes_an_adapter(home, t
         assert active is not None and active["id"] == killed["id"]        # resumed, then promoted
         status = json.loads(subprocess.run([sys.executable, "-m", "assistant", "status", "--json"], env=env,
                                            capture_output=True, timeout=60).stdout)
-        assert status["daemon"]["state"] in ("waiting", "adapting") and status["adapter"]["id"] == active["id"]
+        # Once the adapter is live the daemon may go on to refit the router on the seeded edited replies.
+        assert status["daemon"]["state"] in ("waiting", "adapting", "fitting the router")
+        assert status["adapter"]["id"] == active["id"]
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=30) == 0 or second.returncode == -signal.SIGTERM
