@@ -419,20 +419,38 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
 
 
 def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, draft: str, *,
-               conversation_id: int | None = None, route: str | None = None, persona: str | None = None) -> int:
-    """Let the router read a message the user is still typing (`router.read_ahead`), as `respond` will
-    route it once sent: the same persona (its system prompt) and route. Nothing is stored, and a draft
-    that names an unknown persona, or a route other than auto, reads nothing. Returns the tokens read."""
-    if not engine.loaded_adapter:   # no adapter, no probe to read ahead for
-        return 0
+               conversation_id: int | None = None, route: str | None = None, persona: str | None = None,
+               history: list[Message] | None = None) -> int:
+    """Read a message the user is still typing, as `respond` will answer it once sent, so that sending
+    it costs only its last word and the chat template's tail:
+    - the engine reads the conversation so far and the draft into its KV cache (`Engine.read_ahead`),
+      on every route (with memories, the prompt parts after the history and only that is evaluated again);
+    - on the auto route with an adapter loaded, the router's probe reads the draft too (`router.read_ahead`).
+
+    The same persona (its system prompt), route, history and reply budget as `respond`; the draft is cut
+    after its last complete word (the word being typed would change its tokens). `history` is an
+    incognito conversation's, held by the front-end. Nothing is stored, and a draft that cannot be
+    answered as it stands (an unknown persona or route, a missing conversation, a prompt too long) reads
+    no further. Returns the tokens read, engine and probe together.
+    """
+    cut = len(draft.rstrip()) - len(draft.rstrip().split()[-1]) if draft.strip() else 0
+    words = draft[:cut].rstrip()
     try:
         chosen = choose_persona(db, persona, conversation_id)
+        settings, route = with_persona(settings, chosen, route)
+        route = resolve_route(route, engine)
+        if history is None:
+            rows = _history_rows(db, conversation_id) if conversation_id is not None else []
+            history = [{"role": row["role"], "content": row["content"]} for row in rows]
+        if route != "auto":
+            engine.use_adapter(route in ("adapter", "both"))   # as `respond` will, before it generates
+        asked = Question(words, conversation_id, None, list(history), persona=chosen)
+        read = engine.read_ahead(prompt_messages(settings, asked, []), reply_budget(engine, settings, None))
+        if route == "auto" and engine.loaded_adapter:
+            read += router.read_ahead(draft, engine=engine, db=db, system=settings.system_prompt)
     except EmberError:
         return 0
-    settings, route = with_persona(settings, chosen, route)
-    if route != "auto":
-        return 0
-    return router.read_ahead(draft, engine=engine, db=db, system=settings.system_prompt)
+    return read
 
 
 def with_persona(settings: Settings, persona: dict | None, route: str | None) -> tuple[Settings, str]:

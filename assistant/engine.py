@@ -91,6 +91,7 @@ class Engine:
         self.refused_adapter: str | None = None  # an active adapter whose file was refused
         self._loaded: Any = None
         self._sha256: str | None = None
+        self._tail: int | None = None            # the chat template's tokens after a user message
         self.name = self.llm.metadata.get("general.name") or path.stem
         try:
             self.template = ChatTemplate(self.llm, name=path.name)
@@ -232,6 +233,46 @@ class Engine:
                 lo = mid + 1
         start, tokens, stop = best
         return tokens, stop, start
+
+    def read_ahead(self, messages: Sequence[Message], max_tokens: int) -> int:
+        """Evaluate the prompt `messages` will make into the KV cache ahead of `generate`, all but the chat
+        template's tail (the question's end-of-turn and the assistant's header), so that a later
+        `generate` of the same messages, or of messages whose last text goes on from this one's,
+        evaluates only what follows. What the cache holds beyond the shared start is replaced.
+
+        For a message still being typed: its last message is the draft cut after its last complete
+        word. Never leaves one token alone to evaluate (see `assistant.probe._whole_batches`: llama.cpp's
+        one-token kernels differ from those of larger batches). Returns the tokens evaluated.
+        Raises what `fit` raises.
+        """
+        from assistant.probe import _whole_batches
+
+        tokens = self.fit(messages, max_tokens)[0]
+        head = tokens[:len(tokens) - self.template_tail()]
+        held = self.llm.input_ids[:self.llm.n_tokens]
+        keep = 0
+        for a, b in zip(held, head):
+            if a != b:
+                break
+            keep += 1
+        if keep >= len(head):
+            return 0
+        keep = _whole_batches(keep, len(head))
+        self.llm.n_tokens = keep   # llm.eval clears the KV cache from n_tokens on before evaluating
+        self.llm.eval(head[keep:])
+        return len(head) - keep
+
+    def template_tail(self) -> int:
+        """How many tokens the chat template puts after a user message's text: the tokens two prompts of
+        different texts share at their end."""
+        if self._tail is None:
+            a = self.tokenize_chat([{"role": "user", "content": "north"}])[0]
+            b = self.tokenize_chat([{"role": "user", "content": "south?"}])[0]
+            n = 0
+            while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+                n += 1
+            self._tail = n
+        return self._tail
 
     def generate(self, messages: Sequence[Message], *, max_tokens: int = 512, temperature: float = 0.3,
                  top_p: float = 0.9, seed: int | None = None,

@@ -217,18 +217,8 @@ def read_ahead(draft: str, *, engine: Engine, db: sqlite_utils.Database, system:
     if not math.isfinite(rule["min_adapter_gain"]):
         return 0
     tokens = _probe_prompt(engine, system, words)
-    tail = _template_tail(engine, system)
+    tail = engine.template_tail()
     return prober_for(engine).read_ahead(tokens[:len(tokens) - tail], loaded) if len(tokens) > tail else 0
-
-
-def _template_tail(engine: Engine, system: str | None) -> int:
-    """How many tokens the chat template puts after the question's text (its end-of-turn and the
-    assistant's header): the tokens two prompts of different texts share at their end."""
-    a, b = _probe_prompt(engine, system, "north"), _probe_prompt(engine, system, "south?")
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return n
 
 
 def needs_dense(kind: str, rule: dict[str, float]) -> Callable[[dict[str, Any]], bool]:

@@ -123,3 +123,53 @@ def test_missing_directory_and_corrupt_models_are_refused(tmp_path, model_path):
     truncated.write_bytes(model_path.read_bytes()[:4096])
     with pytest.raises(ModelInvalid, match="could not load"):
         Engine(truncated, n_ctx=512)
+
+
+def held_tokens(engine: Engine) -> list[int]:
+    return [int(t) for t in engine.llm.input_ids[:engine.llm.n_tokens]]
+
+
+def test_a_draft_read_ahead_leaves_the_reply_only_its_last_word(settings, engine, db):
+    """The chat reads a message while it is typed (conversation.read_ahead): sending it then evaluates
+    only its last word and the template's tail, and nothing of the draft is stored."""
+    import dataclasses
+
+    from assistant.conversation import read_ahead, respond
+    from storage import conversations as convs
+
+    short = dataclasses.replace(settings, max_tokens=24, temperature=0.0, seed=0)
+    first = respond(db, engine, short, "Tell me about lighthouses in one sentence.", route="base")
+    conversation = first.conversation_id
+    stored = len(convs.messages(db, conversation))
+    question = "Why were they built on rocks?"
+    read = [read_ahead(db, engine, short, question[:n], conversation_id=conversation, route="base")
+            for n in range(1, len(question) + 1)]
+    # The first key reads the reply's end and the user's turn header, before any word is complete;
+    # each complete word is read once after that, and the word being typed is left.
+    assert read[0] > 0 and read[-1] == 0 and read.count(0) > len(read) // 2
+    assert len(convs.messages(db, conversation)) == stored        # a draft is read, never stored
+    held = held_tokens(engine)
+    evaluated: list[int] = []
+    real_eval = engine.llm.eval
+    engine.llm.eval = lambda tokens: (evaluated.append(len(tokens)), real_eval(tokens))[1]
+    try:
+        second = respond(db, engine, short, question, conversation_id=conversation, route="base")
+    finally:
+        del engine.llm.eval
+    last_word = len(engine.llm.tokenize(b" rocks?", add_bos=False, special=False))
+    assert evaluated[0] == second.prompt_tokens - len(held) == last_word + engine.template_tail()
+    assert second.status in ("complete", "length") and second.text
+
+
+def test_an_incognito_draft_is_read_with_the_history_the_chat_holds(settings, engine, db):
+    from assistant.conversation import read_ahead
+    from storage import conversations as convs
+
+    history = [{"role": "user", "content": "My code word is heliotrope."},
+               {"role": "assistant", "content": "Noted: heliotrope."}]
+    assert read_ahead(db, engine, settings, "What was my code", history=history) > 0
+    prompt = engine.tokenize_chat([*([{"role": "system", "content": settings.system_prompt}]
+                                     if settings.system_prompt else []), *history,
+                                   {"role": "user", "content": "What was my"}])[0]
+    assert held_tokens(engine) == prompt[:len(prompt) - engine.template_tail()]
+    assert convs.list_conversations(db) == []

@@ -172,7 +172,7 @@ def test_reading_ahead_leaves_the_probe_only_the_last_word_and_changes_no_value(
     full = router._probe_prompt(adapter_engine, None, question)
     held = prober.held(adapter_engine._loaded)
     assert held == prober.held(None) and full[:len(held)] == held
-    assert len(full) - len(held) == router._template_tail(adapter_engine, None) + len(
+    assert len(full) - len(held) == adapter_engine.template_tail() + len(
         adapter_engine.llm.tokenize(b" fence?", add_bos=False, special=False))
     warm, _ = router.features_for(question, engine=adapter_engine, retriever=None, db=db, system=None, k=3)
     assert warm.entropy_base == pytest.approx(cold.entropy_base, rel=1e-3)
@@ -181,13 +181,20 @@ def test_reading_ahead_leaves_the_probe_only_the_last_word_and_changes_no_value(
     assert router.read_ahead(question, engine=adapter_engine, db=db, system=None) == 0   # all held already
 
 
-def test_no_reading_ahead_without_an_adapter_or_off_the_auto_route(settings, engine, adapter_engine, db):
+def test_the_probe_reads_ahead_only_with_an_adapter_on_the_auto_route(settings, engine, adapter_engine, db):
     from assistant.conversation import read_ahead
-    assert read_ahead(db, adapter_engine, settings, "Tell me about the sea and", route="base") == 0
+    prober = probe.prober_for(adapter_engine)
+    before = prober.held(None)
     assert read_ahead(db, adapter_engine, settings, "Tell me about the sea and", persona="nobody-here") == 0
-    assert read_ahead(db, adapter_engine, settings, "Tell me about the sea and") > 0
+    read_ahead(db, adapter_engine, settings, "Tell me about the sea and", route="base")   # the engine only
+    assert prober.held(None) == before
+    adapter_engine.use_adapter(True)
+    read_ahead(db, adapter_engine, settings, "Tell me about the sea and")
+    assert prober.held(None) != before and prober.held(None) == prober.held(adapter_engine._loaded)
+    before = prober.held(None)
     adapter_engine.load_adapter(None, None)
-    assert read_ahead(db, adapter_engine, settings, "Tell me about the ocean and") == 0
+    read_ahead(db, adapter_engine, settings, "Tell me about the ocean and")
+    assert prober.held(None) == before
 
 
 def test_fit_from_log_and_router_show(settings, adapter_engine, db, ember):

@@ -479,7 +479,7 @@ async def test_the_router_reads_a_message_while_it_is_typed(settings, swappable,
         # Before Enter, both probe lanes hold every complete word: only " fence?" and the template's
         # tail are left for the decision.
         words = router._probe_prompt(swappable, settings.system_prompt, question.rsplit(" ", 1)[0])
-        expected = words[:len(words) - router._template_tail(swappable, settings.system_prompt)]
+        expected = words[:len(words) - swappable.template_tail()]
         prober = prober_for(swappable)
         await wait_until(pilot, lambda: prober.held(None) == expected, timeout=30)
         assert prober.held(swappable._loaded) == expected
@@ -491,6 +491,29 @@ async def test_the_router_reads_a_message_while_it_is_typed(settings, swappable,
         assert view.status in ("complete", "length") and view.content
         full = router._probe_prompt(swappable, settings.system_prompt, question)
         assert prober.held(None)[:len(full)] == full    # the decision read the rest
+
+
+async def test_the_chat_reads_the_next_message_into_the_kv_cache_while_it_is_typed(settings, engine, db):
+    # No adapter: the probe never runs, but the reply itself starts from what was read while typing.
+    app = EmberApp(dataclasses.replace(settings, max_tokens=6), engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: "ready" in status(app), timeout=60)
+        await send(pilot, "Tell me about lighthouses.")
+        await wait_until(pilot, lambda: not chat(app).generating)
+        question = "Why were they built on rocks?"
+        await type_text(pilot, question)
+        history = [{"role": m["role"], "content": m["content"]} for m in convs.messages(db, chat(app).conversation_id)]
+        system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+        words = engine.tokenize_chat([*system, *history, {"role": "user", "content": "Why were they built on"}])[0]
+        expected = words[:len(words) - engine.template_tail()]
+        await wait_until(pilot, lambda: [int(t) for t in engine.llm.input_ids[:engine.llm.n_tokens]] == expected,
+                         timeout=30)
+        assert len(convs.messages(db, chat(app).conversation_id)) == len(history)   # the draft is not stored
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: not app.screen.query_one(PromptInput).submit_pending, timeout=10)
+        await wait_until(pilot, lambda: not chat(app).generating)
+        view = app.screen.query(MessageView)[-1]
+        assert view.status in ("complete", "length") and view.content
 
 
 async def test_a_corrupt_adapter_is_a_warning_and_the_chat_keeps_working(settings, swappable, db, tmp_path):

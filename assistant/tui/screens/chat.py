@@ -181,6 +181,7 @@ class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions):
         """Show a conversation's messages (None: a new, empty one, incognito when `self.incognito`)."""
         self.conversation_id = conversation_id
         self.private_history = []   # an incognito conversation left is gone
+        self._draft_read = None     # what was read ahead belonged to the conversation before
         self.persona = (personas.of_conversation(self.app.db, conversation_id) if conversation_id is not None
                         else personas.default_persona(self.app.db))
         self.query_one("#incognito-banner", Label).display = self.incognito

@@ -53,7 +53,7 @@ class ReplyActions(Screen):
     private_history: list
     persona_asked: str | None
     _draft = ""             # the prompt's text as last typed
-    _draft_read = ""        # the draft the router last read ahead
+    _draft_read: str | None = ""   # the draft last read ahead (None: read it again, the conversation moved on)
     _reading_ahead = False  # a read-ahead worker is running
     _draft_lock = threading.Lock()
 
@@ -107,6 +107,11 @@ class ReplyActions(Screen):
     def draft_changed(self, event: TextArea.Changed) -> None:
         with self._draft_lock:
             self._draft = event.text_area.text
+        self.start_reading_ahead()
+
+    def start_reading_ahead(self) -> None:
+        """Read the draft ahead (`read_draft_ahead`) unless that is running already or cannot run now."""
+        with self._draft_lock:
             if self._reading_ahead or self.generating or self.app.engine is None:
                 return
             self._reading_ahead = True
@@ -124,7 +129,8 @@ class ReplyActions(Screen):
                     return
             try:
                 read_ahead(app.reply_db, app.engine, app.settings, draft, conversation_id=self.conversation_id,
-                           route=self.route, persona=self.persona_asked)
+                           route=self.route, persona=self.persona_asked,
+                           history=list(self.private_history) if self.incognito else None)
             except Exception:
                 # Only a head start: the probe after sending reads the message itself, and reports.
                 if os.environ.get("EMBER_DEBUG"):
@@ -206,6 +212,9 @@ class ReplyActions(Screen):
         if exchange.conversation_id == self.conversation_id:
             self.show_title()
         self.refresh_sidebar()
+        # The engine is free again: read this reply's end and whatever is typed already ahead of the next.
+        self._draft_read = None
+        self.start_reading_ahead()
 
     def _reply_failed(self, view: MessageView, error: str) -> None:
         # The user's message is stored (it was committed before the request began): it stays on screen,
