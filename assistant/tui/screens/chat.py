@@ -229,11 +229,15 @@ class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions):
             self.query_one(StatusLine).notice = "; ".join(one_line(w) for w in warnings)
 
     def on_paste(self, event: events.Paste) -> None:
-        # A paste while the sidebar (say) has focus goes to the prompt, whole, rather than nowhere.
+        # A paste while the sidebar (say) has focus goes to the prompt, whole, rather than nowhere. It
+        # reaches here only when the prompt did not take it (the prompt stops the pastes it inserts).
+        # Asking "is the prompt focused now?" instead lost pastes: the app routes a paste by the focus at
+        # the moment it arrives, and the focus may move to the prompt before the paste reaches here
+        # (focus() is applied later, e.g. at start-up).
+        event.stop()
         prompt = self.query_one(PromptInput)
-        if self.focused is not prompt:
-            prompt.focus()
-            prompt.replace(event.text, *prompt.selection, maintain_selection_offset=False)
+        prompt.focus()
+        prompt.replace(event.text, *prompt.selection, maintain_selection_offset=False)
 
     # ---- actions ----------------------------------------------------------------------------
     def action_cancel_reply(self) -> None:
