@@ -17,6 +17,7 @@ from assistant.tui.errors import shows_errors
 from assistant.tui.screens.chat_branches import BranchActions
 from assistant.tui.screens.chat_context import ContextActions
 from assistant.tui.screens.chat_feedback import FeedbackActions
+from assistant.tui.screens.chat_models import ModelActions
 from assistant.tui.screens.chat_reply import BUSY, ReplyActions
 from assistant.tui.screens.help import PROMPT_KEYS, HelpScreen, keys_of
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
@@ -38,6 +39,8 @@ ACTIONS = [
     ("toggle_incognito", "Incognito conversation on/off",
      "Start a conversation that is saved nowhere (again: back to a normal one)"),
     ("choose_persona", "Choose persona", "Pick the persona of this conversation, or the default for new ones"),
+    ("switch_model", "Switch model",
+     "Load another model: the bundled one, those `ember compress` made, recent ones, or any GGUF by path"),
     ("help", "Help: every key", "List every key of the chat"),
     ("learning", "Learning", "Adapters, the privacy budget spent, training curves, what each adapter learned "
                              "from, the daemon; adapt now"),
@@ -66,7 +69,7 @@ ACTIONS = [
 ]
 
 
-class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions):
+class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions, ModelActions):
     """Chat with the model; every exchange is logged as it happens (sending and streaming: `ReplyActions`;
     feedback: `FeedbackActions`)."""
 
@@ -431,7 +434,8 @@ class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions):
             ("chat", keys_of(self.BINDINGS)),
             ("a focused message", keys_of(MessageView.BINDINGS)),
             ("prompt", PROMPT_KEYS),
-            ("app", [("ctrl+p", "Command palette: every action, themes too"), *keys_of(self.app.BINDINGS)]),
+            ("app", [("ctrl+p", "Command palette: every action, Switch model, and Theme (remembered)"),
+                     *keys_of(self.app.BINDINGS)]),
         ]))
 
     def action_learning(self) -> None:
