@@ -151,3 +151,21 @@ async def test_the_theme_chosen_is_the_one_the_next_chat_starts_in(settings, eng
     async with third.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert third.theme == default
+
+
+def test_the_models_listed_are_the_bundled_registered_given_and_recent_each_once(settings, model_path, db, tmp_path):
+    from assistant import models
+
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    registered = settings.models_dir / "small.gguf"
+    registered.write_bytes(b"GGUF")                         # listed by existing, as ember compress leaves one
+    given, gone = tmp_path / "given.gguf", tmp_path / "gone.gguf"
+    given.write_bytes(b"GGUF")
+    for path in (gone, registered, model_path):             # recent: newest first; these repeat or are gone
+        preferences.add_recent_model(db, str(path))
+    listed = models.catalogue(settings, db, given=given)
+    assert [(m["name"], m["kind"], m["exists"]) for m in listed] == [
+        (model_path.stem, "bundled", True), ("given", "given", True), ("small", "registered", True),
+        ("gone", "recent", False)]
+    assert models.resolve(settings, "small") == registered   # a registered name, as --model NAME
+    assert models.resolve(settings, "~/x.gguf").is_absolute()
