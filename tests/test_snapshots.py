@@ -80,3 +80,14 @@ def test_learning_screen(snap_compare, settings, engine, db):
         db.execute("UPDATE privacy_ledger SET created = ? WHERE run_id = ?", [f"2026-05-0{i}T09:00:00", f"run-{i}"])
     db.conn.commit()
     assert snap_compare(EmberApp(settings, engine=engine), terminal_size=(130, 40), press=["ctrl+l"])
+
+
+def test_model_switch_screen(snap_compare, settings, engine):
+    settings.models_dir.mkdir(parents=True)
+    (settings.models_dir / "smol-q4_0-luc.gguf").write_bytes(b"GGUF")   # as ember compress registers one
+
+    async def open_it(pilot):
+        pilot.app.screen.action_switch_model()
+        await pilot.pause()
+
+    assert snap_compare(EmberApp(settings, engine=engine), terminal_size=SIZE, run_before=open_it)

@@ -18,8 +18,19 @@ HELP = "Enter switches · type a .gguf path (or a registered name) below · Esc 
 KINDS = {"bundled": "bundled default", "registered": "ember compress", "given": "--model", "recent": "recent"}
 
 
+def shortened(path: Path) -> str:
+    """A path as a person types it: `~` for the home directory."""
+    try:
+        return f"~/{path.relative_to(Path.home())}"
+    except ValueError:
+        return str(path)
+
+
 class ModelScreen(ModalScreen[Path | None]):
-    """The known models, the active one marked ●; dismisses with the chosen GGUF's path, or None (Esc)."""
+    """The known models, the active one marked ●; dismisses with the chosen GGUF's path, or None (Esc).
+
+    The bundled model and those `ember compress` registered are named (they live in the package and the
+    data directory); the others show their path."""
 
     BINDINGS = [Binding("escape", "close", "Close")]
 
@@ -45,7 +56,8 @@ class ModelScreen(ModalScreen[Path | None]):
             here = path.exists() and path.resolve() == active
             mark = "●" if here else " "
             what = KINDS[model["kind"]] + ("" if model["exists"] else ", file missing")
-            options.add_option(Option(Text(f"{mark} {model['name']}  ({what})  {model['path']}"),
+            where = "" if model["kind"] in ("bundled", "registered") else f"  {shortened(path)}"
+            options.add_option(Option(Text(f"{mark} {model['name']}  ({what}){where}"),
                                       id=model["path"], disabled=not model["exists"]))
             if here:
                 options.highlighted = options.option_count - 1
