@@ -101,6 +101,8 @@ class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions, M
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False, tooltip="Show or hide the conversation list"),
         Binding("f9", "toggle_incognito", "Incognito", show=False, tooltip="A conversation saved nowhere"),
         Binding("ctrl+t", "choose_persona", "Persona", show=False, tooltip="The persona of this conversation"),
+        Binding("f10", "switch_model", "Model", show=False,
+                tooltip="Switch model: a known one (bundled, compressed, recent) or any GGUF path"),
     ]
 
     def __init__(self, conversation_id: int | None = None, *, incognito: bool = False) -> None:
