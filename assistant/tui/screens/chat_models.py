@@ -60,7 +60,8 @@ class ModelActions(Screen):
         status = self.query_one(StatusLine)
         if self.app.engine is not None:
             status.model = self.app.engine.path.name
-        status.state = "ready"
+        if not self.generating:   # a reply sent while the model loaded is being written now
+            status.state = "ready"
         self.show_engine_state()
         if not failed:
             self.show_engine_warnings()
