@@ -7,6 +7,8 @@ model, a file llama.cpp refuses, and the real database.
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 import pytest
 from textual.command import CommandList
 from textual.widgets import Input
@@ -18,7 +20,7 @@ from assistant.tui.widgets.status_line import StatusLine
 from storage import preferences
 from tests.gguf_variants import variant
 from tests.test_tui import SIZE, chat, notified, send
-from tests.tui_helpers import random_adapter, register_adapter, type_text, wait_until
+from tests.tui_helpers import TerminalRun, random_adapter, register_adapter, type_text, wait_until
 
 VARIANT = "smol-variant"
 
@@ -132,25 +134,15 @@ async def test_the_palette_switches_models_and_refuses_the_adapter_made_for_anot
         assert "Adapter a1 applies to it" in str(notes(app)[-1].render())
 
 
-async def test_the_theme_chosen_is_the_one_the_next_chat_starts_in(settings, engine, db):
-    first = EmberApp(settings, engine=engine)
-    async with first.run_test(size=SIZE) as pilot:
-        default = first.theme
-        await open_palette_command(pilot, "Theme")          # Textual's own command
-        await pick(pilot, "nord")
-        await wait_until(pilot, lambda: first.theme == "nord", timeout=10)
-        await wait_until(pilot, lambda: preferences.get(db, preferences.THEME) == "nord", timeout=10)
-    assert default != "nord"
-    second = EmberApp(settings, engine=engine)
-    async with second.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        assert second.theme == "nord" and second.current_theme.name == "nord"
-    # A theme no longer known (a name from a newer Textual, or typed by hand) falls back to the default.
+async def test_a_theme_no_longer_known_falls_back_to_the_default(settings, engine, db):
+    """A stored name this Textual does not have (from a newer one, or typed by hand) is not an error."""
     preferences.put(db, preferences.THEME, "no-such-theme")
-    third = EmberApp(settings, engine=engine)
-    async with third.run_test(size=SIZE) as pilot:
+    app = EmberApp(settings, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        assert third.theme == default
+        assert app.theme == "textual-dark"
+        app.theme = "nord"                              # what the palette's Theme command does
+        await wait_until(pilot, lambda: preferences.get(db, preferences.THEME) == "nord", timeout=10)
 
 
 def test_the_models_listed_are_the_bundled_registered_given_and_recent_each_once(settings, model_path, db, tmp_path):
@@ -169,3 +161,41 @@ def test_the_models_listed_are_the_bundled_registered_given_and_recent_each_once
         ("gone", "recent", False)]
     assert models.resolve(settings, "small") == registered   # a registered name, as --model NAME
     assert models.resolve(settings, "~/x.gguf").is_absolute()
+
+
+NORD_BACKGROUND = b"48;2;46;52;64"   # nord's background, #2E3440, as a truecolor terminal is sent it
+
+
+def test_the_theme_picked_in_a_real_ember_chat_is_the_one_the_next_starts_in(home):
+    """Two runs of the real `ember chat` in a terminal: pick nord in the first, the second paints in it."""
+    env = dict(os.environ, EMBER_HOME=str(home), COLORTERM="truecolor")
+    env.pop("EMBER_DEBUG", None)
+
+    def run(act) -> None:
+        chat = TerminalRun(["chat"], env)
+        try:
+            chat.wait_for(b"Message Ember", timeout=60)
+            act(chat)
+            chat.type("\x11")                              # Ctrl+Q
+            code = chat.wait(timeout=30)
+        except BaseException:
+            chat.kill(9)
+            chat.wait()
+            raise
+        assert code == 0
+
+    def pick_nord(chat) -> None:
+        assert NORD_BACKGROUND not in chat.screen
+        chat.type("\x10")                                  # Ctrl+P
+        chat.wait_for(b"Search for commands", timeout=20)
+        chat.type("Theme")
+        chat.wait_for(b"Change the current theme", timeout=20)
+        chat.type("\r")
+        chat.wait_for(b"Search for themes", timeout=20)
+        chat.type("nord")
+        time.sleep(1.0)                                     # the palette searches in a worker
+        chat.type("\r")
+        chat.wait_for(NORD_BACKGROUND, timeout=20)
+
+    run(pick_nord)
+    run(lambda chat: chat.wait_for(NORD_BACKGROUND, timeout=10))
