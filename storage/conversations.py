@@ -530,7 +530,8 @@ def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     With what `ember import` needs to read it back losslessly: whether the conversation is excluded from
     learning, each reply's rating and edit (`rating`, `edit`, only when the user gave them), and for
     imported ones the source's ids and the import they came from. Every branch is there: each message
-    names the one it follows (`parent_id`), and `current_id` the end of the branch the user kept."""
+    names the one it follows (`parent_id`), and `current_id` the end of the branch the user kept; `persona`
+    names the persona a conversation is held with (the personas themselves: `personas.export_personas`)."""
     excluded = {r[0] for r in db.execute("""
         SELECT conversation_id FROM feedback f WHERE kind = 'exclude' AND id = (
             SELECT MAX(id) FROM feedback g WHERE g.conversation_id = f.conversation_id
@@ -541,12 +542,15 @@ def export_all(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     # Each reply's current rating and latest edit, where the user gave them.
     said = {message_id: {k: v for k, v in entry.items() if v is not None}
             for message_id, entry in state(db).items()}
+    persona_names = {r[0]: r[1] for r in db.execute("SELECT id, name FROM personas")}
     out = []
     for conv in reversed(list_conversations(db)):
         conv = dict(conv)
         conv.pop("messages")
         stored = get_conversation(db, conv["id"])
         conv["excluded"] = conv["id"] in excluded
+        if stored.get("persona_id") in persona_names:   # the persona it is held with, by name
+            conv["persona"] = persona_names[stored["persona_id"]]
         if stored.get("external_id"):
             conv["external_id"] = stored["external_id"]
             conv["source"] = imports.get(stored.get("import_id"))

@@ -497,3 +497,20 @@ def m015_federation_rounds(db: sqlite_utils.Database) -> None:
         );
         CREATE INDEX idx_federation_rounds_round ON federation_rounds (server, round);
     """)
+
+
+@migration
+def m016_preferences(db: sqlite_utils.Database) -> None:
+    """What the chat remembers between runs that is no one's data: the Textual theme chosen in the palette,
+    and the models recently switched to (`key` → a JSON value).
+
+    In the database rather than `config.toml`: the user writes that file by hand, with comments, and
+    rewriting it from the app would lose them.
+    """
+    db.executescript("""
+        CREATE TABLE preferences (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated TEXT NOT NULL
+        );
+    """)

@@ -135,3 +135,73 @@ def set_for_conversation(db: sqlite_utils.Database, conversation_id: int, name: 
         row = None if name is None or name.strip().lower() == NONE else _row(db, name)
         db["conversations"].update(conversation_id, {"persona_id": row["id"] if row else None})
     return _public(row) if row else None
+
+
+def export_personas(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    """Every persona as `ember persona export` and `ember export` write it: name, system prompt, route,
+    temperature, and whether it is the default."""
+    return [_public(row) for row in db.query("SELECT * FROM personas ORDER BY name COLLATE NOCASE")]
+
+
+def check_persona(item: Any) -> dict[str, Any]:
+    """An exported persona, checked as `add_persona` would check it; `InvalidInput` says what is wrong."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise InvalidInput("needs a `name` string")
+    if not isinstance(item.get("system_prompt"), str) or not item["system_prompt"].strip():
+        raise InvalidInput("needs a `system_prompt` of visible text")
+    route, temperature = item.get("route"), item.get("temperature")
+    if route is not None and route not in ROUTES:
+        raise InvalidInput(f"unknown route {route!r}; one of {', '.join(ROUTES)}")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not temperature >= 0):
+        raise InvalidInput(f"temperature must be a number, 0 or more, not {temperature!r}")
+    return {"name": check_name(item["name"]), "system_prompt": item["system_prompt"], "route": route,
+            "temperature": None if temperature is None else float(temperature),
+            "default": item.get("default") is True}
+
+
+def merge_personas(db: sqlite_utils.Database, items: list[dict[str, Any]], *, replace: bool = False,
+                   dry_run: bool = False) -> dict[str, Any]:
+    """Add exported personas (checked by `check_persona`) in one transaction: a new name is added, an
+    identical one left alone, one that differs kept as it is unless `replace`. The export's default
+    becomes the default when there is none (or with `replace`). Returns the names under `added`,
+    `replaced`, `unchanged`, `conflicts` (differ, kept) and `default` (the default set, or None)."""
+    result: dict[str, Any] = {"added": [], "replaced": [], "unchanged": [], "conflicts": [], "default": None}
+    with transaction(db):
+        for item in items:
+            rows = list(db.query("SELECT * FROM personas WHERE name = ?", [item["name"]]))
+            fields = {k: item[k] for k in FIELDS}
+            if not rows:
+                result["added"].append(item["name"])
+                if not dry_run:
+                    db["personas"].insert(fields | {"created": now(), "is_default": 0})
+            elif all(rows[0][k] == item[k] for k in FIELDS[1:]):
+                result["unchanged"].append(rows[0]["name"])
+            elif replace:
+                result["replaced"].append(rows[0]["name"])
+                if not dry_run:
+                    db["personas"].update(rows[0]["id"], fields)
+            else:
+                result["conflicts"].append(rows[0]["name"])
+        wanted = next((item["name"] for item in items if item["default"]), None)
+        current = default_persona(db)
+        if wanted is not None and (current is None or replace) and (
+                current is None or current["name"].lower() != wanted.lower()):
+            result["default"] = wanted
+            if not dry_run:
+                set_default(db, wanted)
+    return result
+
+
+def link_conversations(db: sqlite_utils.Database, links: dict[str, str]) -> int:
+    """Hold imported conversations with personas by name (`{conversation external_id: persona name}`);
+    a conversation not in the log, or a name with no persona here, is left as it is. Returns how many
+    were linked."""
+    linked = 0
+    with transaction(db):
+        for external_id, name in links.items():
+            persona = list(db.query("SELECT id FROM personas WHERE name = ?", [name]))
+            if persona:
+                linked += db.execute("UPDATE conversations SET persona_id = ? WHERE external_id = ?",
+                                     [persona[0]["id"], external_id]).rowcount
+    return linked

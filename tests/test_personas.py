@@ -134,3 +134,96 @@ def test_adding_a_persona_twice_needs_replace(ember):
     assert_clean_error(ember("persona", "add", "p", "two"), contains="--replace")
     assert ember("persona", "add", "P", "two", "--replace").returncode == 0
     assert json.loads(ember("persona", "show", "p", "--json").out)["system_prompt"] == "two"
+
+
+def _ember_in(home, *args):
+    """The real `ember` command with another data directory."""
+    import os
+    import subprocess
+    import sys
+
+    environ = dict(os.environ, EMBER_HOME=str(home))
+    environ.pop("EMBER_DEBUG", None)
+    result = subprocess.run([sys.executable, "-m", "assistant", *args], capture_output=True, text=True,
+                            timeout=120, env=environ)
+    result.out, result.err = result.stdout, result.stderr
+    return result
+
+
+def test_personas_go_out_with_export_and_come_back_with_import(ember, home, tmp_path):
+    assert ember("persona", "add", "pirate", PIRATE, "--route", "rag", "--temperature", "0.9", "--default").returncode == 0
+    assert ember("persona", "add", "poet", "Answer in rhyme.\nAlways.").returncode == 0
+    db = open_db(home)
+    cid = convs.create_conversation(db)
+    convs.add_message(db, cid, "user", "Ahoy?")
+    personas.set_for_conversation(db, cid, "pirate")
+    db.close()
+    mine = json.loads(ember("persona", "list", "--json").out)
+
+    # `ember persona export`: a private file, and `import` into another data directory gives them back.
+    file = tmp_path / "personas.json"
+    done = ember("persona", "export", "-o", str(file))
+    assert done.returncode == 0 and "Exported 2 personas" in done.err and file.stat().st_mode & 0o777 == 0o600
+    assert json.loads(file.read_text())["format"] == "ember-personas"
+    other = tmp_path / "other"
+    first = json.loads(_ember_in(other, "persona", "import", str(file), "--json").out)
+    assert (first["added"], first["default"]) == (["pirate", "poet"], "pirate")
+    theirs = json.loads(_ember_in(other, "persona", "list", "--json").out)
+    assert [dict(p, conversations=0) for p in mine] == theirs   # name, prompt, route, temperature, default
+    again = json.loads(_ember_in(other, "persona", "import", str(file), "--json").out)
+    assert again["unchanged"] == ["pirate", "poet"] and not again["added"] and again["default"] is None
+
+    # A persona of the same name that differs is the user's until --replace; --dry-run writes nothing.
+    assert _ember_in(other, "persona", "add", "poet", "Plain prose.", "--replace").returncode == 0
+    kept = _ember_in(other, "persona", "import", str(file))
+    assert kept.returncode == 0 and "kept yours: poet" in kept.err
+
+    def poet() -> str:
+        store = open_db(other)
+        try:
+            return personas.get_persona(store, "poet")["system_prompt"]
+        finally:
+            store.close()
+
+    assert poet() == "Plain prose."
+    dry = json.loads(_ember_in(other, "persona", "import", str(file), "--replace", "--dry-run", "--json").out)
+    assert dry["replaced"] == ["poet"] and dry["dry_run"] and poet() == "Plain prose."
+    assert _ember_in(other, "persona", "import", str(file), "--replace").returncode == 0
+    assert poet() == "Answer in rhyme.\nAlways."
+
+    # `ember export` carries them, and each conversation's persona; `ember import` of it restores both.
+    export = tmp_path / "export.json"
+    assert ember("export", "-o", str(export)).returncode == 0
+    document = json.loads(export.read_text())
+    assert [p["name"] for p in document["personas"]] == ["pirate", "poet"]
+    assert [c.get("persona") for c in document["conversations"]] == ["pirate"]
+    third = tmp_path / "third"
+    imported = _ember_in(third, "import", str(export), "--json")
+    assert imported.returncode == 0, imported.err
+    said = json.loads(imported.out)["personas"]
+    assert said["added"] == ["pirate", "poet"] and said["conversations_linked"] == 1
+    restored = open_db(third)
+    try:
+        (new_cid,) = [c["id"] for c in convs.list_conversations(restored)]
+        assert personas.of_conversation(restored, new_cid)["name"] == "pirate"
+        assert personas.default_persona(restored)["name"] == "pirate"
+    finally:
+        restored.close()
+
+
+BAD_FILES = [
+    ({"format": "ember-personas", "personas": [{"name": "x", "system_prompt": "hi", "route": "moon"}]},
+     "persona 1 ('x'): unknown route 'moon'"),
+    ({"format": "ember-personas", "personas": [{"name": "x", "system_prompt": "a"}, {"name": "X", "system_prompt": "b"}]},
+     "the name 'X' comes twice"),
+    ({"format": "chatgpt", "personas": []}, "not an Ember persona file or export"),
+    ('{"format": "ember-personas", "personas": [{"name": "a", "system_pro', "truncated"),
+]
+
+
+def test_a_bad_persona_file_is_one_line_and_imports_nothing(ember, tmp_path):
+    bad = tmp_path / "bad.json"
+    for document, message in BAD_FILES:
+        bad.write_text(document if isinstance(document, str) else json.dumps(document))
+        assert_clean_error(ember("persona", "import", str(bad)), contains=message)
+    assert json.loads(ember("persona", "list", "--json").out) == []

@@ -246,3 +246,39 @@ def test_ask_through_a_resident_engine_imports_neither_llama_cpp_nor_the_databas
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "assistant.resident" in imported
     assert not imported & {"llama_cpp", "sqlite_utils", "numpy", "assistant.conversation", "httpx2", "torch"}
+
+
+def test_regenerate_through_a_resident_engine_keeps_the_old_reply_as_an_alternative(homes):
+    """`ember ask --regenerate ID` with `ember serve` running: answered by the server's engine, the old
+    reply kept as the new one's sibling, the kept branch through the new one, and the printed answer is
+    what was stored."""
+    server, _ = homes
+    code, first, _ = _ask(server.home, ["Name three fruits.", "--max-tokens", "24", "--json"], None)
+    assert code == 0
+    before = _served(server)
+    code, printed, err = _ask(server.home, ["--regenerate", str(first["message_id"]), "--max-tokens", "24",
+                                            "--temperature", "1.2", "--seed", "11"], None)
+    assert code == 0 and "Traceback" not in err, err
+    assert _served(server) == before + 1            # the server's engine answered, not this process
+    db = open_db(server.home)
+    try:
+        old = db["messages"].get(first["message_id"])
+        question = db["messages"].get(old["parent_id"])
+        siblings = db.execute("SELECT id, content, status FROM messages WHERE parent_id = ? AND role = 'assistant' "
+                              "ORDER BY id", [question["id"]]).fetchall()
+        assert [row[0] for row in siblings][0] == old["id"] and len(siblings) == 2
+        new_id, new_text, status = siblings[1]
+        assert old["content"] == first["text"] and status == "complete"
+        assert printed.strip() == new_text.strip() and new_text != old["content"]
+        assert db["conversations"].get(first["conversation_id"])["current_id"] == new_id
+        assert [m["content"] for m in db.query("SELECT content FROM messages WHERE role = 'user'")] \
+            == ["Name three fruits."]            # the question is asked again, not stored again
+    finally:
+        db.close()
+    # and `ember history --json` shows the tree: both replies, the kept branch through the new one
+    env = dict(os.environ, EMBER_HOME=str(server.home), PYTHONPATH=str(ROOT))
+    shown = json.loads(subprocess.run([sys.executable, "-m", "assistant", "history", "--json"], capture_output=True,
+                                      timeout=60, env=env, cwd=ROOT, check=True).stdout)
+    conversation = next(c for c in shown if c["id"] == first["conversation_id"])
+    assert conversation["current_id"] == new_id and conversation["branch"] == [question["id"], new_id]
+    assert {m["id"] for m in conversation["messages"]} == {question["id"], old["id"], new_id}

@@ -80,3 +80,35 @@ def test_learning_screen(snap_compare, settings, engine, db):
         db.execute("UPDATE privacy_ledger SET created = ? WHERE run_id = ?", [f"2026-05-0{i}T09:00:00", f"run-{i}"])
     db.conn.commit()
     assert snap_compare(EmberApp(settings, engine=engine), terminal_size=(130, 40), press=["ctrl+l"])
+
+
+def test_model_switch_screen(snap_compare, settings, engine):
+    settings.models_dir.mkdir(parents=True)
+    (settings.models_dir / "smol-q4_0-luc.gguf").write_bytes(b"GGUF")   # as ember compress registers one
+
+    async def open_it(pilot):
+        pilot.app.screen.action_switch_model()
+        await pilot.pause()
+
+    assert snap_compare(EmberApp(settings, engine=engine), terminal_size=SIZE, run_before=open_it)
+
+
+def test_persona_picker(snap_compare, settings, engine, db):
+    from storage import personas
+
+    personas.add_persona(db, "pirate", "You are a pirate. Answer like one.", route="base", temperature=0.9,
+                         default=True)
+    personas.add_persona(db, "terse", "Answer in one line.")
+    assert snap_compare(EmberApp(settings, engine=engine), terminal_size=SIZE, press=["ctrl+t"])
+
+
+def test_incognito_conversation(snap_compare, seeded_app):
+    assert snap_compare(seeded_app(), terminal_size=SIZE, press=["f9"])
+
+
+def test_context_view_of_a_past_reply(snap_compare, seeded_app):
+    async def show(pilot):
+        await pilot.press("ctrl+o")
+        await pilot.pause(0.5)   # counted in a worker
+
+    assert snap_compare(seeded_app(), terminal_size=SIZE, run_before=show)

@@ -316,3 +316,20 @@ def test_export_all_has_every_message_in_order(db):
     exported = convs.export_all(db)
     assert [m["content"] for m in exported[0]["messages"]] == ["one", "two"]
     assert current_version(db) == len(MIGRATIONS)
+
+
+def test_preferences_keep_one_value_per_key_and_the_recent_models_newest_first(db):
+    from storage import preferences
+
+    assert preferences.get(db, preferences.THEME) is None and preferences.recent_models(db) == []
+    preferences.put(db, preferences.THEME, "nord")
+    preferences.put(db, preferences.THEME, "dracula")
+    assert preferences.get(db, preferences.THEME) == "dracula"
+    for n in range(preferences.RECENT_KEPT + 2):
+        preferences.add_recent_model(db, f"/m/{n}.gguf")
+    preferences.add_recent_model(db, "/m/5.gguf")                 # again: moves to the front, once
+    recent = preferences.recent_models(db)
+    assert recent[0] == "/m/5.gguf" and recent.count("/m/5.gguf") == 1 and len(recent) == preferences.RECENT_KEPT
+    assert recent[1:3] == ["/m/9.gguf", "/m/8.gguf"]
+    db.execute("UPDATE preferences SET value = 'not json' WHERE key = ?", [preferences.THEME])   # edited by hand
+    assert preferences.get(db, preferences.THEME, "fallback") == "fallback"

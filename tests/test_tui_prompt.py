@@ -59,6 +59,23 @@ async def test_a_multi_line_paste_is_kept_whole_and_sent_as_one_message(quick, e
         assert prompt_of(app).text == ""
 
 
+@pytest.mark.parametrize("before, after", [("sidebar", "prompt"), ("prompt", "sidebar")])
+async def test_a_paste_lands_once_in_the_prompt_when_the_focus_moves_while_it_arrives(quick, engine, before, after):
+    """The app routes a paste by the focus at the moment it arrives; focus() is applied later (at start-up
+    the screen's auto-focus and the prompt's focus race). The paste must land in the prompt once either way:
+    the old check ("is the prompt focused now?") lost it when the focus reached the prompt in between,
+    which made the paste test above fail now and then on a loaded machine."""
+    app = EmberApp(quick, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        widgets = {"sidebar": app.screen.query_one("#sidebar"), "prompt": prompt_of(app)}
+        app.set_focus(widgets[before])
+        await pilot.pause()
+        app.post_message(events.Paste("one\ntwo"))
+        widgets[after].focus()
+        await pilot.pause()
+        assert prompt_of(app).text == "one\ntwo"
+
+
 async def test_ctrl_j_shift_enter_and_alt_enter_add_lines_and_enter_sends(quick, engine, db):
     app = EmberApp(quick, engine=engine)
     async with app.run_test(size=SIZE) as pilot:

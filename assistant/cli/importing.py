@@ -63,7 +63,14 @@ def import_(source, fmt, dry_run, learn, skip_bad, model, as_json):
     export = open_export(source, fmt)
     settings = settings_from(model=model)
     db = open_store(settings)
+    carried = None   # Ember's own export carries personas: checked before anything is written
+    if export.app == "ember" and export.path.is_file() and export.member == export.path.name:
+        from assistant.importers import personas as persona_file
+
+        carried = persona_file.read(export.path)
     result = merge(db, export, learn=learn, dry_run=dry_run, skip_bad=skip_bad)
+    if carried:
+        result["personas"] = _personas(db, export.path, carried, dry_run)
     if not dry_run:
         from assistant.retrieval import retriever_for
 
@@ -88,6 +95,14 @@ def import_(source, fmt, dry_run, learn, skip_bad, model, as_json):
         click.echo(f"  skipped (bad): {problem}", err=True)
     for warning in result["warnings"]:
         click.echo(f"  note: {warning}", err=True)
+    if result.get("personas"):
+        said = result["personas"]
+        parts = [f"{len(said[k])} {k}" for k in ("added", "unchanged") if said[k]]
+        if said["conflicts"]:
+            parts.append(f"{len(said['conflicts'])} kept as you have them ({', '.join(said['conflicts'])}: "
+                         "`ember persona import FILE --replace` takes the file's)")
+        if parts:
+            click.echo("  personas: " + ", ".join(parts))
     if result["conversations"]["added"] and not learn:
         click.echo("  New conversations are excluded from learning (pass --learn, or F4 in the chat, to include them).")
     if dry_run:
@@ -97,6 +112,18 @@ def import_(source, fmt, dry_run, learn, skip_bad, model, as_json):
         click.echo(f"Indexed {plural(done['chunks'], 'memory chunk')} in {done['seconds']:.1f} s"
                    + (f" ({done['per_second']:.0f}/s)." if done["per_second"] else "."))
     return None
+
+
+def _personas(db, path: Path, items: list, dry_run: bool) -> dict:
+    """An Ember export's personas: new ones added (yours kept where a name differs), and the imported
+    conversations held with theirs again."""
+    from assistant.importers import personas as persona_file
+    from storage import personas
+
+    result = personas.merge_personas(db, items, dry_run=dry_run)
+    if not dry_run:
+        result["conversations_linked"] = personas.link_conversations(db, persona_file.conversation_links(path))
+    return result
 
 
 COMMANDS = [import_]

@@ -135,8 +135,10 @@ def export(fmt, output, model, as_json):
     if as_json:
         fmt = "json"
     if fmt == "json":
-        text = json.dumps({"format": "ember-export", "version": 2,
-                           "exported": convs.now(), "conversations": conversations},
+        from storage.personas import export_personas
+
+        text = json.dumps({"format": "ember-export", "version": 2, "exported": convs.now(),
+                           "personas": export_personas(db), "conversations": conversations},
                           ensure_ascii=False, indent=2) + "\n"
     else:
         text = to_markdown(conversations)

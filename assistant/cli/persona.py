@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,7 +17,9 @@ from storage import personas
 
 @click.group()
 def persona() -> None:
-    """Personas: named system prompts; a conversation is held with one (`ember ask --persona NAME`)."""
+    """Personas: named system prompts; a conversation is held with one (`ember ask --persona NAME`).
+
+    `export` and `import` carry them to a file and back (`ember export` includes them too)."""
 
 
 def _line(p: dict[str, Any]) -> str:
@@ -120,6 +123,75 @@ def default(name, model, as_json):
     if as_json:
         return print_json({"default": row["name"] if row else None})
     click.echo(f"default persona: {row['name']}" if row else "no default persona")
+    return None
+
+
+def write_private(output: Path, text: str) -> None:
+    """Write `text` to `output`, created mode 0600 (a system prompt may say personal things)."""
+    import os
+
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        output.chmod(0o600)
+    except OSError as err:
+        raise InvalidInput(f"cannot write {output}: {err.strerror}") from err
+
+
+@persona.command("export")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file (created private, mode 0600) instead of stdout.")
+@model_option
+@json_option
+def export_(output, model, as_json):
+    """Every persona as JSON (`ember persona import` reads it back, on this device or another)."""
+    import json
+
+    from assistant.importers import personas as persona_file
+    from storage.conversations import now
+
+    rows = personas.export_personas(open_store(settings_from(model=model)))
+    text = json.dumps(persona_file.document(rows, now()), ensure_ascii=False, indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    write_private(output, text)
+    click.echo(f"Exported {plural(len(rows), 'persona')} to {output}", err=True)
+
+
+@persona.command("import")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--replace", is_flag=True,
+              help="Overwrite personas of the same name that differ (and take the file's default).")
+@click.option("--dry-run", is_flag=True, help="Say what would be added and replaced; write nothing.")
+@model_option
+@json_option
+def import_(source, replace, dry_run, model, as_json):
+    """Add the personas of SOURCE: a file `ember persona export` wrote, or an `ember export` JSON.
+
+    A persona of the same name that differs is kept as it is unless --replace. Nothing is written when
+    any persona in the file is bad."""
+    from assistant.importers import personas as persona_file
+
+    items = persona_file.read(source)
+    result = personas.merge_personas(open_store(settings_from(model=model)), items, replace=replace,
+                                     dry_run=dry_run)
+    result["dry_run"] = dry_run
+    if as_json:
+        return print_json(result)
+    verb = "would be " if dry_run else ""
+    for key in ("added", "replaced", "unchanged"):
+        if result[key]:
+            click.echo(f"{key.capitalize() if not dry_run else 'Would be ' + key}: {', '.join(result[key])}")
+    for name in result["conflicts"]:
+        click.echo(f"kept yours: {name} (the file's differs; --replace takes it)", err=True)
+    if result["default"]:
+        click.echo(f"default persona {verb}now: {result['default']}")
+    if not any(result[k] for k in ("added", "replaced", "unchanged", "conflicts")):
+        click.echo(f"{source} holds no personas")
+    if dry_run:
+        click.echo("Dry run: nothing was written.")
     return None
 
 

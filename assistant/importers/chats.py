@@ -109,6 +109,12 @@ def openwebui(export: Export, obj: Any, place: str) -> ImportedConversation | Pr
 MESSAGE_FIELDS = ("status", "route", "adapter_id", "tokens", "seconds")
 
 
+def conversation_key(obj: dict) -> str:
+    """The id `ember import` keys a conversation of Ember's own export by: a conversation first imported
+    from another app keeps that app's id; Ember's own are keyed by their id and start time."""
+    return obj.get("external_id") or f"ember:{obj['id']}:{obj.get('created')}"
+
+
 def read_ember(export: Export) -> Iterator[Item]:
     """`ember export --format json`: every field of every message comes back as it was."""
     for index, obj in stream_items(export, "conversations.item", export.member):
@@ -142,9 +148,8 @@ def ember(export: Export, obj: Any, place: str) -> ImportedConversation | Proble
         messages.append(ImportedMessage(external_id=ident, role=m["role"], content=m["content"],
                                         created=m.get("created"), model=m.get("model"),
                                         parent_external_id=external.get(parent), **extra))
-    # A conversation first imported from another app keeps that app's id, so re-importing the app's own
-    # export later still finds it; Ember's own conversations are keyed by their id and start time.
-    ident = obj.get("external_id") or f"ember:{obj['id']}:{obj.get('created')}"
+    # Keyed so that re-importing the app's own export later still finds it.
+    ident = conversation_key(obj)
     excluded = obj.get("excluded")
     return ImportedConversation(external_id=ident, title=obj.get("title"), messages=messages,
                                 created=obj.get("created"), updated=obj.get("updated"),

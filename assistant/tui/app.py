@@ -1,13 +1,16 @@
 """EmberApp: the Textual application. The model loads in a background thread; the UI never waits.
 
 The app owns the engine, so it also watches the registry: a newly promoted adapter is hot-swapped into
-the running chat (between replies, never during one), and an adaptation in progress is reported.
+the running chat (between replies, never during one), and an adaptation in progress is reported. It
+also switches the model (palette: "Switch model") under the same lock, and remembers the theme.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from textual import events, work
@@ -24,7 +27,7 @@ from assistant.retrieval import retriever_for
 from assistant.tui.driver import PrivateOutputDriver
 from assistant.tui.screens.chat import ACTIONS, ChatScreen
 from assistant.tui.widgets.status_line import progress
-from storage import activity, registry, runs
+from storage import activity, preferences, registry, runs
 from storage import conversations as convs
 from storage.db import connections
 
@@ -57,6 +60,9 @@ class EmberApp(App):
         # llama.cpp is not thread-safe: a reply and an adapter swap each hold this while they use the engine.
         self.engine_lock = threading.Lock()
         self._swapping = False
+        self.switching_model = False   # a model chosen in the palette is loading
+        # The model the run was started with by name (`--model`, EMBER_MODEL, config.toml): listed to switch back to.
+        self.given_model: Path | None = settings.model_path if settings.model is not None else None
         self.warned: set[str] = set()   # the engine's warnings already shown (each is shown once)
         self._run_seen: str | None = None   # the adaptation run last shown as in progress
         self._loading = False
@@ -90,6 +96,7 @@ class EmberApp(App):
                 self.log.warning(f"presence not recorded: {err}")
 
     def on_mount(self) -> None:
+        self.restore_theme()
         self.push_screen(ChatScreen(self.initial_conversation, incognito=self.incognito))
         if self.engine is not None:
             self.engine_ready.set()
@@ -133,6 +140,77 @@ class EmberApp(App):
         if self.chat_screen is not None:
             self.chat_screen.model_ready()
         self.start_swap(announce=False)   # the adapter in use comes with the model
+
+    # ---- theme -------------------------------------------------------------------------------
+    def restore_theme(self) -> None:
+        """Start in the theme chosen last time (palette: "Theme"), then remember every change."""
+        try:
+            saved = preferences.get(self.db, preferences.THEME)
+        except EmberError as err:
+            self.log.warning(f"theme not restored: {err}")
+            saved = None
+        if isinstance(saved, str) and saved in self.available_themes:
+            self.theme = saved
+        self.theme_changed_signal.subscribe(self, self._remember_theme)
+
+    def _remember_theme(self, theme: Any) -> None:
+        try:
+            if preferences.get(self.db, preferences.THEME) != theme.name:
+                preferences.put(self.db, preferences.THEME, theme.name)
+        except EmberError as err:   # a locked database must not cost the user the theme they see
+            self.notify(f"Theme {theme.name} not remembered: {err}", severity="warning")
+
+    # ---- switching the model ---------------------------------------------------------------
+    def switch_model(self, path: Path) -> None:
+        """Load the GGUF at `path` in place of the current model (in a worker; see `load_model`)."""
+        self.switching_model = True
+        self.load_model(path)
+
+    @work(thread=True, group="model")
+    def load_model(self, path: Path) -> None:
+        """Load another model under the engine lock, so never while a reply is being written (a reply
+        sent meanwhile waits for it). On failure the old model stays and one line says why; on success
+        the registry's adapter is applied only if it was made for this model's file (else said so)."""
+        s = self.settings
+        old = self.engine
+        before = old.path.name if old is not None else s.model_path.name
+        try:
+            with self.engine_lock:
+                try:
+                    new = Engine(path, n_ctx=s.n_ctx, n_threads=s.threads, seed=s.seed or 0, cache_dir=s.cache_dir)
+                except EmberError as err:
+                    self.call_from_thread(self._model_switched, f"Model not switched: {err}; still using {before}.",
+                                          True)
+                    return
+                self.engine, self.settings = new, dataclasses.replace(s, model=new.path)
+                self.engine_error = None
+                self.engine_ready.set()
+                if old is not None:
+                    old.close()
+                try:
+                    warning = sync_adapter(self.reply_db, new)
+                except EmberError as err:   # the registry could not be read: the new model runs without one
+                    warning = f"adapter not applied: {err}"
+        finally:
+            self.switching_model = False
+        text = f"Model: {new.path.name} (was {before})."
+        if new.loaded_adapter:
+            text += f" Adapter {new.loaded_adapter} applies to it and is in use."
+        elif warning:
+            text += f" {warning[0].upper()}{warning[1:]}."
+        try:
+            preferences.add_recent_model(self.reply_db, str(new.path))
+        except EmberError as err:
+            self.log.warning(f"recent model not recorded: {err}")
+        self.call_from_thread(self._model_switched, text, False)
+
+    def _model_switched(self, text: str, failed: bool) -> None:
+        self.switching_model = False
+        chat = self.chat_screen
+        if chat is not None:
+            chat.model_switched(text, failed=failed)
+        if failed:
+            self.notify(text, severity="error", timeout=10)
 
     # ---- adapters and adaptation ------------------------------------------------------------
     def sync_adapter_locked(self, db: sqlite_utils.Database, *, announce: bool = True) -> None:

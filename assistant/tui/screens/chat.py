@@ -17,6 +17,7 @@ from assistant.tui.errors import shows_errors
 from assistant.tui.screens.chat_branches import BranchActions
 from assistant.tui.screens.chat_context import ContextActions
 from assistant.tui.screens.chat_feedback import FeedbackActions
+from assistant.tui.screens.chat_models import ModelActions
 from assistant.tui.screens.chat_reply import BUSY, ReplyActions
 from assistant.tui.screens.help import PROMPT_KEYS, HelpScreen, keys_of
 from assistant.tui.screens.modals import ConfirmScreen, RenameScreen
@@ -38,6 +39,8 @@ ACTIONS = [
     ("toggle_incognito", "Incognito conversation on/off",
      "Start a conversation that is saved nowhere (again: back to a normal one)"),
     ("choose_persona", "Choose persona", "Pick the persona of this conversation, or the default for new ones"),
+    ("switch_model", "Switch model",
+     "Load another model: the bundled one, those `ember compress` made, recent ones, or any GGUF by path"),
     ("help", "Help: every key", "List every key of the chat"),
     ("learning", "Learning", "Adapters, the privacy budget spent, training curves, what each adapter learned "
                              "from, the daemon; adapt now"),
@@ -66,7 +69,7 @@ ACTIONS = [
 ]
 
 
-class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions):
+class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions, ModelActions):
     """Chat with the model; every exchange is logged as it happens (sending and streaming: `ReplyActions`;
     feedback: `FeedbackActions`)."""
 
@@ -98,6 +101,8 @@ class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions):
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False, tooltip="Show or hide the conversation list"),
         Binding("f9", "toggle_incognito", "Incognito", show=False, tooltip="A conversation saved nowhere"),
         Binding("ctrl+t", "choose_persona", "Persona", show=False, tooltip="The persona of this conversation"),
+        Binding("f10", "switch_model", "Model", show=False,
+                tooltip="Switch model: a known one (bundled, compressed, recent) or any GGUF path"),
     ]
 
     def __init__(self, conversation_id: int | None = None, *, incognito: bool = False) -> None:
@@ -230,11 +235,15 @@ class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions):
             self.query_one(StatusLine).notice = "; ".join(one_line(w) for w in warnings)
 
     def on_paste(self, event: events.Paste) -> None:
-        # A paste while the sidebar (say) has focus goes to the prompt, whole, rather than nowhere.
+        # A paste while the sidebar (say) has focus goes to the prompt, whole, rather than nowhere. It
+        # reaches here only when the prompt did not take it (the prompt stops the pastes it inserts).
+        # Asking "is the prompt focused now?" instead lost pastes: the app routes a paste by the focus at
+        # the moment it arrives, and the focus may move to the prompt before the paste reaches here
+        # (focus() is applied later, e.g. at start-up).
+        event.stop()
         prompt = self.query_one(PromptInput)
-        if self.focused is not prompt:
-            prompt.focus()
-            prompt.replace(event.text, *prompt.selection, maintain_selection_offset=False)
+        prompt.focus()
+        prompt.replace(event.text, *prompt.selection, maintain_selection_offset=False)
 
     # ---- actions ----------------------------------------------------------------------------
     def action_cancel_reply(self) -> None:
@@ -428,7 +437,8 @@ class ChatScreen(ReplyActions, FeedbackActions, BranchActions, ContextActions):
             ("chat", keys_of(self.BINDINGS)),
             ("a focused message", keys_of(MessageView.BINDINGS)),
             ("prompt", PROMPT_KEYS),
-            ("app", [("ctrl+p", "Command palette: every action, themes too"), *keys_of(self.app.BINDINGS)]),
+            ("app", [("ctrl+p", "Command palette: every action, Switch model, and Theme (remembered)"),
+                     *keys_of(self.app.BINDINGS)]),
         ]))
 
     def action_learning(self) -> None:

@@ -73,6 +73,11 @@ class PromptInput(TextArea, inherit_bindings=False):
         else:
             self.clear()
 
+    def on_paste(self, event: events.Paste) -> None:
+        # TextArea has inserted it: it goes no further, so a paste that reaches the chat screen is one
+        # the prompt did not take (see ChatScreen.on_paste).
+        event.stop()
+
     def set_text(self, text: str) -> None:
         """Put `text` in the box (replacing what is there), cursor at its end."""
         self.load_text(text)
