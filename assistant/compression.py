@@ -164,6 +164,10 @@ def run(settings: Settings, request: Request, *, db: Any = None,
     if request.name is not None and not NAME.match(request.name):
         raise InvalidInput(f"model name {request.name!r} must be letters, digits, '.', '_' or '-'")
     source = settings.model_path
+    if source.is_dir():
+        raise InvalidInput(f"{source} is a directory; ember compress reads a GGUF file (a Hugging Face directory "
+                           "is not converted here: convert it with llama.cpp's convert_hf_to_gguf.py --outtype f16, "
+                           "then pass the .gguf)")
     if not source.is_file():
         from assistant.errors import ModelNotFound
 

@@ -92,3 +92,12 @@ def test_an_architecture_outside_the_supported_layouts_is_one_line(tiny_gguf, em
                    timeout=120)
     assert_clean_error(result, contains="qwen3 model; ember compress supports llama and qwen2 blocks")
     assert not (home / "models").exists() or not list((home / "models").iterdir())
+
+
+def test_a_hugging_face_directory_is_refused_in_one_line(ember, home, tmp_path):
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    result = ember("compress", str(folder), "--size", "50", timeout=120)
+    assert_clean_error(result, contains="is a directory; ember compress reads a GGUF file")
+    assert not (home / "models").exists()
