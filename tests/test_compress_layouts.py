@@ -94,10 +94,82 @@ def test_an_architecture_outside_the_supported_layouts_is_one_line(tiny_gguf, em
     assert not (home / "models").exists() or not list((home / "models").iterdir())
 
 
-def test_a_hugging_face_directory_is_refused_in_one_line(ember, home, tmp_path):
-    folder = tmp_path / "SmolLM2-135M-Instruct"
+def test_a_directory_that_is_not_a_model_is_refused_in_one_line(ember, home, tmp_path):
+    folder = tmp_path / "notes"
     folder.mkdir()
-    (folder / "config.json").write_text('{"model_type": "llama"}')
     result = ember("compress", str(folder), "--size", "50", timeout=120)
-    assert_clean_error(result, contains="is a directory; ember compress reads a GGUF file")
+    assert_clean_error(result, contains="is a directory without a config.json")
     assert not (home / "models").exists()
+
+
+@pytest.fixture(scope="module")
+def hf_qwen2(model_path, tmp_path_factory):
+    """A tiny Qwen2 as a Hugging Face directory (safetensors, tokenizer.json with SmolLM2's first 2,048
+    tokens and its pre-tokenizer, tokenizer_config.json with the chat template), random Q/K/V biases;
+    and the same weights as an F32 GGUF written by benchmarks/tiny_models.py, to compare against."""
+    import json
+
+    import torch
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from benchmarks import tiny_models
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-qwen2-hf"
+    spec = tiny_models.SPECS["qwen2"]
+    vocab = tiny_models._vocabulary(model_path, spec)
+    model = tiny_models.hf_model(spec, len(vocab["tokens"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.copy_(torch.randn_like(p))
+    model.save_pretrained(folder)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab["tokens"])},
+                               merges=[tuple(m.split(" ", 1)) for m in vocab["merges"]]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": spec.template, "eos_token": "<|im_end|>", "bos_token": None, "add_bos_token": False}))
+    reference = tiny_models.write_gguf(model, spec, vocab, folder.parent / "tiny-qwen2-biased.F32.gguf")
+    return folder, reference
+
+
+def test_a_hugging_face_directory_converts_to_the_gguf_llama_cpp_runs(hf_qwen2, tmp_path):
+    from adapters import convert
+
+    folder, reference = hf_qwen2
+    out = convert.convert(folder, tmp_path / "converted.gguf")
+    reader = gguf.GGUFReader(str(out))
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "smollm"   # the one that tokenizes as tokenizer.json
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_q.bias"] == "F32"
+    tokens = _tokens(reference)
+    assert _tokens(out)[1:] == tokens[1:]      # the same text, the same ids (the BOS each file names aside)
+    theirs, ours = logits(reference, tokens, 2), logits(out, tokens, 2)
+    kl, _ = compress.kl_nll(theirs, ours, tokens)
+    assert kl < 1e-3 and (theirs.argmax(-1) == ours.argmax(-1)).all()       # F16 weights, the same model
+    vocab = quiet_llama(model_path=str(out), vocab_only=True)
+    try:
+        assert len(vocab.tokenize(b"<|im_end|>", add_bos=False, special=True)) == 1   # a control token
+    finally:
+        vocab.close()
+
+
+def test_ember_compress_takes_a_hugging_face_directory(hf_qwen2, ember, home):
+    import json
+
+    folder, _ = hf_qwen2
+    result = ember("compress", str(folder), "--max-kl", "1000", "--types", "Q4_0,Q8_0", "--tokens", "32",
+                   "--heldout-tokens", "32", "--calibration", "builtin", "--json", timeout=300)
+    assert result.returncode == 0, result.err
+    document = json.loads(result.out)
+    assert document["source"] == str(folder) and document["converted"].endswith(".F16.gguf")
+    assert document["name"].startswith("tiny-qwen2-hf.luc-")
+    assert (home / "models" / f"{document['name']}.gguf").is_file()
+    other = folder.parent / "gemma"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "gemma2"}')
+    assert_clean_error(ember("compress", str(other), "--size", "5", timeout=120),
+                       contains="is a gemma2 model; ember compress converts Hugging Face llama, mistral, qwen2")
