@@ -88,6 +88,10 @@ def exit_stride_for(settings: Settings, flag: int | str | None) -> int:
         raise InvalidInput(f"{source} must be at least 1 layer (an exit every N layers), not {stride}")
     from adapters.federated import model_shape
 
+    if not settings.model_path.is_file():
+        from assistant.errors import ModelNotFound
+
+        raise ModelNotFound(f"model file {settings.model_path} does not exist; pass a .gguf file or a registered name")
     n_layer = model_shape(settings.model_path)["n_layer"]
     if stride > n_layer:
         raise InvalidInput(f"{source} is {stride} but {settings.model_path.name} has {n_layer} layers; "

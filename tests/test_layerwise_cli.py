@@ -51,8 +51,10 @@ def test_a_stride_the_model_cannot_take_is_one_line_and_touches_nothing(ember, h
     assert not (home / "ember.db").exists()
 
 
-def test_a_stride_without_adaptive_layers_is_refused(ember):
+def test_a_stride_without_adaptive_layers_or_a_model_is_refused(ember, tmp_path):
     assert_clean_error(ember("adapt", "--exit-stride", "5"), contains="needs --layers adaptive")
+    assert_clean_error(ember("adapt", "--layers", "adaptive", "--model", str(tmp_path / "gone.gguf")),
+                       contains="gone.gguf does not exist")
 
 
 @pytest.fixture(scope="module")
