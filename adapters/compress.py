@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from adapters.errors import BudgetUnmet, InvalidInput, UnsupportedLayout
-from adapters.reference import MATRICES, Reference, open_reader, read_layout, roundtrip
+from adapters.reference import MATRICES, Reference, is_matrix, open_reader, read_layout, roundtrip
 
 CANDIDATES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16")
 # llama_ftype of a file whose matrices are mostly this type (llama.h); only quantised ones may carry overrides.
@@ -93,7 +93,7 @@ def measure(model_path: Path, tokens: Sequence[int], *, types: Sequence[str] = C
     """Each block's sensitivity to each candidate type on `tokens` (T ≥ 2 token ids), in torch.
 
     `reference`: the model already loaded (else it is loaded here). Raises `UnsupportedLayout` for a
-    model that is not llama blocks without biases.
+    model whose blocks are not the llama or qwen2 layout.
     """
     if len(tokens) < 2:
         raise InvalidInput("calibration text is too short: it needs at least 2 tokens")
@@ -123,8 +123,7 @@ def measure(model_path: Path, tokens: Sequence[int], *, types: Sequence[str] = C
             progress(i + 1, lay.n_layer)
     reader = open_reader(model_path)
     block_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk."))
-    norm_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.0.")
-                     and t.name.split(".")[2] not in MATRICES)
+    norm_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.0.") and not is_matrix(t.name))
     return Sensitivity(source=str(model_path), n_layer=lay.n_layer, types=list(types), tokens=len(tokens),
                        calibration=calibration, reference_nll=ref_nll, blocks=blocks, source_types=source_types,
                        drop=drops, fixed_bytes=os.path.getsize(model_path) - block_bytes,
@@ -177,7 +176,7 @@ def smallest(model_path: Path, types: Sequence[str], *, pruned: int = 0) -> int:
             continue
         i = int(parts[1])
         fixed -= int(t.n_bytes)
-        if parts[2] in MATRICES:
+        if is_matrix(t.name):
             shape = (int(t.shape[1]), int(t.shape[0]))
             per_block[i] += min(tensor_bytes(shape, ty) for ty in types)
         else:
@@ -312,7 +311,7 @@ def check_written(path: Path, policy: Policy) -> None:
     kept = sorted(policy.types)
     for t in reader.tensors:
         parts = t.name.split(".")
-        if parts[0] == "blk" and parts[2] in MATRICES:
+        if is_matrix(t.name):
             want = policy.types[kept[int(parts[1])]]
             if t.tensor_type.name != want:
                 raise UnsupportedLayout(f"llama.cpp wrote {t.name} as {t.tensor_type.name}, not {want} "

@@ -406,22 +406,63 @@ def exit_log_probs(model: Any, ids: Any, mask: Any, exit_layers: Sequence[int],
     return torch.stack(out)
 
 
-def vote(log_probs: Any, how: str) -> Any:
+def vote(log_probs: Any, how: str, weights: Sequence[float] | None = None) -> Any:
     """Combine exits' log-distributions (exits, …, vocab) into one: `max` (per token, the element-wise
-    max of the exits' probabilities, renormalised: EDGE-LLM's voting) or `mean`. Returns log-probs."""
+    max of the exits' probabilities, renormalised: EDGE-LLM's voting), `mean`, or `weighted` (the mixture
+    Σ_e w_e·p_e with `weights` from `bank_weights`). Returns log-probs."""
     torch = import_torch()
     if how == "max":
         best = log_probs.max(dim=0).values
         return best - torch.logsumexp(best, dim=-1, keepdim=True)
     if how == "mean":
         return torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(log_probs.shape[0])))
-    raise ValueError(f"unknown vote {how!r}: max or mean")
+    if how == "weighted":
+        if weights is None or len(weights) != log_probs.shape[0]:
+            raise ValueError("a weighted vote needs one weight per exit")
+        w = torch.tensor([max(float(x), 1e-12) for x in weights], dtype=log_probs.dtype).log()
+        return torch.logsumexp(log_probs + w.reshape(-1, *([1] * (log_probs.dim() - 1))), dim=0)
+    raise ValueError(f"unknown vote {how!r}: max, mean or weighted")
+
+
+def mixture_weights(gold_log_probs: Any, iterations: int = 200) -> list[float]:
+    """Per-exit weights w (summing to 1) that maximise the likelihood of the mixture Σ_e w_e·p_e(gold) on
+    a bank of tokens: `gold_log_probs` is (exits, tokens), each exit's log-probability of the true next
+    token. EM for interpolation weights (Jelinek & Mercer 1980; Dempster, Laird & Rubin 1977): each
+    iteration's likelihood is at least the last one's."""
+    torch = import_torch()
+    lp = gold_log_probs.double()
+    w = torch.full((lp.shape[0],), 1.0 / lp.shape[0], dtype=torch.float64)
+    for _ in range(iterations):
+        joint = lp + w.log()[:, None]                          # log w_e p_e(gold), (exits, tokens)
+        w = (joint - torch.logsumexp(joint, dim=0, keepdim=True)).exp().mean(dim=1)   # mean responsibility
+    return [float(x) for x in w]
+
+
+def gold_log_probs(model: Any, examples: list[Example], exit_layers: Sequence[int],
+                   gains: dict[int, Any] | None = None, batch: int = 4) -> Any:
+    """Each exit's log-probability of the true next token at every loss-carrying place of `examples`:
+    tensor (exits, tokens), float32 (the bank `mixture_weights` is fitted on)."""
+    torch = import_torch()
+    out = []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        ids, mask, labels = lora._tensors(torch, chunk, max(len(e.tokens) for e in chunk))
+        target = labels[:, 1:]
+        where = target != -100
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = where
+        lp = exit_log_probs(model, ids, mask, exit_layers, gains, positions=predicts)
+        gold = target[where]
+        out.append(lp.gather(2, gold[None, :, None].expand(lp.shape[0], -1, 1))[..., 0])
+    return torch.cat(out, dim=1)
 
 
 def voting_scores(model: Any, examples: list[Example], exit_layers: Sequence[int],
-                  gains: dict[int, Any] | None = None, batch: int = 4) -> dict[str, dict[str, float]]:
+                  gains: dict[int, Any] | None = None, batch: int = 4,
+                  weights: Sequence[float] | None = None) -> dict[str, dict[str, float]]:
     """Next-token accuracy and mean NLL over the loss-carrying tokens of `examples`, for each exit alone,
-    max-confidence voting and average voting: {name: {"accuracy", "nll", "tokens"}}."""
+    max-confidence voting, average voting and, given `weights` (one per exit, from `mixture_weights` on a
+    bank of other examples), the weighted mixture `vote_bank`: {name: {"accuracy", "nll", "tokens"}}."""
     torch = import_torch()
     totals: dict[str, list[float]] = {}
     for i in range(0, len(examples), batch):
@@ -436,6 +477,8 @@ def voting_scores(model: Any, examples: list[Example], exit_layers: Sequence[int
         picked = {f"exit_{e}": lp[k] for k, e in enumerate(exit_layers)}
         picked["vote_max"] = vote(lp, "max")
         picked["vote_mean"] = vote(lp, "mean")
+        if weights is not None:
+            picked["vote_bank"] = vote(lp, "weighted", weights)
         for name, rows in picked.items():
             nll = -rows.gather(1, gold[:, None])[:, 0]
             hit = (rows.argmax(-1) == gold).float()

@@ -125,6 +125,8 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
                "sigma": plan.sigma if plan else None, "clip": plan.clip if plan else None,
                "sample_rate": plan.sample_rate if plan else None,
                "budget_left": budget_left(db, config.budget)}
+    if config.label == "lora-adaptive":
+        summary["windows"] = _adaptive_windows(config, steps)
     # A resumed run's ε is already in the ledger; only a new run must fit in what is left.
     if resume is None and plan is not None and plan.epsilon > summary["budget_left"] + 1e-9:
         raise BudgetExhausted(
@@ -136,6 +138,15 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
                 **summary}
     with single_run(config.home):
         return _run(db, config, data, steps, plan, summary, resume, on_step, stage, should_stop)
+
+
+def _adaptive_windows(config: AdaptConfig, steps: int) -> list[dict[str, int]]:
+    """The planned windows of an adaptive run: [{first, exit, steps}], shallow to deep (layers 0-based)."""
+    from adapters import layerwise
+    from adapters.federated import model_shape
+
+    n_layer = model_shape(config.model_path)["n_layer"]
+    return [dataclasses.asdict(w) for w in layerwise.windows(n_layer, config.lora.stride, steps)]
 
 
 def _config_fingerprint(config: AdaptConfig) -> str:

@@ -1,8 +1,10 @@
 """A llama-architecture GGUF as a torch forward pass, from its own tensors, for compression sensitivity.
 
-The weights are the GGUF's, dequantised by the `gguf` package in numpy, in llama.cpp's own layout: Q and
-K rows stay in the order llama.cpp stores them, so rotary embedding rotates adjacent pairs (llama.cpp's
-NORM rope mode) instead of transformers' halves. No transformers model is built (that load takes ~30-60 s
+The weights are the GGUF's, dequantised by the `gguf` package in numpy, in llama.cpp's own layout: for
+`llama` Q and K rows stay in the order llama.cpp stores them, so rotary embedding rotates adjacent pairs
+(llama.cpp's NORM rope mode) instead of transformers' halves; `qwen2` is stored unpermuted and rotates
+halves (NEOX mode, `llama_model_rope_type` in llama.cpp's llama-model.cpp), and carries biases on Q, K
+and V (`llm_build_qwen2`), which are added as llama.cpp adds them and never quantised. No transformers model is built (that load takes ~30-60 s
 here); the layout is checked tensor by tensor, and a model this code cannot run exactly is refused with
 `UnsupportedLayout` rather than approximated.
 
@@ -23,7 +25,11 @@ from adapters.errors import UnsupportedLayout
 # Every block of a supported model holds exactly these tensors (llama.cpp's names, without `blk.N.`).
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 NORMS = ("attn_norm", "ffn_norm")
-ARCHITECTURES = ("llama",)
+# Biases a block may carry (llama.cpp's llama and qwen2 graphs add them when present); they stay F32.
+BIASES = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")
+ARCHITECTURES = ("llama", "qwen2")
+# llama.cpp's rope type per architecture: NORM rotates adjacent pairs, NEOX the two halves of a head.
+ROPE_NEOX = ("qwen2",)
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -71,20 +77,23 @@ def read_layout(path: Path) -> tuple[Any, Layout]:
     reader = open_reader(path)
     arch = _field(reader, "general.architecture", "unknown")
     if arch not in ARCHITECTURES:
-        raise UnsupportedLayout(f"{Path(path).name} is a {arch} model; ember compress supports the llama "
-                                f"block layout ({', '.join(ARCHITECTURES)})")
+        raise UnsupportedLayout(f"{Path(path).name} is a {arch} model; ember compress supports "
+                                f"{' and '.join(ARCHITECTURES)} blocks (attention, gated FFN, RMS norms, "
+                                "optional Q/K/V/output biases)")
     n_layer = int(_field(reader, f"{arch}.block_count", 0))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     for i in range(n_layer):
         have = {name.split(".", 2)[2].removesuffix(".weight") for name in types if name.startswith(f"blk.{i}.")}
         want = set(MATRICES) | set(NORMS)
-        if have != want:
-            extra, missing = sorted(have - want), sorted(want - have)
+        extra, missing = sorted(have - want - set(BIASES)), sorted(want - have)
+        if extra or missing:
             raise UnsupportedLayout(f"block {i} of {Path(path).name} has an unsupported layout "
                                     f"(extra: {', '.join(extra) or 'none'}; missing: {', '.join(missing) or 'none'}); "
-                                    "ember compress supports llama blocks without biases")
+                                    f"ember compress supports {' and '.join(ARCHITECTURES)} blocks with "
+                                    f"{', '.join(MATRICES)}, {', '.join(NORMS)} and optional biases "
+                                    f"({', '.join(BIASES)})")
     for name, kind in types.items():
-        if name.startswith("blk.") and name.removesuffix(".weight").rsplit(".", 1)[-1] in MATRICES:
+        if is_matrix(name):
             if kind not in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
                             "Q2_K", "Q3_K"):
                 raise UnsupportedLayout(f"tensor {name} is stored as {kind}, which gguf cannot dequantise")
@@ -97,8 +106,14 @@ def read_layout(path: Path) -> tuple[Any, Layout]:
         tied="output.weight" not in types, types=types)
     if n_layer < 2 or "token_embd.weight" not in types or "output_norm.weight" not in types:
         raise UnsupportedLayout(f"{Path(path).name} lacks token_embd, output_norm or blocks; it is not a "
-                                "llama model ember compress can read")
+                                "model ember compress can read")
     return reader, layout
+
+
+def is_matrix(name: str) -> bool:
+    """True for a block's quantisable weight matrix (`blk.N.attn_q.weight`), not its norms or biases."""
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "blk" and parts[2] in MATRICES and parts[3] == "weight"
 
 
 def dequantize(tensor: Any) -> np.ndarray:
@@ -145,10 +160,15 @@ class Reference:
         return x * self.torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.layout.rms_eps) * weight
 
     def _rope(self, x: Any) -> Any:
-        # llama.cpp NORM mode: dimensions (2i, 2i+1) rotate together by position·base^(-2i/head)
+        # llama.cpp NORM mode: dimensions (2i, 2i+1) rotate together by position·base^(-2i/head);
+        # NEOX mode: dimensions (i, i + head/2) do
         torch = self.torch
         angles = torch.arange(x.shape[0], dtype=torch.float64)[:, None] * self._inv_freq[None, :]
         cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]
+        if self.layout.architecture in ROPE_NEOX:
+            half = x.shape[-1] // 2
+            first, second = x[..., :half], x[..., half:]
+            return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
         even, odd = x[..., 0::2], x[..., 1::2]
         return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
@@ -159,16 +179,21 @@ class Reference:
         w.update(matrices or {})
         T, head = x.shape[0], lay.n_embd // lay.n_head
         h = self._norm(x, self.weights[f"blk.{i}.attn_norm.weight"])
-        q = self._rope((h @ w["attn_q"].T).view(T, lay.n_head, head))
-        k = self._rope((h @ w["attn_k"].T).view(T, lay.n_head_kv, head))
-        v = (h @ w["attn_v"].T).view(T, lay.n_head_kv, head)
+        q = self._rope(self._linear(i, "attn_q", h, w).view(T, lay.n_head, head))
+        k = self._rope(self._linear(i, "attn_k", h, w).view(T, lay.n_head_kv, head))
+        v = self._linear(i, "attn_v", h, w).view(T, lay.n_head_kv, head)
         group = lay.n_head // lay.n_head_kv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         attn = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
-        x = x + attn.transpose(0, 1).reshape(T, lay.n_embd) @ w["attn_output"].T
+        x = x + self._linear(i, "attn_output", attn.transpose(0, 1).reshape(T, lay.n_embd), w)
         h = self._norm(x, self.weights[f"blk.{i}.ffn_norm.weight"])
         return x + (torch.nn.functional.silu(h @ w["ffn_gate"].T) * (h @ w["ffn_up"].T)) @ w["ffn_down"].T
+
+    def _linear(self, i: int, matrix: str, x: Any, w: dict[str, Any]) -> Any:
+        out = x @ w[matrix].T
+        bias = self.weights.get(f"blk.{i}.{matrix}.bias")
+        return out if bias is None else out + bias
 
     def head(self, x: Any) -> Any:
         """Final norm and output head: (T, n_embd) -> (T, vocab) logits."""

@@ -27,8 +27,10 @@ LAYERS = ("top", "adaptive")
 def config_for(settings: Settings, *, method: str = "lora", epsilon: float | None = None,
                no_dp: bool = False, steps: int | None = None, dry_run: bool = False,
                backend: str | None = None, layers: str | None = None, start: Path | None = None,
-               seed_pool: tuple[int, int, int] | None = None) -> AdaptConfig:
+               seed_pool: tuple[int, int, int] | None = None, exit_stride: int | str | None = None) -> AdaptConfig:
     """The pipeline's configuration from the user's settings and a run's flags; bad flags are `InvalidInput`.
+
+    `exit_stride` (`--exit-stride`, else `adapt_exit_stride` in config.toml) places adaptive layers' exits.
 
     Household learning (assistant/federation) adds `start` (the global weights to train from) and, for
     FedKSeed, `seed_pool` = (K, public pool seed, this run's seed)."""
@@ -47,12 +49,15 @@ def config_for(settings: Settings, *, method: str = "lora", epsilon: float | Non
         raise InvalidInput(f"--layers must be one of {', '.join(LAYERS)}, not {layers!r}")
     if layers is not None and method != "lora":
         raise InvalidInput("--layers chooses which layers LoRA trains; it needs --method lora")
+    if exit_stride is not None and layers != "adaptive":
+        raise InvalidInput("--exit-stride places the exits of adaptive layer tuning; it needs --layers adaptive")
     private = None if no_dp else (epsilon or settings.adapt_epsilon)
     train = dataclasses.replace(lora.LoraConfig(), threads=settings.threads, steps=steps, epsilon=private)
     if layers == "adaptive":
         from adapters.layerwise import AdaptiveConfig
 
-        train = AdaptiveConfig(threads=settings.threads, steps=steps, epsilon=private)
+        train = AdaptiveConfig(threads=settings.threads, steps=steps, epsilon=private,
+                               stride=exit_stride_for(settings, exit_stride))
     forward = zo.ZoConfig(backend=backend or settings.zo_backend, threads=settings.threads, epsilon=private,
                           steps=steps or settings.zo_steps)
     if start is not None and layers == "adaptive":
@@ -70,6 +75,30 @@ def config_for(settings: Settings, *, method: str = "lora", epsilon: float | Non
                        learn_from_api=settings.learn_from_api, layers=layers or "top", start=start)
 
 
+def exit_stride_for(settings: Settings, flag: int | str | None) -> int:
+    """The adaptive run's exit stride in layers: `--exit-stride` if given, else `adapt_exit_stride`; a stride
+    that is not a whole number from 1 to the model's layer count is `InvalidInput` (before any training)."""
+    source = "--exit-stride" if flag is not None else "adapt_exit_stride in config.toml"
+    value = flag if flag is not None else settings.adapt_exit_stride
+    try:
+        stride = int(str(value).strip())
+    except ValueError:
+        raise InvalidInput(f"{source} must be a whole number of layers, not {value!r}") from None
+    if stride < 1:
+        raise InvalidInput(f"{source} must be at least 1 layer (an exit every N layers), not {stride}")
+    from adapters.federated import model_shape
+
+    if not settings.model_path.is_file():
+        from assistant.errors import ModelNotFound
+
+        raise ModelNotFound(f"model file {settings.model_path} does not exist; pass a .gguf file or a registered name")
+    n_layer = model_shape(settings.model_path)["n_layer"]
+    if stride > n_layer:
+        raise InvalidInput(f"{source} is {stride} but {settings.model_path.name} has {n_layer} layers; "
+                           f"choose 1 to {n_layer} (an exit every N layers, the last at layer {n_layer - 1})")
+    return stride
+
+
 def flags_for(label: str) -> dict[str, str]:
     """The flags of a method as runs record it (`lora`, `lora-adaptive`, `zo-llama`, `zo-torch`), for
     `config_for`/`run`."""
@@ -85,13 +114,15 @@ def run(settings: Settings, db: sqlite_utils.Database, *, method: str = "lora", 
         no_dp: bool = False, steps: int | None = None, dry_run: bool = False, backend: str | None = None,
         layers: str | None = None, on_step: Callable[[Any], None] | None = None,
         on_stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-        start: Path | None = None, seed_pool: tuple[int, int, int] | None = None) -> dict[str, Any]:
+        start: Path | None = None, seed_pool: tuple[int, int, int] | None = None,
+        exit_stride: int | str | None = None) -> dict[str, Any]:
     """Build the dataset, train, export, gate and promote once (or plan only, with `dry_run`); returns
     the `ember adapt --json` document. `should_stop` is asked after every step: True pauses the run."""
     from adapters.pipeline import adapt
 
     config = config_for(settings, method=method, epsilon=epsilon, no_dp=no_dp, steps=steps, dry_run=dry_run,
-                        backend=backend, layers=layers, start=start, seed_pool=seed_pool)
+                        backend=backend, layers=layers, start=start, seed_pool=seed_pool,
+                        exit_stride=exit_stride)
     return adapt(db, config, on_step=on_step, on_stage=on_stage, should_stop=should_stop)
 
 

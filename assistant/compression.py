@@ -164,6 +164,14 @@ def run(settings: Settings, request: Request, *, db: Any = None,
     if request.name is not None and not NAME.match(request.name):
         raise InvalidInput(f"model name {request.name!r} must be letters, digits, '.', '_' or '-'")
     source = settings.model_path
+    directory = None
+    if source.is_dir():
+        from adapters import convert
+
+        if not convert.is_model_directory(source):
+            raise InvalidInput(f"{source} is a directory without a config.json; ember compress reads a GGUF file "
+                               "or a Hugging Face model directory")
+        directory, source = source, converted(settings, source, say)
     if not source.is_file():
         from assistant.errors import ModelNotFound
 
@@ -190,10 +198,11 @@ def run(settings: Settings, request: Request, *, db: Any = None,
     sens = compress.measure(source, calib, types=request.types, drop=request.prune_layers > 0,
                             threads=settings.threads, calibration=origin.split(":")[0], progress=step)
     policy = plan(settings, request, sens)
-    name = request.name or f"{source.stem}.luc-{policy.bytes / compress.MB:.0f}MB"
+    name = request.name or f"{directory.name if directory else source.stem}.luc-{policy.bytes / compress.MB:.0f}MB"
     target = folder / f"{name}.gguf"
     document: dict[str, Any] = {
-        "name": name, "path": str(target), "source": str(source), "calibration": origin,
+        "name": name, "path": str(target), "source": str(directory or source), "calibration": origin,
+        "converted": str(source) if directory else None,
         "reference": f"{source.name} dequantised (its stored types: "
                      f"{', '.join(sorted(set(sens.source_types)))}); nothing better than the source is known here",
         "policy": policy.as_json(), "summary": compress.summary(policy),
@@ -239,6 +248,26 @@ def run(settings: Settings, request: Request, *, db: Any = None,
         partial.unlink(missing_ok=True)
     document["seconds"] = round(time.monotonic() - started, 2)
     return document
+
+
+def converted(settings: Settings, directory: Path, say: Callable[[str], None]) -> Path:
+    """The F16 GGUF of a Hugging Face model directory, converted once into the cache (keyed by the
+    directory's files: names, sizes, times) and reused."""
+    import hashlib
+
+    from adapters import convert
+
+    convert.check(directory)          # an unsupported directory fails here, before anything is said or written
+    stamp = hashlib.sha256()
+    for f in sorted(directory.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            stamp.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    target = settings.cache_dir / "converted" / f"{directory.name}-{stamp.hexdigest()[:12]}.F16.gguf"
+    if not target.is_file():
+        say(f"converting {directory} to an F16 GGUF (once; kept in {target.parent})")
+        convert.convert(directory, target)
+    return target
 
 
 def sens_types(path: Path) -> dict[str, str]:

@@ -54,6 +54,7 @@ class Settings:
     memory_k: int = 5                  # memories put in front of the model on the rag route
     privacy_budget: float = 32.0       # total ε all adapters together may spend (basic composition)
     adapt_epsilon: float = 8.0         # ε of one adaptation run, unless --epsilon says otherwise
+    adapt_exit_stride: int = 6         # `--layers adaptive`: an exit every this many layers, unless --exit-stride says otherwise
     zo_backend: str = "llama"          # where `--method zo` trains: llama (control vector) or torch (LoRA)
     zo_steps: int = 200                # ZO steps of one run, unless --steps says otherwise
     daemon_idle_minutes: float = 30.0  # the daemon adapts after this long without chat activity
@@ -130,6 +131,8 @@ def _coerce(name: str, value: Any) -> Any:
                 return str(value).strip().lower() in TRUE
             raise ValueError(value)
         if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)   # int(6.5) would quietly be 6
             return int(value)
         if kind.startswith("float"):
             return float(value)

@@ -21,6 +21,8 @@ BENCHMARKS = {
     "adapt": "DP and non-DP LoRA on a synthetic user: s/step, examples/s, peak RSS, learning, canary exposure",
     "layers": "which layers LoRA trains: vanilla (all, full backprop) vs top-N vs adaptive layer tuning with early "
               "exits (EDGE-LLM): s/step, training memory, held-out loss at equal wall time, habit; exit voting",
+    "voting": "combining the early exits' next-token distributions (last exit, max-confidence, average, and a "
+              "mixture weighted on a bank of the user's held-out examples) on held-out data and MemoryBank's probes",
     "zo": "forward-only (ZO) training vs backprop: peak RSS against inference, held-out loss at equal wall time, canary",
     "router": "base, RAG, adapter, both and the router on facts (MemoryBank) and style tasks: quality and latency",
     "serve": "ember serve: ember ask through the resident engine vs a bare llama-cpp-python script (whole "

@@ -39,7 +39,9 @@ def compress(model, size_mb, max_kl, prune_layers, calibration, tokens, heldout_
              list_, model_flag, as_json):
     """Compress MODEL layer by layer (LUC): a quantisation type per block from its measured sensitivity.
 
-    The budget is --size MB or --max-kl X; the result is registered for `--model NAME`."""
+    MODEL is a GGUF file, a registered name, or a Hugging Face llama/mistral/qwen2 directory (converted to
+    an F16 GGUF once, then compressed from it). The budget is --size MB or --max-kl X; the result is
+    registered for `--model NAME`."""
     from assistant import compression
     from assistant.errors import InvalidInput
 
