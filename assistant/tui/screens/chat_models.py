@@ -65,8 +65,14 @@ class ModelActions(Screen):
         self.show_engine_state()
         if not failed:
             self.show_engine_warnings()
+            # The new engine's KV cache is empty: read what is typed already into it.
+            self._draft_read = None
+            self.start_reading_ahead()
 
     def show_engine_state(self) -> None:   # provided by ChatScreen
+        raise NotImplementedError
+
+    def start_reading_ahead(self) -> None:   # provided by ChatScreen (ReplyActions)
         raise NotImplementedError
 
     def show_engine_warnings(self) -> None:   # provided by ChatScreen
