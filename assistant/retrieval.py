@@ -227,9 +227,10 @@ class Retriever:
         return self._embedder
 
     def _state(self) -> tuple[int, int]:
-        # Nothing can have changed unless a connection committed: another connection's commits move
-        # SQLite's data_version, this connection's own writes move its total_changes.
-        return self.db.execute("PRAGMA data_version").fetchone()[0], self.db.conn.total_changes
+        # Nothing can have changed unless a connection committed.
+        from storage.db import change_marker
+
+        return change_marker(self.db)
 
     def sync(self) -> None:
         """Index the log's new messages (BM25 sees them at once); no work when nothing was written since."""

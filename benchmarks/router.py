@@ -100,7 +100,7 @@ class _Memory:
 
         if name == self.user:
             return
-        for (chunk_id,) in self.db.execute("SELECT id FROM memory_chunks WHERE source = 'import'").fetchall():
+        for chunk_id in memory.chunk_ids_from(self.db, "import"):
             memory.delete_chunk(self.db, chunk_id)
         if name is not None:
             memory.upsert_records(self.db, turns(self.users[name]))

@@ -164,19 +164,27 @@ async def _level(url: str, model: str, clients: int, per_client: int, max_tokens
 
 def nothing_lost(home: Path, accepted: list[dict[str, Any]]) -> dict[str, Any]:
     """Every accepted request's user message and reply are in the database; the file is whole."""
+    from storage import conversations as convs
     from storage.db import integrity_ok, open_db
+    from storage.errors import NotFound
+
+    def message(db: Any, message_id: int | None, role: str) -> dict[str, Any] | None:
+        try:
+            row = convs.get_message(db, message_id) if message_id is not None else None
+        except NotFound:
+            return None
+        return row if row is not None and row["role"] == role else None
+
 
     db = open_db(home)
     try:
         missing = 0
         for r in accepted:
             ids = r.get("ember") or {}
-            user = db.execute("SELECT content FROM messages WHERE id = ? AND role = 'user'",
-                              [ids.get("user_message_id")]).fetchone()
-            reply = db.execute("SELECT content, status FROM messages WHERE id = ? AND role = 'assistant'",
-                               [ids.get("message_id")]).fetchone()
-            if not (user and user[0] == r["prompt"] and reply and reply[0] == r["text"]
-                    and reply[1] in ("complete", "length")):
+            user, reply = (message(db, ids.get("user_message_id"), "user"),
+                           message(db, ids.get("message_id"), "assistant"))
+            if not (user and user["content"] == r["prompt"] and reply and reply["content"] == r["text"]
+                    and reply["status"] in ("complete", "length")):
                 missing += 1
         return {"accepted": len(accepted), "missing": missing, "integrity_ok": integrity_ok(db),
                 "ok": missing == 0 and integrity_ok(db)}

@@ -212,6 +212,12 @@ def db_path(db: sqlite_utils.Database) -> str:
     return db.execute("PRAGMA database_list").fetchone()[2]
 
 
+def change_marker(db: sqlite_utils.Database) -> tuple[int, int]:
+    """A pair that moves whenever the database may have changed: SQLite's data_version (another
+    connection's commits) and this connection's total_changes (its own writes)."""
+    return db.execute("PRAGMA data_version").fetchone()[0], db.conn.total_changes
+
+
 def integrity_ok(db: sqlite_utils.Database) -> bool:
     """True when SQLite's own integrity check passes."""
     return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -345,6 +345,11 @@ def preview_delete_chunk(db: sqlite_utils.Database, chunk_id: int) -> dict[str, 
     return {"chunk": found, **counts}
 
 
+def chunk_ids_from(db: sqlite_utils.Database, source: str) -> list[int]:
+    """The ids of the chunks that came from `source` (e.g. 'import', 'note')."""
+    return [row["id"] for row in db["memory_chunks"].rows_where("source = ?", [source], select="id")]
+
+
 def delete_chunk(db: sqlite_utils.Database, chunk_id: int) -> dict[str, Any]:
     """Forget a memory. An imported record goes whole; a chunk of a message forgets the message.
 
