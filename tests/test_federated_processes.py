@@ -1,0 +1,184 @@
+"""Household learning over real processes on loopback: `ember federate serve` (Flower's SuperLink with TLS
+and SuperNode authentication, and the household's ServerApp) and `ember federate join` on two devices,
+each its own data directory with a seeded user. A round completes and is recorded on both; a device whose
+key the server did not authorize is refused; a TCP relay between one device and the SuperLink records
+every byte the device sends (TLS, none of its text, about the update's size); a server killed mid-round
+and restarted leaves the device's data, adapters and ledger intact and the round not done."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason="household learning needs the federated extra: pip install -e '.[federated]'")
+
+from benchmarks.synthetic_user import seed_habit_user  # noqa: E402
+from storage import federation, ledger, registry  # noqa: E402
+from storage.db import open_db  # noqa: E402
+
+SECRET = "5571-3308"
+POOL = 1024              # FedKSeed's K: the update is 1,024 float32 sums, 4,096 bytes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ember(home: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, EMBER_HOME=str(home), EMBER_THREADS="1")
+    env.pop("EMBER_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "assistant", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"timed out: {err.decode(errors='replace')[-2000:]}")
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _init(home: Path) -> None:
+    made = subprocess.run([sys.executable, "-m", "assistant", "federate", "init"], capture_output=True,
+                          env=dict(os.environ, EMBER_HOME=str(home)), timeout=120)
+    assert made.returncode == 0, made.stderr
+
+
+def _device(root: Path, name: str, *, seed: int, canary: str | None = None) -> Path:
+    home = root / name
+    db = open_db(home)
+    seed_habit_user(db, 8, seed=seed, canary=canary, canary_copies=2 if canary else 0)
+    db.close()
+    _init(home)
+    return home
+
+
+class Relay:
+    """A TCP relay on loopback that records every byte the device sends toward the SuperLink."""
+
+    def __init__(self, target: int):
+        self.target, self.sent, self.lock = target, bytearray(), threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                device, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                link = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                device.close()
+                continue
+            threading.Thread(target=self._pipe, args=(device, link, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(link, device, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if upstream:
+                    with self.lock:
+                        self.sent += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture(scope="module")
+def household(tmp_path_factory):
+    """One FedKSeed round over real processes: serve + two devices (one through the relay) + an intruder."""
+    root = tmp_path_factory.mktemp("household-net")
+    server = root / "server"
+    _init(server)
+    laptop = _device(root, "laptop", seed=0, canary=SECRET)
+    jetson = _device(root, "jetson", seed=1)
+    intruder = _device(root, "intruder", seed=2)
+    port = _free_port()
+    relay = Relay(port)
+    ca = str(server / "federation" / "ca.pem")
+    serving = _ember(server, "federate", "serve", "--address", f"127.0.0.1:{port}", "--kind", "fedkseed",
+                     "--devices", "2", "--rounds", "1", "--steps", "1", "--pool-size", str(POOL),
+                     "--authorized-key", str(laptop / "federation" / "supernode.pub"),
+                     "--authorized-key", str(jetson / "federation" / "supernode.pub"), "--json")
+    deadline = time.monotonic() + 60
+    while True:                       # the SuperLink listens once serve has started it
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and serving.poll() is None, serving.stderr.read()
+            time.sleep(0.3)
+    joins = {"laptop": _ember(laptop, "federate", "join", f"127.0.0.1:{relay.port}", "--ca", ca, "--json"),
+             "jetson": _ember(jetson, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--json")}
+    refused = _ember(intruder, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--max-wait", "20")
+    results = {"serve": _finish(serving), **{name: _finish(p) for name, p in joins.items()},
+               "intruder": _finish(refused, timeout=120)}
+    relay.close()
+    yield {"homes": {"laptop": laptop, "jetson": jetson, "intruder": intruder}, "results": results,
+           "sent": bytes(relay.sent)}
+
+
+def test_a_round_over_real_processes_completes_and_is_recorded_on_both_devices(household):
+    code, out, err = household["results"]["serve"]
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["status"] == "completed" and report["outcome"]["refused"] == []
+    assert report["outcome"]["update_bytes"] == POOL * 4 and report["outcome"]["tensors"] == 1
+    for name in ("laptop", "jetson"):
+        code, out, err = household["results"][name]
+        assert code == 0, err
+        rows = json.loads(out)["rounds"]
+        assert [(r["phase"], r["rounds"]) for r in rows] == [("train", 1), ("evaluate", 1)]
+        db = open_db(household["homes"][name])
+        train, evaluate = federation.rounds(db)
+        assert train["status"] == "contributed" and train["kind"] == "fedkseed" and train["examples"] > 0
+        assert any(e["run_id"] == train["run_id"] for e in ledger.entries(db))       # its own ledger
+        assert evaluate["status"] in ("promoted", "kept")
+        assert registry.get(db, evaluate["adapter_id"])["kind"] == "control_vector"
+        db.close()
+
+
+def test_a_device_whose_key_the_server_did_not_authorize_is_refused(household):
+    code, out, err = household["results"]["intruder"]
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "refused this device's key" in err and "Traceback" not in err
+    db = open_db(household["homes"]["intruder"])
+    assert federation.rounds(db) == [] and ledger.entries(db) == []
+    db.close()
+
+
+def test_what_a_device_sends_over_the_socket_is_tls_and_about_the_size_of_its_update(household):
+    sent = household["sent"]
+    assert sent[:1] == b"\x16" and sent[1:2] == b"\x03"          # a TLS handshake record opens the stream
+    texts = [SECRET, "locker code", "How should I", "ember-home", "federate", "pool_sums", "POST /v1"]
+    for text in texts:
+        assert text.encode() not in sent, text
+    # the update (4,096 bytes of FedKSeed sums) went through this socket, with Flower's HTTPS protocol
+    # (activation, heartbeats, polling, the FAB request) around it; print the figure for the README
+    print(f"\nbytes the device sent in one FedKSeed round (K={POOL}): {len(sent):,}")
+    assert POOL * 4 < len(sent) < 400_000
