@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("flwr", reason="household learning needs the federated extra: pip install -e '.[federated]'")
 
 from benchmarks.synthetic_user import seed_habit_user  # noqa: E402
-from storage import federation, ledger, registry  # noqa: E402
+from storage import federation, ledger, registry, runs  # noqa: E402
 from storage.db import open_db  # noqa: E402
 
 SECRET = "5571-3308"
@@ -182,3 +182,79 @@ def test_what_a_device_sends_over_the_socket_is_tls_and_about_the_size_of_its_up
     # (activation, heartbeats, polling, the FAB request) around it; print the figure for the README
     print(f"\nbytes the device sent in one FedKSeed round (K={POOL}): {len(sent):,}")
     assert POOL * 4 < len(sent) < 400_000
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _serve(server: Path, port: int, phone: Path) -> subprocess.Popen:
+    return _ember(server, "federate", "serve", "--address", f"127.0.0.1:{port}", "--kind", "fedkseed",
+                  "--devices", "1", "--rounds", "1", "--steps", "1", "--pool-size", "64",
+                  "--authorized-key", str(phone / "federation" / "supernode.pub"), "--json")
+
+
+def test_a_server_killed_mid_round_and_restarted_leaves_the_device_whole_and_the_round_not_done(tmp_path):
+    server = tmp_path / "server"
+    _init(server)
+    phone = _device(tmp_path, "phone", seed=3)
+    port = _free_port()
+    first = _serve(server, port, phone)
+    _wait_for(lambda: _listening(port), 60, "the SuperLink")
+    joining = _ember(phone, "federate", "join", f"127.0.0.1:{port}", "--ca", str(server / "federation" / "ca.pem"),
+                     "--max-wait", "150", "--json")
+    try:
+        _restart_mid_round(server, port, phone, first, joining)
+    finally:
+        for process in (first, joining):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.communicate(timeout=60)
+
+
+def _restart_mid_round(server: Path, port: int, phone: Path, first: subprocess.Popen,
+                       joining: subprocess.Popen) -> None:
+    db = open_db(phone)
+    _wait_for(lambda: runs.latest(db) is not None, 180, "the device to start training")
+    # the server's machine dies: ember, its SuperLink and the ServerApp, at once, mid-round
+    link = int((server / "federation" / "serve" / "superlink.pid").read_text())
+    os.killpg(link, signal.SIGKILL)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    _wait_for(lambda: federation.rounds(db), 300, "the device to finish its local training")
+    (train,) = federation.rounds(db)                      # trained and recorded; the round is not done
+    assert train["phase"] == "train" and train["status"] == "contributed"
+    entries = ledger.entries(db)
+    assert [e["run_id"] for e in entries] == [train["run_id"]]
+    adapters = {a["id"]: Path(a["path"]) for a in registry.list_adapters(db)}
+    active = registry.active(db)
+    assert all(path.is_file() for path in adapters.values())
+    assert joining.poll() is None                         # still waiting for the household to come back
+    second = _serve(server, port, phone)                  # the server restarts on the same address
+    code, out, err = _finish(joining, timeout=400)
+    if code != 0 and second.poll() is None:               # nobody will join this run
+        os.killpg(second.pid, signal.SIGTERM)
+    serve_code, serve_out, serve_err = _finish(second, timeout=120)
+    print(f"\nafter the restart: join exit {code}: {err.strip() or out[-300:]}")
+    assert len(err.strip().splitlines()) <= 1 and "Traceback" not in err, err
+    rows = federation.rounds(db)
+    assert rows[0] == train and ledger.entries(db)[:1] == entries      # nothing recorded before was lost
+    assert all(path.is_file() for path in adapters.values())
+    assert {a["id"] for a in registry.list_adapters(db)} >= set(adapters)
+    # it reconnected (Flower's SuperNode exits when a restarted SuperLink does not know it; join starts it
+    # again) and the new run's round is done; the killed run's reply was never counted
+    assert code == 0 and serve_code == 0, err + serve_err
+    assert [(r["phase"], r["status"] in ("promoted", "kept")) for r in rows[1:]] == [("train", False), ("evaluate", True)]
+    assert json.loads(serve_out)["status"] == "completed"
+    db.close()

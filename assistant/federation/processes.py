@@ -37,6 +37,7 @@ from storage.errors import EmberError, InvalidInput
 
 DEFAULT_PORT = 9092
 LOOPBACK = "127.0.0.1"
+ACTIVATED = "SuperNode ID:"      # what Flower's SuperNode logs once the SuperLink has admitted it
 INSTALL = "household learning needs Flower: pip install -e '.[federated]'"
 
 
@@ -180,8 +181,17 @@ def check_reachable(host: str, port: int, ca: Path, *, timeout: float = 5.0) -> 
                           f"({err.strerror or err}); is `ember federate serve` running there?") from None
 
 
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start one of Flower's processes in its own process group, its output to `log` (0600)."""
+    """Start one of Flower's processes in its own process group, its output to `log` (0600). A SIGTERM to
+    this process then stops it as Ctrl-C does, so Flower's processes are stopped with it."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     fd = os.open(log, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
@@ -343,6 +353,8 @@ def serve(settings: Settings, plan: Household, *, address: str, devices: int, au
     process = start([superlink, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
                      "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                      "--host", host, "--port", str(port)], env, log)
+    # Its group is its own (SuperExec and the ServerApp run in it): the pid lets anyone stop it whole.
+    (work / "superlink.pid").write_text(f"{process.pid}\n")
     try:
         _wait_listening(host, port, process, log, timeout=60)
         client = control_client(link_address, ca)
@@ -418,12 +430,13 @@ def join(settings: Settings, db: Any, *, address: str, ca: Path | None = None, m
                             "server": link_address}.items())
     first = rounds.latest_id(db)
     began = time.monotonic()
-    process = start([supernode, "--superlink", link_address, "--root-certificates", str(ca),
-                     "--auth-supernode-private-key", str(key), "--max-wait-time", str(max_wait),
-                     "--port", str(free_port()), "--node-config", node_config], child_env(settings, work / "flwr"), log)
+    argv = [supernode, "--superlink", link_address, "--root-certificates", str(ca), "--auth-supernode-private-key",
+            str(key), "--max-wait-time", str(max_wait), "--port", str(free_port()), "--node-config", node_config]
+    env = child_env(settings, work / "flwr")
+    process = start(argv, env, log)
     say(f"SuperNode joined the household at {link_address}; waiting for rounds")
+    connected, lost_since, done_at = False, None, None
     try:
-        done_at = None
         while True:
             rows = [r for r in rounds.since(db, first) if r["server"] == link_address]
             final = [r for r in rows if r["rounds"] and r["round"] >= r["rounds"]
@@ -432,9 +445,31 @@ def join(settings: Settings, db: Any, *, address: str, ca: Path | None = None, m
                 done_at = time.monotonic()
             if done_at is not None and (_run_over(link_address, ca) or time.monotonic() - done_at > 60):
                 return JoinResult(link_address, rows, round(time.monotonic() - began, 1))
-            if process.poll() is not None:
-                raise _why_stopped(_new_log(log, offset), link_address, max_wait, rows)
-            time.sleep(1.0)
+            text = _new_log(log, offset) if process.poll() is not None or lost_since is not None else ""
+            if process.poll() is None:
+                if lost_since is not None and ACTIVATED in text:
+                    lost_since, offset = None, log.stat().st_size      # taken back: the household goes on
+                    say("back in the household")
+                time.sleep(1.0)
+                continue
+            connected = connected or ACTIVATED in text
+            if not connected:
+                raise _why_stopped(text, link_address, max_wait, rows)
+            # The SuperLink went away, or came back without this node (a restarted SuperLink forgets its
+            # nodes and Flower's SuperNode then exits): start the SuperNode again while the server returns.
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > max_wait:
+                raise _why_stopped(text, link_address, max_wait, rows, lost=True)
+            try:
+                check_reachable(host, port, ca, timeout=2.0)
+            except EmberError:
+                time.sleep(2.0)
+                continue
+            say(f"the household's SuperLink at {link_address} is back; joining again")
+            stop(process)                   # whatever of the old SuperNode's group is left
+            offset = log.stat().st_size
+            process = start(argv, env, log)
+            time.sleep(2.0)
     finally:
         stop(process)
 
@@ -463,14 +498,28 @@ def _new_log(log: Path, offset: int) -> str:
         return ""
 
 
-def _why_stopped(text: str, address: str, max_wait: float, rows: list[dict[str, Any]]) -> EmberError:
+def _why_stopped(text: str, address: str, max_wait: float, rows: list[dict[str, Any]], *,
+                 lost: bool = False) -> EmberError:
     """One line for a SuperNode that exited before the run ended."""
     lowered = text.lower()
     kept = "; this device's data, adapters and ledger are unchanged" if not rows else \
         "; every round this device finished is recorded, nothing local was lost"
     # Flower's SuperLink answers an unregistered key with ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED (2004),
     # which the SuperNode logs as "[code: 2004] Failed to activate SuperNode" before exiting with 305.
-    if "code: 2004" in text or "failed to activate supernode" in lowered:
+    if not lost and ("code: 2004" in text or "failed to activate supernode" in lowered):
         return NotAuthorized(f"the SuperLink at {address} refused this device's key; add its supernode.pub "
                              f"to the server's --authorized-key{kept}")
-    return Unreachable(f"lost the household's SuperLink at {address} for more than {max_wait:.0f} s{kept}")
+    if lost:
+        return Unreachable(f"lost the household's SuperLink at {address} and it did not take this device back "
+                           f"within {max_wait:.0f} s{kept}")
+    return Unreachable(f"could not stay connected to the household's SuperLink at {address} "
+                       f"({last_line_of(text)}){kept}")
+
+
+def last_line_of(text: str) -> str:
+    """The last non-empty line of a log excerpt that is not a traceback frame."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("File ", "Traceback", "^"))]
+    return (lines or ["no output"])[-1][:200]
