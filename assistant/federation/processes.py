@@ -64,8 +64,8 @@ def parse_address(text: str) -> tuple[str, int]:
     if not text or any(c.isspace() for c in text) or "://" in text or "/" in text:
         raise bad
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+        host, closed, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ("" if closed and not rest else None)
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     elif ":" in text:
