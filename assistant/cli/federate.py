@@ -128,7 +128,8 @@ def status(limit, model, as_json):
         click.echo("no federated rounds yet")
     for r in rows:
         detail = f"{r['bytes_sent']:,} B sent" if r["bytes_sent"] else (r["message"] or "")
-        click.echo(f"{r['created']}  {r['server']} round {r['round']:<3} {r['kind']:8} {r['phase']:8} "
+        of = f"/{r['rounds']}" if r.get("rounds") else ""
+        click.echo(f"{r['created']}  {r['server']} round {str(r['round']) + of:<5} {r['kind']:8} {r['phase']:8} "
                    f"{r['status']:11} {detail}")
     return None
 

@@ -434,7 +434,7 @@ def join(settings: Settings, db: Any, *, address: str, ca: Path | None = None, m
             str(key), "--max-wait-time", str(max_wait), "--port", str(free_port()), "--node-config", node_config]
     env = child_env(settings, work / "flwr")
     process = start(argv, env, log)
-    say(f"SuperNode joined the household at {link_address}; waiting for rounds")
+    say(f"SuperNode started for the household at {link_address}; waiting for rounds")
     connected, lost_since, done_at = False, None, None
     try:
         while True:
