@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="household learning needs the federated extra: pip install -e '.[federated]'")
 
+from benchmarks.federated_wire import Relay  # noqa: E402
 from benchmarks.synthetic_user import seed_habit_user  # noqa: E402
 from storage import federation, ledger, registry, runs  # noqa: E402
 from storage.db import open_db  # noqa: E402
@@ -64,49 +64,6 @@ def _device(root: Path, name: str, *, seed: int, canary: str | None = None) -> P
     db.close()
     _init(home)
     return home
-
-
-class Relay:
-    """A TCP relay on loopback that records every byte the device sends toward the SuperLink."""
-
-    def __init__(self, target: int):
-        self.target, self.sent, self.lock = target, bytearray(), threading.Lock()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                device, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                link = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                device.close()
-                continue
-            threading.Thread(target=self._pipe, args=(device, link, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(link, device, False), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if upstream:
-                    with self.lock:
-                        self.sent += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.server.close()
 
 
 @pytest.fixture(scope="module")
