@@ -131,6 +131,9 @@ def household(kind: str, root: Path, *, conversations: int, rounds: int, steps: 
 
 def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, Any]:
     """Both kinds of round (`rounds` of the CLI is unused: quick runs 1 round of 1 step, else 2 of 3)."""
+    from assistant.federation import require_flower
+
+    require_flower()
     fed_rounds, steps, conversations = (1, 1, 8) if quick else (2, 3, 24)
     arms = {}
     for kind in ("fedkseed", "fedavg"):
