@@ -1,6 +1,6 @@
 """`ember federate serve|join` say what is wrong in one line, before starting any process: Flower missing
 (naming the extra), no credentials (naming `ember federate init`), a bad address, a server that does not
-answer, a key file that is not one."""
+answer, a key file that is not one, an address already in use."""
 from __future__ import annotations
 
 import importlib.util
@@ -41,4 +41,7 @@ def test_serve_and_join_say_in_one_line_what_is_missing_or_wrong(ember, home, tm
     (tmp_path / "bad.pub").write_text("ssh-rsa AAAA not-a-key\n")
     _one_line(ember("federate", "serve", "--address", f"127.0.0.1:{port}", "--authorized-key",
                     str(tmp_path / "bad.pub")), "not a SuperNode public key")
+    with socket.create_server(("127.0.0.1", 0)) as taken:       # another program listens there
+        _one_line(ember("federate", "serve", "--address", f"127.0.0.1:{taken.getsockname()[1]}", "--authorized-key",
+                        str(home / "federation" / "supernode.pub")), "is in use")
     assert not (home / "federation" / "serve").exists()          # nothing was started

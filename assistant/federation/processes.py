@@ -332,10 +332,6 @@ def serve(settings: Settings, plan: Household, *, address: str, devices: int, au
     """Run the household's server for one run of `plan.rounds` rounds over `devices` devices: a SuperLink
     on `address` with TLS and SuperNode authentication (only the keys in `authorized` are admitted), and
     the household's ServerApp; returns when the run ends (the SuperLink is stopped then)."""
-    from flwr.common.serde import fab_to_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest, StartRunRequest  # noqa: E501  # pylint: disable=no-name-in-module
-    from flwr.supercore.fab import Fab
-
     say = on_event or (lambda _line: None)
     host, port = parse_address(address)
     link_address = joined(host, port)
@@ -344,6 +340,7 @@ def serve(settings: Settings, plan: Household, *, address: str, devices: int, au
         raise InvalidInput("no device may join: pass each device's supernode.pub with --authorized-key")
     keys = public_keys(authorized)
     superlink = command("flower-superlink")
+    _check_bindable(host, port)
     work = credentials.folder(settings.home) / "serve"
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = work / "superlink.log"
@@ -359,17 +356,13 @@ def serve(settings: Settings, plan: Household, *, address: str, devices: int, au
         _wait_listening(host, port, process, log, timeout=60)
         client = control_client(link_address, ca)
         try:
-            for public_key in keys:
-                client.RegisterNode(RegisterNodeRequest(public_key=public_key))
-            fab, fab_hash = flower_app(work / "app")
-            config = {"household": json.dumps(plan.config()), "devices": int(devices),
-                      "model": str(settings.model_path), "timeout": float(timeout), "outcome": str(outcome_path)}
-            response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(fab_hash, fab, {})),
-                                                       override_config=user_config_to_proto(config)))
-            run_id = int(response.run_id)
-            say(f"SuperLink on {link_address} (TLS, {len(keys)} authorized SuperNode key(s)); run {run_id}: "
-                f"{plan.rounds} {plan.kind} round(s) over {devices} device(s)")
-            status = _wait_run(client, run_id, process, log, ListRunsRequest)
+            status, run_id = _run(client, keys, work, plan, settings, devices, timeout, outcome_path, process, log,
+                                  link_address, say)
+        except EmberError:
+            raise
+        except Exception as err:   # the Control API failed: Flower's client errors, as one line
+            raise ServerStopped(f"the SuperLink on {link_address} did not answer its Control API "
+                                f"({type(err).__name__}: {str(err)[:200]}); see {log}") from err
         finally:
             client.close()
     finally:
@@ -381,6 +374,47 @@ def serve(settings: Settings, plan: Household, *, address: str, devices: int, au
                             f"{outcome.get('error') or last_line(log)}")
     return ServeResult(link_address, run_id, plan.kind, plan.rounds, devices, status, outcome,
                        round(time.monotonic() - began, 1))
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """`InvalidInput` when the SuperLink could not listen on (host, port): in use, or not this machine's."""
+    import errno
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except socket.gaierror:
+        raise InvalidInput(f"bad address {joined(host, port)}: {host} is not a name this machine resolves") from None
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise InvalidInput(f"{joined(host, port)} is in use (another `ember federate serve`?); "
+                               "pick another --address port") from None
+        raise InvalidInput(f"cannot listen on {joined(host, port)} ({err.strerror}); give an address of this "
+                           "machine") from None
+
+
+def _run(client: Any, keys: list[bytes], work: Path, plan: Household, settings: Settings, devices: int,
+         timeout: float, outcome_path: Path, process: subprocess.Popen, log: Path, link_address: str,
+         say: Callable[[str], None]) -> tuple[str, int]:
+    """Register the devices' keys, start the household's run through the Control API, wait for its end."""
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
+        ListRunsRequest, RegisterNodeRequest, StartRunRequest)
+    from flwr.supercore.fab import Fab
+
+    for public_key in keys:
+        client.RegisterNode(RegisterNodeRequest(public_key=public_key))
+    fab, fab_hash = flower_app(work / "app")
+    config = {"household": json.dumps(plan.config()), "devices": int(devices),
+              "model": str(settings.model_path), "timeout": float(timeout), "outcome": str(outcome_path)}
+    response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(fab_hash, fab, {})),
+                                               override_config=user_config_to_proto(config)))
+    run_id = int(response.run_id)
+    say(f"SuperLink on {link_address} (TLS, {len(keys)} authorized SuperNode key(s)); run {run_id}: "
+        f"{plan.rounds} {plan.kind} round(s) over {devices} device(s)")
+    return _wait_run(client, run_id, process, log, ListRunsRequest), run_id
 
 
 def _wait_run(client: Any, run_id: int, process: subprocess.Popen, log: Path, request: Any) -> str:
