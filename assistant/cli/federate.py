@@ -67,7 +67,7 @@ def serve(address, kind, devices, rounds, steps, pool_size, sigma, clip, authori
     require_flower()
     from adapters.base import file_sha256
     from assistant.federation.plan import Household
-    from assistant.federation.processes import serve as run_server
+    from assistant.federation.serving import serve as run_server
 
     settings = settings_from(model=model)
     plan = Household(kind=kind, base_sha256=file_sha256(settings.model_path, settings.cache_dir),
@@ -99,7 +99,7 @@ def join(address, ca, max_wait, model, as_json):
     from assistant.federation import require_flower
 
     require_flower()
-    from assistant.federation.processes import join as run_device
+    from assistant.federation.joining import join as run_device
 
     settings = settings_from(model=model)
     result = run_device(settings, open_store(settings), address=address, ca=ca, max_wait=max_wait,

@@ -1,4 +1,4 @@
-"""The Flower App `ember federate serve` hands its SuperLink (built into a FAB by `processes.flower_app`):
+"""The Flower App `ember federate serve` hands its SuperLink (built into a FAB by `serving.flower_app`):
 the same ClientApp and ServerApp the in-process rounds use (`client.client_app`, `server.run_rounds`),
 configured from Flower's Context instead of Python arguments.
 

@@ -1,7 +1,7 @@
-"""Household learning across real processes: `ember federate serve` runs Flower's SuperLink and hands it
-the household's Flower App (a FAB of `deployed.py`); `ember federate join ADDRESS` runs this device's
-SuperNode, whose `flwr-clientapp` processes train through the one learning path and gate the global
-update (`client.py`, the same code as the in-process rounds).
+"""What `ember federate serve` (`serving.py`) and `join` (`joining.py`) share: addresses, credentials,
+Flower's commands and their processes. The SuperLink runs Ember's Flower App (a FAB of `deployed.py`);
+each device's SuperNode runs its `flwr-clientapp` processes, which train through the one learning path and
+gate the global update (`client.py`, the same code as the in-process rounds).
 
 Flower 1.42's deployment runtime (flwr/superlink/cli/flower_superlink.py, flwr/supernode/cli/
 flower_supernode.py): the SuperLink serves its Fleet, Control and Runtime APIs over HTTPS on one address
@@ -15,10 +15,7 @@ these machines install nothing at run time. Every Flower file goes under `<data 
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import ipaddress
-import json
 import os
 import signal
 import socket
@@ -27,17 +24,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from adapters.errors import TrainingUnavailable
 from assistant.config import Settings
 from assistant.federation import credentials
-from assistant.federation.plan import Household
 from storage.errors import EmberError, InvalidInput
 
 DEFAULT_PORT = 9092
 LOOPBACK = "127.0.0.1"
-ACTIVATED = "SuperNode ID:"      # what Flower's SuperNode logs once the SuperLink has admitted it
 INSTALL = "household learning needs Flower: pip install -e '.[federated]'"
 
 
@@ -250,310 +245,3 @@ def control_client(address: str, ca: Path) -> Any:
 
     return ControlHttpClient.from_server_address(address, insecure=False, root_certificates=str(ca),
                                                  interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
-
-
-APP_PYPROJECT = """[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "ember-household"
-version = "1.0.0"
-description = "Ember household learning: the ServerApp and ClientApp of assistant/federation"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "ember"
-
-[tool.flwr.app.components]
-serverapp = "ember_household:server"
-clientapp = "ember_household:client"
-
-[tool.flwr.app.config]
-household = ""
-devices = 1
-model = ""
-timeout = 3600.0
-outcome = ""
-"""
-
-APP_MODULE = '''"""Ember household learning: the apps live in Ember itself (assistant/federation/deployed.py)."""
-from assistant.federation.deployed import client, server  # noqa: F401
-'''
-
-
-def flower_app(folder: Path) -> tuple[bytes, str]:
-    """The household's Flower App as a FAB (bytes, SHA-256), built with Flower's own builder from a two-file
-    app whose components are Ember's ServerApp and ClientApp."""
-    from flwr.cli.build import build_fab_from_disk
-
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
-    (folder / "ember_household.py").write_text(APP_MODULE)
-    fab = build_fab_from_disk(folder)
-    return fab, hashlib.sha256(fab).hexdigest()
-
-
-@dataclasses.dataclass
-class ServeResult:
-    """What `ember federate serve` reports."""
-
-    address: str
-    run_id: int
-    kind: str
-    rounds: int
-    devices: int
-    status: str
-    outcome: dict[str, Any]
-    seconds: float
-
-    def as_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _wait_listening(host: str, port: int, process: subprocess.Popen, log: Path, *, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServerStopped(f"the SuperLink did not start on {joined(host, port)}: {last_line(log)}")
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise ServerStopped(f"the SuperLink did not listen on {joined(host, port)} within {timeout:.0f} s: {last_line(log)}")
-
-
-def serve(settings: Settings, plan: Household, *, address: str, devices: int, authorized: Sequence[Path],
-          timeout: float = 3600.0, on_event: Callable[[str], None] | None = None) -> ServeResult:
-    """Run the household's server for one run of `plan.rounds` rounds over `devices` devices: a SuperLink
-    on `address` with TLS and SuperNode authentication (only the keys in `authorized` are admitted), and
-    the household's ServerApp; returns when the run ends (the SuperLink is stopped then)."""
-    say = on_event or (lambda _line: None)
-    host, port = parse_address(address)
-    link_address = joined(host, port)
-    ca, cert, key = (credential(settings, name) for name in ("ca.pem", "superlink.pem", "superlink.key"))
-    if not authorized:
-        raise InvalidInput("no device may join: pass each device's supernode.pub with --authorized-key")
-    keys = public_keys(authorized)
-    superlink = command("flower-superlink")
-    _check_bindable(host, port)
-    work = credentials.folder(settings.home) / "serve"
-    work.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log = work / "superlink.log"
-    outcome_path = work / f"outcome-{os.getpid()}-{int(time.time())}.json"
-    env = child_env(settings, work / "flwr")
-    began = time.monotonic()
-    process = start([superlink, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
-                     "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                     "--host", host, "--port", str(port)], env, log)
-    # Its group is its own (SuperExec and the ServerApp run in it): the pid lets anyone stop it whole.
-    (work / "superlink.pid").write_text(f"{process.pid}\n")
-    try:
-        _wait_listening(host, port, process, log, timeout=60)
-        client = control_client(link_address, ca)
-        try:
-            status, run_id = _run(client, keys, work, plan, settings, devices, timeout, outcome_path, process, log,
-                                  link_address, say)
-        except EmberError:
-            raise
-        except Exception as err:   # the Control API failed: Flower's client errors, as one line
-            raise ServerStopped(f"the SuperLink on {link_address} did not answer its Control API "
-                                f"({type(err).__name__}: {str(err)[:200]}); see {log}") from err
-        finally:
-            client.close()
-    finally:
-        stop(process)
-    outcome = json.loads(outcome_path.read_text()) if outcome_path.is_file() else {}
-    outcome_path.unlink(missing_ok=True)
-    if status != "completed" or not outcome.get("finished"):
-        raise ServerStopped(f"the household's run {run_id} ended {status}: "
-                            f"{outcome.get('error') or last_line(log)}")
-    return ServeResult(link_address, run_id, plan.kind, plan.rounds, devices, status, outcome,
-                       round(time.monotonic() - began, 1))
-
-
-def _check_bindable(host: str, port: int) -> None:
-    """`InvalidInput` when the SuperLink could not listen on (host, port): in use, or not this machine's."""
-    import errno
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-    except socket.gaierror:
-        raise InvalidInput(f"bad address {joined(host, port)}: {host} is not a name this machine resolves") from None
-    except OSError as err:
-        if err.errno == errno.EADDRINUSE:
-            raise InvalidInput(f"{joined(host, port)} is in use (another `ember federate serve`?); "
-                               "pick another --address port") from None
-        raise InvalidInput(f"cannot listen on {joined(host, port)} ({err.strerror}); give an address of this "
-                           "machine") from None
-
-
-def _run(client: Any, keys: list[bytes], work: Path, plan: Household, settings: Settings, devices: int,
-         timeout: float, outcome_path: Path, process: subprocess.Popen, log: Path, link_address: str,
-         say: Callable[[str], None]) -> tuple[str, int]:
-    """Register the devices' keys, start the household's run through the Control API, wait for its end."""
-    from flwr.common.serde import fab_to_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
-        ListRunsRequest, RegisterNodeRequest, StartRunRequest)
-    from flwr.supercore.fab import Fab
-
-    for public_key in keys:
-        client.RegisterNode(RegisterNodeRequest(public_key=public_key))
-    fab, fab_hash = flower_app(work / "app")
-    config = {"household": json.dumps(plan.config()), "devices": int(devices),
-              "model": str(settings.model_path), "timeout": float(timeout), "outcome": str(outcome_path)}
-    response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(fab_hash, fab, {})),
-                                               override_config=user_config_to_proto(config)))
-    run_id = int(response.run_id)
-    say(f"SuperLink on {link_address} (TLS, {len(keys)} authorized SuperNode key(s)); run {run_id}: "
-        f"{plan.rounds} {plan.kind} round(s) over {devices} device(s)")
-    return _wait_run(client, run_id, process, log, ListRunsRequest), run_id
-
-
-def _wait_run(client: Any, run_id: int, process: subprocess.Popen, log: Path, request: Any) -> str:
-    """Poll the Control API until the run is finished; its sub-status (completed, failed, stopped)."""
-    while True:
-        if process.poll() is not None:
-            raise ServerStopped(f"the SuperLink stopped during run {run_id}: {last_line(log)}")
-        run = client.ListRuns(request(run_id=run_id)).run_dict[run_id]
-        if run.status.status == "finished":
-            return str(run.status.sub_status)
-        time.sleep(1.0)
-
-
-@dataclasses.dataclass
-class JoinResult:
-    """What `ember federate join` reports: this device's rows of the run it took part in."""
-
-    address: str
-    rounds: list[dict[str, Any]]
-    seconds: float
-
-    def as_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def join(settings: Settings, db: Any, *, address: str, ca: Path | None = None, max_wait: float = 120.0,
-         on_event: Callable[[str], None] | None = None) -> JoinResult:
-    """Run this device's SuperNode against the household's SuperLink at `address` until the household's
-    run has done its last round here (its gate's verdict recorded and the reply delivered). A SuperLink
-    that goes away is waited for up to `max_wait` seconds (Flower's SuperNode reconnects), then
-    `Unreachable`; nothing local is lost either way."""
-    from storage import federation as rounds
-
-    say = on_event or (lambda _line: None)
-    host, port = parse_address(address)
-    link_address = joined(host, port)
-    key = credential(settings, "supernode.key")
-    ca = credential(settings, "ca.pem", ca)
-    supernode = command("flower-supernode")
-    check_reachable(host, port, ca)
-    work = credentials.folder(settings.home) / "join"
-    work.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log = work / "supernode.log"
-    offset = log.stat().st_size if log.is_file() else 0
-    node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in
-                           {"ember-home": str(settings.home), "model": str(settings.model_path),
-                            "server": link_address}.items())
-    first = rounds.latest_id(db)
-    began = time.monotonic()
-    argv = [supernode, "--superlink", link_address, "--root-certificates", str(ca), "--auth-supernode-private-key",
-            str(key), "--max-wait-time", str(max_wait), "--port", str(free_port()), "--node-config", node_config]
-    env = child_env(settings, work / "flwr")
-    process = start(argv, env, log)
-    say(f"SuperNode started for the household at {link_address}; waiting for rounds")
-    connected, lost_since, done_at = False, None, None
-    try:
-        while True:
-            rows = [r for r in rounds.since(db, first) if r["server"] == link_address]
-            final = [r for r in rows if r["rounds"] and r["round"] >= r["rounds"]
-                     and (r["phase"] == "evaluate" or r["status"] == "refused")]
-            if final and done_at is None:
-                done_at = time.monotonic()
-            if done_at is not None and (_run_over(link_address, ca) or time.monotonic() - done_at > 60):
-                return JoinResult(link_address, rows, round(time.monotonic() - began, 1))
-            text = _new_log(log, offset) if process.poll() is not None or lost_since is not None else ""
-            if process.poll() is None:
-                if lost_since is not None and ACTIVATED in text:
-                    lost_since, offset = None, log.stat().st_size      # taken back: the household goes on
-                    say("back in the household")
-                time.sleep(1.0)
-                continue
-            connected = connected or ACTIVATED in text
-            if not connected:
-                raise _why_stopped(text, link_address, max_wait, rows)
-            # The SuperLink went away, or came back without this node (a restarted SuperLink forgets its
-            # nodes and Flower's SuperNode then exits): start the SuperNode again while the server returns.
-            lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since > max_wait:
-                raise _why_stopped(text, link_address, max_wait, rows, lost=True)
-            try:
-                check_reachable(host, port, ca, timeout=2.0)
-            except EmberError:
-                time.sleep(2.0)
-                continue
-            say(f"the household's SuperLink at {link_address} is back; joining again")
-            stop(process)                   # whatever of the old SuperNode's group is left
-            offset = log.stat().st_size
-            process = start(argv, env, log)
-            time.sleep(2.0)
-    finally:
-        stop(process)
-
-
-def _run_over(address: str, ca: Path) -> bool:
-    """Whether the SuperLink has no run still going (or is gone: it stops only after its run ended)."""
-    try:
-        from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=no-name-in-module
-
-        client = control_client(address, ca)
-        try:
-            runs = client.ListRuns(ListRunsRequest()).run_dict
-        finally:
-            client.close()
-        return all(run.status.status == "finished" for run in runs.values())
-    except Exception:   # unreachable or refusing: the server has stopped, after the run it served
-        return True
-
-
-def _new_log(log: Path, offset: int) -> str:
-    try:
-        with open(log, "rb") as f:
-            f.seek(offset)
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _why_stopped(text: str, address: str, max_wait: float, rows: list[dict[str, Any]], *,
-                 lost: bool = False) -> EmberError:
-    """One line for a SuperNode that exited before the run ended."""
-    lowered = text.lower()
-    kept = "; this device's data, adapters and ledger are unchanged" if not rows else \
-        "; every round this device finished is recorded, nothing local was lost"
-    # Flower's SuperLink answers an unregistered key with ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED (2004),
-    # which the SuperNode logs as "[code: 2004] Failed to activate SuperNode" before exiting with 305.
-    if not lost and ("code: 2004" in text or "failed to activate supernode" in lowered):
-        return NotAuthorized(f"the SuperLink at {address} refused this device's key; add its supernode.pub "
-                             f"to the server's --authorized-key{kept}")
-    if lost:
-        return Unreachable(f"lost the household's SuperLink at {address} and it did not take this device back "
-                           f"within {max_wait:.0f} s{kept}")
-    return Unreachable(f"could not stay connected to the household's SuperLink at {address} "
-                       f"({last_line_of(text)}){kept}")
-
-
-def last_line_of(text: str) -> str:
-    """The last non-empty line of a log excerpt that is not a traceback frame."""
-    import re
-
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith(("File ", "Traceback", "^"))]
-    return (lines or ["no output"])[-1][:200]
