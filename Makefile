@@ -54,7 +54,7 @@ $(FED_STAMP): pyproject.toml $(STAMP)
 
 test: setup $(FED_STAMP)
 	$(BIN)/python -m pytest
-	$(FED_VENV)/bin/python -m pytest tests/test_federated.py
+	$(FED_VENV)/bin/python -m pytest tests/test_federated.py tests/test_federated_processes.py tests/test_federate_cli.py
 
 bench: setup
 	$(BIN)/ember bench engine

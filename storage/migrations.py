@@ -514,3 +514,10 @@ def m016_preferences(db: sqlite_utils.Database) -> None:
             updated TEXT NOT NULL
         );
     """)
+
+
+@migration
+def m017_federation_round_of(db: sqlite_utils.Database) -> None:
+    """How many rounds the household's run has (`rounds`, NULL before this), so a device that joined over
+    the network (`ember federate join`) knows when its last round is done, and `status` shows "round 2 of 3"."""
+    db.executescript("ALTER TABLE federation_rounds ADD COLUMN rounds INTEGER;")

@@ -35,6 +35,8 @@ BENCHMARKS = {
                 "file size, held-out perplexity and KL in llama.cpp, prompt and decode tok/s",
     "federated": "household learning on Flower, 3 devices in one process: FedAvg-LoRA vs FedKSeed-ZO vs each alone "
                  "(held-out by round, habit on the device that never saw it, bytes/round, wall time, canary)",
+    "federated_wire": "household learning over real processes (serve + 2 joins, TLS, node auth): bytes a device "
+                      "sends per round on the wire vs its reply messages, its text absent from the stream, wall time",
 }
 # A benchmark whose name is a Python keyword lives in a module of another name.
 MODULES = {"import": "imports"}

@@ -2,7 +2,8 @@
 engine. `client.py` is the device's ClientApp (local training through `assistant.adaptation.run`, the one
 learning path; its gate decides whether the household's global update goes live); `server.py` is the
 ServerApp (FedAvg over LoRA B, or FedKSeed pool sums, with Flower's user-level DP wrappers and RDP
-accountant); `grid.py` drives both in one process, without Ray.
+accountant); `grid.py` drives both in one process, without Ray; `serving.py` and `joining.py` run them as
+Flower's own processes (`ember federate serve|join`), loading them from `deployed.py`.
 
 Flower is an optional extra (`pip install -e '.[federated]'`); it is imported only here.
 """

@@ -72,17 +72,21 @@ def _only_when_clipping_asked(msg: Message, ctxt: Context, call_next: Any) -> Me
     return call_next(msg, ctxt)
 
 
-def client_app(device: Device) -> ClientApp:
-    """The ClientApp of `device` (one per data directory)."""
+def client_app(device: Device | Callable[[Context], Device]) -> ClientApp:
+    """The ClientApp of `device` (one per data directory), or of the device a SuperNode's context names
+    (`device` a function of Flower's Context: `ember federate join` runs each message in its own process)."""
     app = ClientApp()
+
+    def this(context: Context) -> Device:
+        return device if isinstance(device, Device) else device(context)
 
     @app.train(mods=[_only_when_clipping_asked])
     def train(msg: Message, context: Context) -> Message:
-        return train_round(device, msg)
+        return train_round(this(context), msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return evaluate_round(device, msg)
+        return evaluate_round(this(context), msg)
 
     return app
 
@@ -90,7 +94,7 @@ def client_app(device: Device) -> ClientApp:
 def _refuse(device: Device, msg: Message, plan: Household | None, phase: str, err: Exception) -> Message:
     round_no = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
     if plan is not None:
-        rounds.record(device.db, server=device.server, round=round_no, kind=plan.kind, phase=phase,
+        rounds.record(device.db, server=device.server, round=round_no, kind=plan.kind, rounds=plan.rounds, phase=phase,
                       status="refused", message=str(err)[:300])
     return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=msg)
 
@@ -136,7 +140,7 @@ def train_round(device: Device, msg: Message) -> Message:
         except (BudgetExhausted, NotEnoughData) as err:
             # Skipped: the reply is the global update itself, so it carries nothing of this user.
             reply, size = _reply(msg, global_update, {"weight": 1.0, "num-examples": 0, "skipped": 1})
-            rounds.record(device.db, server=device.server, round=round_no, kind=plan.kind, phase="train",
+            rounds.record(device.db, server=device.server, round=round_no, kind=plan.kind, rounds=plan.rounds, phase="train",
                           status="skipped", bytes_sent=size, message=str(err)[:300])
             return reply
         except EmberError as err:
@@ -148,7 +152,7 @@ def train_round(device: Device, msg: Message) -> Message:
     reply, size = _reply(msg, update, {"weight": weight, "num-examples": int(result["examples"]),
                                        "train-loss": float((result["eval"] or {}).get("train_loss_last") or 0.0),
                                        "skipped": 0})
-    rounds.record(device.db, server=device.server, round=round_no, kind=plan.kind, phase="train",
+    rounds.record(device.db, server=device.server, round=round_no, kind=plan.kind, rounds=plan.rounds, phase="train",
                   status="contributed", run_id=result["run_id"], adapter_id=result["adapter_id"],
                   examples=result["examples"], epsilon=result["epsilon"],
                   sigma=plan.sigma if dp else None, clip=plan.clip if dp else None, bytes_sent=size,
@@ -246,7 +250,7 @@ def evaluate_round(device: Device, msg: Message) -> Message:
         "eval": verdict.as_json(), "status": "inactive" if verdict.promote else "rejected",
         "reason": None if verdict.promote else verdict.reason, "epsilon": None, "delta": None,
         "examples": len(data.train)}, data.sources, activate=verdict.promote)
-    rounds.record(db, server=device.server, round=round_no, kind=plan.kind, phase="evaluate",
+    rounds.record(db, server=device.server, round=round_no, kind=plan.kind, rounds=plan.rounds, phase="evaluate",
                   status="promoted" if verdict.promote else "kept", adapter_id=adapter_id,
                   bytes_received=recorddict_to_proto(msg.content).ByteSize(), message=verdict.reason[:300])
     content = RecordDict({"metrics": MetricRecord({

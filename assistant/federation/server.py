@@ -92,16 +92,23 @@ def server_app(plan: Household, model_path: Path, n_devices: int, outcome: Outco
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = strategy_for(plan, model_path, n_devices, outcome)
-        result = strategy.start(grid=grid, initial_arrays=record_of(plan.initial(model_path)),
-                                num_rounds=plan.rounds, timeout=timeout,
-                                train_config=ConfigRecord(plan.config()), evaluate_config=ConfigRecord(plan.config()))
-        outcome.arrays = arrays_of(result.arrays) if result.arrays is not None and len(result.arrays) else None
-        outcome.train_metrics = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
-        outcome.evaluate_metrics = {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
-        spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
-        if spent is not None:
-            outcome.epsilon, outcome.delta = spent.epsilon, spent.delta
+        run_rounds(grid, plan, model_path, n_devices, outcome, timeout=timeout)
 
     return app
+
+
+def run_rounds(grid: Grid, plan: Household, model_path: Path, n_devices: int, outcome: Outcome, *,
+               timeout: float = 3600) -> Outcome:
+    """`plan.rounds` rounds of train + evaluate over `grid` (in process or a SuperLink's), into `outcome`."""
+    strategy = strategy_for(plan, model_path, n_devices, outcome)
+    result = strategy.start(grid=grid, initial_arrays=record_of(plan.initial(model_path)),
+                            num_rounds=plan.rounds, timeout=timeout,
+                            train_config=ConfigRecord(plan.config()), evaluate_config=ConfigRecord(plan.config()))
+    outcome.arrays = arrays_of(result.arrays) if result.arrays is not None and len(result.arrays) else None
+    outcome.train_metrics = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+    outcome.evaluate_metrics = {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    if spent is not None:
+        outcome.epsilon, outcome.delta = spent.epsilon, spent.delta
+    return outcome
 

@@ -1,0 +1,199 @@
+"""`ember federate serve`: the household's server as real processes. Flower's SuperLink on the given
+address with TLS and SuperNode authentication (only the registered keys are admitted), and the household's
+run started through its Control API (`StartRun`, what `flwr run` sends) with a FAB built from two files
+whose components are `deployed.py`'s ServerApp and ClientApp. Process handling is `processes.py`'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from assistant.config import Settings
+from assistant.federation import credentials
+from assistant.federation.plan import Household
+from assistant.federation.processes import (ServerStopped, child_env, command, control_client, credential, joined,
+                                            last_line, parse_address, public_keys, start, stop)
+from storage.errors import EmberError, InvalidInput
+
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "ember-household"
+version = "1.0.0"
+description = "Ember household learning: the ServerApp and ClientApp of assistant/federation"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "ember"
+
+[tool.flwr.app.components]
+serverapp = "ember_household:server"
+clientapp = "ember_household:client"
+
+[tool.flwr.app.config]
+household = ""
+devices = 1
+model = ""
+timeout = 3600.0
+outcome = ""
+"""
+
+APP_MODULE = '''"""Ember household learning: the apps live in Ember itself (assistant/federation/deployed.py)."""
+from assistant.federation.deployed import client, server  # noqa: F401
+'''
+
+
+def flower_app(folder: Path) -> tuple[bytes, str]:
+    """The household's Flower App as a FAB (bytes, SHA-256), built with Flower's own builder from a two-file
+    app whose components are Ember's ServerApp and ClientApp."""
+    from flwr.cli.build import build_fab_from_disk
+
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    (folder / "ember_household.py").write_text(APP_MODULE)
+    fab = build_fab_from_disk(folder)
+    return fab, hashlib.sha256(fab).hexdigest()
+
+
+@dataclasses.dataclass
+class ServeResult:
+    """What `ember federate serve` reports."""
+
+    address: str
+    run_id: int
+    kind: str
+    rounds: int
+    devices: int
+    status: str
+    outcome: dict[str, Any]
+    seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _wait_listening(host: str, port: int, process: subprocess.Popen, log: Path, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerStopped(f"the SuperLink did not start on {joined(host, port)}: {last_line(log)}")
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise ServerStopped(f"the SuperLink did not listen on {joined(host, port)} within {timeout:.0f} s: {last_line(log)}")
+
+
+def serve(settings: Settings, plan: Household, *, address: str, devices: int, authorized: Sequence[Path],
+          timeout: float = 3600.0, on_event: Callable[[str], None] | None = None) -> ServeResult:
+    """Run the household's server for one run of `plan.rounds` rounds over `devices` devices: a SuperLink
+    on `address` with TLS and SuperNode authentication (only the keys in `authorized` are admitted), and
+    the household's ServerApp; returns when the run ends (the SuperLink is stopped then)."""
+    say = on_event or (lambda _line: None)
+    host, port = parse_address(address)
+    link_address = joined(host, port)
+    ca, cert, key = (credential(settings, name) for name in ("ca.pem", "superlink.pem", "superlink.key"))
+    if not authorized:
+        raise InvalidInput("no device may join: pass each device's supernode.pub with --authorized-key")
+    keys = public_keys(authorized)
+    superlink = command("flower-superlink")
+    _check_bindable(host, port)
+    work = credentials.folder(settings.home) / "serve"
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log = work / "superlink.log"
+    outcome_path = work / f"outcome-{os.getpid()}-{int(time.time())}.json"
+    env = child_env(settings, work / "flwr")
+    began = time.monotonic()
+    process = start([superlink, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+                     "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                     "--host", host, "--port", str(port)], env, log)
+    # Its group is its own (SuperExec and the ServerApp run in it): the pid lets anyone stop it whole.
+    (work / "superlink.pid").write_text(f"{process.pid}\n")
+    try:
+        _wait_listening(host, port, process, log, timeout=60)
+        client = control_client(link_address, ca)
+        try:
+            status, run_id = _run(client, keys, work, plan, settings, devices, timeout, outcome_path, process, log,
+                                  link_address, say)
+        except EmberError:
+            raise
+        except Exception as err:   # the Control API failed: Flower's client errors, as one line
+            raise ServerStopped(f"the SuperLink on {link_address} did not answer its Control API "
+                                f"({type(err).__name__}: {str(err)[:200]}); see {log}") from err
+        finally:
+            client.close()
+    finally:
+        stop(process)
+    outcome = json.loads(outcome_path.read_text()) if outcome_path.is_file() else {}
+    outcome_path.unlink(missing_ok=True)
+    if status != "completed" or not outcome.get("finished"):
+        raise ServerStopped(f"the household's run {run_id} ended {status}: "
+                            f"{outcome.get('error') or last_line(log)}")
+    return ServeResult(link_address, run_id, plan.kind, plan.rounds, devices, status, outcome,
+                       round(time.monotonic() - began, 1))
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """`InvalidInput` when the SuperLink could not listen on (host, port): in use, or not this machine's."""
+    import errno
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except socket.gaierror:
+        raise InvalidInput(f"bad address {joined(host, port)}: {host} is not a name this machine resolves") from None
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise InvalidInput(f"{joined(host, port)} is in use (another `ember federate serve`?); "
+                               "pick another --address port") from None
+        raise InvalidInput(f"cannot listen on {joined(host, port)} ({err.strerror}); give an address of this "
+                           "machine") from None
+
+
+def _run(client: Any, keys: list[bytes], work: Path, plan: Household, settings: Settings, devices: int,
+         timeout: float, outcome_path: Path, process: subprocess.Popen, log: Path, link_address: str,
+         say: Callable[[str], None]) -> tuple[str, int]:
+    """Register the devices' keys, start the household's run through the Control API, wait for its end."""
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
+        ListRunsRequest, RegisterNodeRequest, StartRunRequest)
+    from flwr.supercore.fab import Fab
+
+    for public_key in keys:
+        client.RegisterNode(RegisterNodeRequest(public_key=public_key))
+    fab, fab_hash = flower_app(work / "app")
+    config = {"household": json.dumps(plan.config()), "devices": int(devices),
+              "model": str(settings.model_path), "timeout": float(timeout), "outcome": str(outcome_path)}
+    response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(fab_hash, fab, {})),
+                                               override_config=user_config_to_proto(config)))
+    run_id = int(response.run_id)
+    say(f"SuperLink on {link_address} (TLS, {len(keys)} authorized SuperNode key(s)); run {run_id}: "
+        f"{plan.rounds} {plan.kind} round(s) over {devices} device(s)")
+    return _wait_run(client, run_id, process, log, ListRunsRequest), run_id
+
+
+def _wait_run(client: Any, run_id: int, process: subprocess.Popen, log: Path, request: Any) -> str:
+    """Poll the Control API until the run is finished; its sub-status (completed, failed, stopped)."""
+    while True:
+        if process.poll() is not None:
+            raise ServerStopped(f"the SuperLink stopped during run {run_id}: {last_line(log)}")
+        run = client.ListRuns(request(run_id=run_id)).run_dict[run_id]
+        if run.status.status == "finished":
+            return str(run.status.sub_status)
+        time.sleep(1.0)
