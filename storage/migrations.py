@@ -497,3 +497,17 @@ def m015_federation_rounds(db: sqlite_utils.Database) -> None:
         );
         CREATE INDEX idx_federation_rounds_round ON federation_rounds (server, round);
     """)
+
+
+@migration
+def m018_run_model_size(db: sqlite_utils.Database) -> None:
+    """What each adaptation run trained: the base model's parameter count and the dtype it was loaded in.
+
+    The daemon decides whether a method fits in free memory from the peaks of finished runs; a peak
+    measured on a 135M model says nothing about a 7B one. With the size recorded it scales the nearest
+    run's peak by the measured MB per parameter (`ember bench train_memory`).
+    """
+    db.executescript("""
+        ALTER TABLE adapt_runs ADD COLUMN base_params INTEGER;
+        ALTER TABLE adapt_runs ADD COLUMN dtype TEXT;
+    """)

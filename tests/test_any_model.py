@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from adapters import export
-from adapters.base import file_sha256
+from adapters.base import file_sha256, gguf_parameters
 from assistant.config import Settings
 from benchmarks.synthetic_user import seed_habit_user
 from storage import conversations as convs
-from storage import ledger, registry, routing
+from storage import ledger, registry, routing, runs
 from storage.db import open_db
 from tests.tui_helpers import type_text, wait_until
 
@@ -86,6 +86,10 @@ def test_ember_adapt_runs_end_to_end_on_the_users_own_model(adapted):
         sources = {r[0] for r in db.execute("SELECT message_id FROM adapter_sources WHERE adapter_id = ?",
                                             [report["adapter_id"]])}
         assert sources and not sources & adapted["excluded"]
+        # The run recorded the model's size, which the daemon's memory check scales by.
+        run = runs.get(db, report["run_id"])
+        assert run["status"] == "done" and run["peak_rss_mb"] > 0
+        assert run["base_params"] == gguf_parameters(model) and run["dtype"] == "float32"
     finally:
         db.close()
 
