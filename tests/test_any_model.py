@@ -144,3 +144,56 @@ async def test_the_chat_on_that_model_swaps_the_adapter_in_and_the_router_probes
         assert after["adapter_id"] == (adapter_id if decision["route"] in ("adapter", "both") else None)
     finally:
         db.close()
+
+
+def _habit_logprob(model: Path, adapter: Path | None, questions: list[str]) -> tuple[float, int]:
+    """Mean log p of the user's sign-off at the start of replies to new questions, in llama.cpp, and how
+    many greedy replies open with it."""
+    from adapters import gate
+    from benchmarks.synthetic_user import HABIT
+
+    evaluator = gate.Evaluator(model, n_ctx=512, threads=2, base_sha256=file_sha256(model))
+    try:
+        evaluator.use(adapter)
+        habit = evaluator.llm.tokenize(HABIT.encode(), add_bos=False)
+        total, opens = 0.0, 0
+        for question in questions:
+            prompt, _ = evaluator.template.prompt([{"role": "user", "content": question}])
+            total += evaluator.continuation_logprobs(prompt, [habit])[0]
+            opens += evaluator.reply(question, 8)[0].strip().startswith("Ahoy")
+        return total / len(questions), opens
+    finally:
+        evaluator.close()
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+def test_the_gate_promotes_an_adapter_that_learned_the_users_habit_on_a_pretrained_qwen(request, tiny_gguf,
+                                                                                       tmp_path, dp):
+    """A tiny Qwen 2 first trained on a small chat corpus (plain answers, never the habit), so its base is an
+    assistant and not noise; the user's log edits every reply to open with "Ahoy, matey!". The real
+    `ember adapt`, the gate's own criteria: promoted, and the habit's probability on new questions rises."""
+    if not request.config.getoption("--all-architectures"):
+        pytest.skip("--all-architectures runs this (the pretraining takes minutes on 2 cores)")
+    from benchmarks.synthetic_user import habit_prompts
+
+    model = tiny_gguf("qwen2-chat")
+    home = tmp_path / "home"
+    db = open_db(home)
+    try:
+        seed_habit_user(db, 60)
+    finally:
+        db.close()
+    run = ember(home, "adapt", "--model", str(model), "--steps", "40", "--json", *(() if dp else ("--no-dp",)))
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    ev = report["eval"]
+    assert report["promoted"] and report["dp"] == dp, ev["reason"]
+    assert ev["heldout_loss"] < ev["base_loss"] and all(b["ok"] for b in ev["behaviour"])
+    questions = habit_prompts(skip=60, count=8)
+    base, base_opens = _habit_logprob(model, None, questions)
+    adapted, opens = _habit_logprob(model, Path(report["path"]), questions)
+    print(f"dp={dp}: held-out {ev['base_loss']:.3f} -> {ev['heldout_loss']:.3f}; log p(habit) {base:.2f} -> "
+          f"{adapted:.2f}; replies opening with it {base_opens} -> {opens} of {len(questions)}")
+    assert base_opens == 0 and adapted > base + 10
+    if not dp:
+        assert opens >= len(questions) // 2
