@@ -3,7 +3,7 @@ with that model (dataset, consent, DP ledger, export, gate, registry), and the r
 `--model` on it swaps the adapter in and routes with the router's probe on that model.
 
 The models are the tiny random-weight fixtures of `benchmarks/tiny_models.py` (built once per session). Qwen 2
-runs by default; `pytest --all-architectures` adds Phi-3 and Llama 3."""
+runs by default; `pytest --all-architectures` adds Phi-3, Llama 3, Gemma 2/3, Qwen 3 and Mistral."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,9 @@ from storage import ledger, registry, routing, runs
 from storage.db import open_db
 from tests.tui_helpers import type_text, wait_until
 
-ARCHS = {"qwen2": "qwen2", "phi3": "phi3", "llama3": "llama"}   # fixture -> general.architecture
+# fixture -> general.architecture
+ARCHS = {"qwen2": "qwen2", "phi3": "phi3", "llama3": "llama", "gemma3": "gemma3", "qwen3": "qwen3",
+         "gemma2": "gemma2", "mistral": "llama"}
 QUESTION = "How should I fix the car?"
 
 
@@ -36,7 +38,7 @@ def ember(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedP
                           timeout=timeout, env=env)
 
 
-# Qwen 2 in the default suite; Phi-3 and Llama 3 with --all-architectures (each ~1 minute on 2 cores).
+# Qwen 2 in the default suite; the others with --all-architectures (each ~25-60 s on 2 cores).
 @pytest.fixture(scope="module", params=list(ARCHS))
 def adapted(request, tiny_gguf, tmp_path_factory):
     """A data dir whose log was made with a tiny model of one architecture, after `ember adapt` on it."""
