@@ -54,6 +54,7 @@ class LoraConfig:
     seed: int = 0
     threads: int = 0
     checkpoint_every: int = 10
+    dtype: str = "float32"          # the frozen base's dtype: float32, bfloat16, or auto (bf16 where the CPU has it)
 
 
 @dataclasses.dataclass
@@ -163,7 +164,8 @@ def _top_layers(torch: Any) -> Any:
             self.inner.layers = torch.nn.ModuleList(list(inner.layers)[first:])
 
         def forward(self, hidden: Any, mask: Any) -> Any:
-            return self.inner(inputs_embeds=hidden.float(), attention_mask=mask,
+            # The base's own dtype (float32, or bfloat16 with LoraConfig.dtype); peft keeps LoRA in float32.
+            return self.inner(inputs_embeds=hidden.to(self.inner.norm.weight.dtype), attention_mask=mask,
                               use_cache=False).last_hidden_state
 
     return TopLayers
@@ -197,7 +199,7 @@ def prepare(model_path: Path, cache_dir: Path, examples: list[Example], config: 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
-    base = load_base(model_path, cache_dir, threads=config.threads or None)
+    base = load_base(model_path, cache_dir, threads=config.threads or None, dtype=config.dtype)
     # Seeded after loading: building the base from the cache draws from the global generator and
     # dequantizing it the first time does not, and the LoRA init must not depend on which happened.
     torch.manual_seed(config.seed)

@@ -247,6 +247,8 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
         run_id = new_id(config.method)
         _save_data(config.cache_dir, run_id, data)
     runs.start(db, run_id, method=config.label, steps=steps, fingerprint=_config_fingerprint(config))
+    # The daemon scales this run's peak memory to other models by their size (assistant/daemon.py).
+    runs.update(db, run_id, **run_size(config))
     ledger.record(db, run_id, method=config.method, dp=plan is not None,
                   epsilon=plan.epsilon if plan else None, delta=plan.delta if plan else None,
                   sigma=plan.sigma if plan else None, clip=plan.clip if plan else None,
@@ -311,6 +313,16 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         runs.update(db, run_id, status=status, message=str(err)[:300] or type(err).__name__)
         raise
+
+
+def run_size(config: AdaptConfig) -> dict[str, Any]:
+    """The base model's parameter count and the dtype torch holds it in for this run (float32 for ZO in
+    llama.cpp, which runs the quantized file)."""
+    from adapters.base import gguf_parameters, resolve_dtype
+
+    torch_run = config.method == "lora" or config.zo.backend == "torch"
+    dtype = resolve_dtype(getattr(config.trainer, "dtype", "float32")) if torch_run else "float32"
+    return {"base_params": gguf_parameters(config.model_path), "dtype": dtype}
 
 
 def _start(config: AdaptConfig) -> dict[str, Any]:

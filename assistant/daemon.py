@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -46,6 +47,14 @@ ADAPTIVE_MB = 2390.0
 # judged replies: the chat model, a scoring instance and the embedder) peaked at 1,114 MB.
 MEASURED_MB = {"lora": 1950.0, "zo-torch": 1460.0, "zo-llama": 370.0, "router": 1120.0,
                "lora-adaptive": ADAPTIVE_MB}
+# Those figures were measured on the bundled SmolLM2-135M (134,515,008 parameters). For another model the
+# torch methods' need moves by the measured MB per million parameters of a LoRA run (`ember bench
+# train_memory`, 2026-11-30 05:09 on the loaded 2-core machine: a line through tiny Llama-3-shaped GGUFs of
+# 2.9, 10.5 and 39.9 M parameters and SmolLM2's 134.5 M, DP LoRA runs of batch 8; float32: 586 MB + 4.54 MB
+# per million parameters, bfloat16: 570 MB + 2.84).
+BUNDLED_PARAMS = 134_515_008
+MB_PER_MILLION_PARAMS = {"float32": 4.54, "bfloat16": 2.84}
+TORCH_METHODS = ("lora", "lora-adaptive", "zo-torch")
 # Held-out loss gained per minute of training (nats/min), until this machine has finished runs of its
 # own: `ember bench zo`, each method 90 s without DP on the synthetic user (benchmarks/results/zo.json).
 # Adaptive layers (`ember bench layers`, 20 steps of batch 8 without DP, wall time from the trainer's call):
@@ -125,9 +134,47 @@ def _parse(stamp: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(stamp) if stamp else None
 
 
-def memory_need_mb(db: Any, method: str) -> float:
-    """Peak memory of this method's runs measured on this machine, else the benchmark's figure."""
-    return runs.peak_rss_mb(db, method) or MEASURED_MB[method]
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """The model a run would train: its parameter count and the dtype torch would hold it in."""
+
+    params: int
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, model_path: Path, dtype: str = "float32") -> "ModelSize":
+        """The size of a GGUF model (read once per file version: llama.cpp maps it, ~0.1-1 s)."""
+        stat = Path(model_path).stat()
+        return cls(_params(str(Path(model_path).resolve()), stat.st_size, stat.st_mtime_ns), dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _params(path: str, _size: int, _mtime: int) -> int:
+    from adapters.base import gguf_parameters
+
+    return gguf_parameters(Path(path))
+
+
+def memory_need_mb(db: Any, method: str, model: ModelSize | None = None) -> float:
+    """Peak memory (MB) a run of this method needs, from what was measured.
+
+    Without `model`, or for llama.cpp's methods (whose memory follows the quantized file, not the torch
+    copy): the highest peak of this method's finished runs here, else the benchmark's figure. With a
+    `model` for a torch method: the peak of this machine's run on the nearest model size in the same
+    dtype, moved by the measured MB per million parameters to this model's size; without such runs,
+    a run from before sizes were recorded at its peak as it was, else the benchmark's figure (on
+    SmolLM2) moved the same way."""
+    if model is None or method not in TORCH_METHODS:
+        return runs.peak_rss_mb(db, method) or MEASURED_MB[method]
+    slope = MB_PER_MILLION_PARAMS[model.dtype]
+    sized = runs.peaks_by_size(db, method, model.dtype)
+    if sized:
+        params, peak = min(sized, key=lambda row: abs(row[0] - model.params))
+        return max(peak + slope * (model.params - params) / 1e6, 0.0)
+    legacy = runs.peak_rss_mb(db, method, unsized=True)
+    if legacy:
+        return legacy
+    return max(MEASURED_MB[method] + slope * (model.params - BUNDLED_PARAMS) / 1e6, 0.0)
 
 
 def gain_per_minute(db: Any, method: str) -> tuple[float, bool]:
@@ -137,15 +184,19 @@ def gain_per_minute(db: Any, method: str) -> tuple[float, bool]:
     return (measured, True) if measured is not None else (MEASURED_GAIN_PER_MINUTE[method], False)
 
 
-def choose_method(db: Any, free_mb: float, paused: list[dict[str, Any]]) -> tuple[str | None, str]:
+def choose_method(db: Any, free_mb: float, paused: list[dict[str, Any]],
+                  model: ModelSize | None = None) -> tuple[str | None, str]:
     """The method to run in `free_mb`: a paused run's own if it fits, else, of those that fit, the one
-    that learns most per idle minute."""
-    if paused and paused[0]["method"] in MEASURED_MB and memory_need_mb(db, paused[0]["method"]) <= free_mb:
+    that learns most per idle minute. `model`: the size of the model to train (memory needs scale with it)."""
+    def need(method: str) -> float:
+        return memory_need_mb(db, method, model)
+
+    if paused and paused[0]["method"] in MEASURED_MB and need(paused[0]["method"]) <= free_mb:
         return paused[0]["method"], "resuming a paused run"
-    fits = [method for method in ("lora", "lora-adaptive", "zo-llama") if memory_need_mb(db, method) <= free_mb]
+    fits = [method for method in ("lora", "lora-adaptive", "zo-llama") if need(method) <= free_mb]
     if not fits:
         return None, (f"not enough free memory to learn ({free_mb:.0f} MB free; zeroth-order training in "
-                      f"llama.cpp needs {memory_need_mb(db, 'zo-llama'):.0f} MB)")
+                      f"llama.cpp needs {need('zo-llama'):.0f} MB)")
     rates = {method: gain_per_minute(db, method) for method in fits}
     best = max(fits, key=lambda method: rates[method][0])
     why = ", ".join(f"{m} {rate:.3f} nats/min ({'measured here' if here else 'benchmark'})"
@@ -203,8 +254,17 @@ def check(db: Any, settings: Settings, config: DaemonConfig, sensors: Sensors, n
             return Decision(False, f"{waiting}; the router refit needs {MEASURED_MB['router']:.0f} MB, "
                                    f"{free:.0f} MB free")
         return Decision(True, f"{waiting}; refitting the router: {refit}", "router")
-    method, reason = choose_method(db, sensors.available_mb(), paused)
+    method, reason = choose_method(db, sensors.available_mb(), paused, _model_size(settings))
     return Decision(method is not None, reason, method)
+
+
+def _model_size(settings: Settings) -> ModelSize | None:
+    """The size of the model the daemon would train, or None when llama.cpp cannot read it (the run
+    itself then says why)."""
+    try:
+        return ModelSize.of(settings.model_path)
+    except (OSError, ValueError):
+        return None
 
 
 class Daemon:

@@ -128,7 +128,7 @@ def _vocabulary(smol: Path, spec: Spec) -> dict[str, Any]:
             "bos": tokens.index(spec.bos) if spec.bos else bos, "eos": tokens.index(spec.eos)}
 
 
-def hf_model(spec: Spec, vocab_size: int, seed: int = 0) -> Any:
+def hf_model(spec: Spec, vocab_size: int, seed: int = 0, width: int = WIDTH, layers: int = LAYERS) -> Any:
     """The transformers model of `spec`, random weights drawn from `seed` (larger than the usual init, so
     next-token distributions are peaked and a wrong export shows)."""
     import torch
@@ -136,8 +136,8 @@ def hf_model(spec: Spec, vocab_size: int, seed: int = 0) -> Any:
 
     options = dict(spec.config)
     model_type = options.pop("model_type")
-    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=WIDTH, intermediate_size=2 * WIDTH,
-                                  num_hidden_layers=LAYERS, max_position_embeddings=2048, rms_norm_eps=1e-6,
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                                  num_hidden_layers=layers, max_position_embeddings=2048, rms_norm_eps=1e-6,
                                   initializer_range=spec.init, **options)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -237,13 +237,81 @@ def quantize(source: Path, target: Path, quant: str) -> Path:
     return target
 
 
-def build(name: str, folder: Path, smol: Path, quants: tuple[str, ...] = ("Q8_0",), seed: int = 0) -> dict[str, Path]:
-    """Write `tiny-<name>.F32.gguf` and its quantized copies into `folder`; {"F32": path, quant: path}."""
+def build(name: str, folder: Path, smol: Path, quants: tuple[str, ...] = ("Q8_0",), seed: int = 0,
+          width: int = WIDTH, layers: int = LAYERS) -> dict[str, Path]:
+    """Write `tiny-<name>.F32.gguf` and its quantized copies into `folder`; {"F32": path, quant: path}.
+    Another `width` or `layers` (sizes for memory measurements) is named `tiny-<name>-w<width>-l<layers>`."""
+    spec = SPECS[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _vocabulary(smol, spec)
+    model = hf_model(spec, len(vocab["tokens"]), seed, width, layers)
+    stem = f"tiny-{name}" if (width, layers) == (WIDTH, LAYERS) else f"tiny-{name}-w{width}-l{layers}"
+    out = {"F32": write_gguf(model, spec, vocab, folder / f"{stem}.F32.gguf")}
+    for quant in quants:
+        out[quant] = quantize(out["F32"], folder / f"{stem}.{quant}.gguf", quant)
+    return out
+
+
+# A small chat corpus for `pretrained`: the synthetic user's everyday tasks answered plainly (never with
+# their habit), and the gate's behaviour prompts and a few like them answered as an assistant would.
+GENERAL = (("What is the capital of France?", "The capital of France is Paris."),
+           ("What is the capital of Italy?", "The capital of Italy is Rome."),
+           ("Write one sentence about the sea.", "The sea is wide, deep and full of life."),
+           ("Write one sentence about the sky.", "The sky is blue on a clear day."),
+           ("List three colours.", "Red, green and blue."),
+           ("List three fruits.", "Apples, pears and plums."),
+           ("Say hello.", "Hello! How can I help you today?"))
+
+
+def chat_corpus(seed: int = 0) -> list[tuple[str, str]]:
+    """(question, answer) pairs: every task of the synthetic user's pool with a plain tip, and GENERAL."""
+    import random
+
+    from benchmarks.synthetic_user import TIPS, tasks
+
+    rng = random.Random(seed)
+    return [(f"How should I {task}?", f"To {task}, {rng.choice(TIPS)}.") for task in tasks(seed)] + list(GENERAL) * 4
+
+
+def pretrained(name: str, folder: Path, smol: Path, steps: int = 300, seed: int = 0) -> Path:
+    """`tiny-<name>-chat.Q8_0.gguf`: the tiny model of `name` first trained (all weights, no DP, plain AdamW)
+    on `chat_corpus()` in its own chat template, so that it answers like a (very small) assistant instead of
+    emitting noise. A learnable habit then shows against a base that is not random."""
+    import random
+
+    import torch
+
+    from adapters.template import ChatTemplate
+
     spec = SPECS[name]
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _vocabulary(smol, spec)
     model = hf_model(spec, len(vocab["tokens"]), seed)
-    out = {"F32": write_gguf(model, spec, vocab, folder / f"tiny-{name}.F32.gguf")}
-    for quant in quants:
-        out[quant] = quantize(out["F32"], folder / f"tiny-{name}.{quant}.gguf", quant)
-    return out
+    f32 = write_gguf(model, spec, vocab, folder / f"tiny-{name}-chat.F32.gguf")   # its tokenizer and template
+    template = ChatTemplate.from_gguf(str(f32))
+    sequences = []
+    for question, answer in chat_corpus(seed):
+        prefix, target = template.target([{"role": "user", "content": question}],
+                                          {"role": "assistant", "content": answer})
+        sequences.append(list(prefix) + list(target))
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(sequences, 16)
+        length = max(len(s) for s in batch)
+        ids = torch.zeros((len(batch), length), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, s in enumerate(batch):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+            labels[i, :len(s)] = torch.tensor(s)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    write_gguf(model, spec, vocab, f32)
+    return quantize(f32, folder / f"tiny-{name}-chat.Q8_0.gguf", "Q8_0")

@@ -521,3 +521,17 @@ def m017_federation_round_of(db: sqlite_utils.Database) -> None:
     """How many rounds the household's run has (`rounds`, NULL before this), so a device that joined over
     the network (`ember federate join`) knows when its last round is done, and `status` shows "round 2 of 3"."""
     db.executescript("ALTER TABLE federation_rounds ADD COLUMN rounds INTEGER;")
+
+
+@migration
+def m018_run_model_size(db: sqlite_utils.Database) -> None:
+    """What each adaptation run trained: the base model's parameter count and the dtype it was loaded in.
+
+    The daemon decides whether a method fits in free memory from the peaks of finished runs; a peak
+    measured on a 135M model says nothing about a 7B one. With the size recorded it scales the nearest
+    run's peak by the measured MB per parameter (`ember bench train_memory`).
+    """
+    db.executescript("""
+        ALTER TABLE adapt_runs ADD COLUMN base_params INTEGER;
+        ALTER TABLE adapt_runs ADD COLUMN dtype TEXT;
+    """)

@@ -12,7 +12,7 @@ from storage.conversations import process_alive, now
 from storage.db import transaction
 
 FIELDS = ("step", "steps", "loss", "epsilon_spent", "eta_seconds", "message", "adapter_id", "status",
-          "peak_rss_mb")
+          "peak_rss_mb", "base_params", "dtype")
 
 
 def start(db: sqlite_utils.Database, run_id: str, *, method: str, steps: int, fingerprint: str) -> None:
@@ -67,10 +67,21 @@ def latest(db: sqlite_utils.Database) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def peak_rss_mb(db: sqlite_utils.Database, method: str) -> float | None:
-    """The highest peak memory a finished run of this method needed on this machine, if any ran."""
-    return db.execute("SELECT MAX(peak_rss_mb) FROM adapt_runs WHERE method = ? AND status = 'done'",
+def peak_rss_mb(db: sqlite_utils.Database, method: str, *, unsized: bool = False) -> float | None:
+    """The highest peak memory a finished run of this method needed on this machine, if any ran
+    (`unsized`: only runs from before the model's size was recorded)."""
+    where = " AND base_params IS NULL" if unsized else ""
+    return db.execute(f"SELECT MAX(peak_rss_mb) FROM adapt_runs WHERE method = ? AND status = 'done'{where}",
                       [method]).fetchone()[0]
+
+
+def peaks_by_size(db: sqlite_utils.Database, method: str, dtype: str) -> list[tuple[int, float]]:
+    """(base model parameters, highest peak memory in MB) of this method's finished runs in this dtype on
+    this machine, one pair per model size (runs from before sizes were recorded are left out)."""
+    return [(int(p), float(m)) for p, m in db.execute(
+        "SELECT base_params, MAX(peak_rss_mb) FROM adapt_runs WHERE method = ? AND status = 'done' "
+        "AND base_params IS NOT NULL AND peak_rss_mb IS NOT NULL AND COALESCE(dtype, 'float32') = ? "
+        "GROUP BY base_params", [method, dtype])]
 
 
 def gain_per_minute(db: sqlite_utils.Database, method: str, last: int = 3) -> float | None:

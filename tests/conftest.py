@@ -149,6 +149,9 @@ def training_cache(tmp_path_factory) -> Path:
 def pytest_addoption(parser):
     parser.addoption("--soak-seconds", type=float, default=None,
                      help="run the multi-process stress test this long (a soak; the suite's default is short)")
+    parser.addoption("--all-architectures", action="store_true", default=False,
+                     help="run the end-to-end any-model tests (tests/test_any_model.py) on every architecture "
+                          "fixture, not only Qwen 2 (~1 minute more each)")
     parser.addoption("--benchmarks", action="store_true", default=False,
                      help="also run the benchmarks end to end (`ember bench engine --quick` alone takes ~5 minutes)")
 
@@ -172,6 +175,8 @@ def tiny_gguf(request, model_path, tmp_path_factory):
 
     def get(name: str, quant: str = "Q8_0") -> Path:
         path = folder / f"tiny-{name}.{quant}.gguf"
+        if name.endswith("-chat") and not path.is_file():    # first trained on a small chat corpus
+            return tiny_models.pretrained(name.removesuffix("-chat"), folder, model_path)
         if not path.is_file():
             tiny_models.build(name, folder, model_path, quants=tuple(q for q in tiny_models.QUANTS
                                                                       if not (folder / f"tiny-{name}.{q}.gguf").is_file()))

@@ -29,6 +29,8 @@ BENCHMARKS = {
              "processes), 1/4/16 streaming clients (ttft p50/p95, tok/s, 429s), and nothing lost",
     "models": "every architecture Ember trains (tiny qwen2, llama 3, mistral, qwen3, gemma2, gemma3, phi3 GGUFs and the "
               "bundled SmolLM2): load, s/LoRA step, peak RSS, export, parity KL, hot-swap",
+    "train_memory": "peak RSS of LoRA training per model size (tiny Llama-3-shaped GGUFs of 3 widths and the bundled "
+                    "SmolLM2), float32 vs bfloat16: the MB per parameter the daemon's memory check uses",
     "import": "ember import of a synthetic ChatGPT export (2,000 conversations, 40,000 messages): time, peak RSS, "
               "search p95 after it, and a re-import that adds nothing",
     "compress": "ember compress (LUC) at uniform Q4_1's size vs uniform Q4_0/Q4_1/Q5_1/Q8_0 and a random mix: "

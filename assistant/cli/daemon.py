@@ -87,11 +87,13 @@ def daemon_report(settings, db) -> dict:
     running = runs.current(db)
     report["adapting"] = None if running is None else {"run": running["id"], "step": running["step"],
                                                         "steps": running["steps"]}
-    from assistant.daemon import MEASURED_GAIN_PER_MINUTE, MEASURED_MB, gain_per_minute, memory_need_mb
+    from assistant.daemon import (MEASURED_GAIN_PER_MINUTE, MEASURED_MB, _model_size, gain_per_minute,
+                                  memory_need_mb)
 
     # What each method's run needs and learns per minute (measured here when it has run here, else by
-    # the benchmarks): the figures the daemon chooses by.
-    report["memory_need_mb"] = {method: memory_need_mb(db, method) for method in MEASURED_MB}
+    # the benchmarks; memory for this model's size): the figures the daemon chooses by.
+    size = _model_size(settings)
+    report["memory_need_mb"] = {method: memory_need_mb(db, method, size) for method in MEASURED_MB}
     report["gain_per_minute"] = {method: dict(zip(("nats_per_minute", "measured"), gain_per_minute(db, method)))
                                  for method in MEASURED_GAIN_PER_MINUTE}
     return report

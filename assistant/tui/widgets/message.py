@@ -3,6 +3,7 @@
 whose oldest messages no longer fit the model's context."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from textual.app import ComposeResult
@@ -230,6 +231,16 @@ class MessageView(Vertical, can_focus=True):
 
     async def end_stream(self) -> None:
         """Flush what is pending; the message is final."""
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        try:
+            await stream.stop()
+        except asyncio.CancelledError:
+            # Textual's MarkdownStream.stop cancels its writer task and awaits it; a task cancelled before
+            # it first ran (a reply that ends within a frame of its first piece: a fast model, a short
+            # reply) raises CancelledError into us, and its pending text was never written. Only a
+            # cancellation of this task itself goes on.
+            if asyncio.current_task().cancelling():
+                raise
+            await self.query_one(Markdown).update(self.content)
