@@ -7,7 +7,7 @@ applies (Q/K rows permuted for llama, Gemma's RMSNorm weights stored as 1 + w). 
 bundled SmolLM2's BPE cut to its first 2,048 tokens (so no tokenizer is downloaded) plus each family's chat markers as control tokens,
 and each GGUF carries a chat template of its family (ChatML for Qwen, Llama 3's header tokens, Gemma's
 `<start_of_turn>`, Phi-3's `<|user|>`). The F32 file is then quantized by llama.cpp itself
-(`llama_model_quantize`) to Q8_0 and Q4_K_M. Nothing is downloaded; a build takes a few seconds.
+(`llama_model_quantize`) to Q8_0 and Q4_K_M (Q5_K_M, Q6_K, F16 and BF16 on demand). Nothing is downloaded; a build takes a few seconds.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from typing import Any
 WIDTH = 256            # a multiple of 256, so K-quants quantize the matrices instead of falling back
 LAYERS = 2
 VOCAB = 2048           # SmolLM2's first 2,048 BPE tokens (plus each family's chat markers)
-QUANTS = {"Q8_0": 7, "Q4_K_M": 15}     # llama_ftype values (llama.h)
+# llama_ftype values (llama.h); the fixtures are built in the first two, the others on demand.
+QUANTS = {"Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "F16": 1, "BF16": 32}
+DEFAULT_QUANTS = ("Q8_0", "Q4_K_M")
 
 CHATML = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
           "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"

@@ -177,9 +177,12 @@ def tiny_gguf(request, model_path, tmp_path_factory):
         path = folder / f"tiny-{name}.{quant}.gguf"
         if name.endswith("-chat") and not path.is_file():    # first trained on a small chat corpus
             return tiny_models.pretrained(name.removesuffix("-chat"), folder, model_path)
+        if not path.is_file() and quant != "F32" and (folder / f"tiny-{name}.F32.gguf").is_file():
+            tiny_models.quantize(folder / f"tiny-{name}.F32.gguf", path, quant)   # another type, on demand
         if not path.is_file():
-            tiny_models.build(name, folder, model_path, quants=tuple(q for q in tiny_models.QUANTS
-                                                                      if not (folder / f"tiny-{name}.{q}.gguf").is_file()))
+            wanted = {*tiny_models.DEFAULT_QUANTS, *([quant] if quant != "F32" else [])}
+            tiny_models.build(name, folder, model_path,
+                              quants=tuple(q for q in wanted if not (folder / f"tiny-{name}.{q}.gguf").is_file()))
         return path
 
     return get

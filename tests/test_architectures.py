@@ -122,7 +122,8 @@ def test_llama_cpp_with_the_exported_adapter_matches_torch_with_merged_lora(tiny
     assert moved > 100 * gap                 # and the adapter really changed the distribution
 
 
-@pytest.mark.parametrize("name,quant", [("qwen2", "Q4_K_M"), ("llama3", "Q8_0"), ("gemma3", "Q8_0")])
+@pytest.mark.parametrize("name,quant", [("qwen2", "Q4_K_M"), ("llama3", "Q8_0"), ("gemma3", "Q8_0"),
+                                        ("llama3", "Q5_K_M"), ("qwen2", "Q6_K"), ("phi3", "F16"), ("mistral", "BF16")])
 def test_on_a_quantized_base_the_adapter_stays_within_the_quantization_gap(tiny_gguf, tmp_path, training_cache,
                                                                            name, quant):
     """transformers dequantizes the same Q8_0/K-quant file llama.cpp runs; what remains is llama.cpp's
