@@ -28,7 +28,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from adapters import lora, privacy
 from adapters.base import import_torch, load_base, write_private
@@ -443,18 +443,24 @@ def gold_log_probs(model: Any, examples: list[Example], exit_layers: Sequence[in
     """Each exit's log-probability of the true next token at every loss-carrying place of `examples`:
     tensor (exits, tokens), float32 (the bank `mixture_weights` is fitted on)."""
     torch = import_torch()
-    out = []
+    out = [lp.gather(2, gold[None, :, None].expand(lp.shape[0], -1, 1))[..., 0]
+           for lp, gold in _exit_batches(model, examples, exit_layers, gains, batch)]
+    return torch.cat(out, dim=1)
+
+
+def _exit_batches(model: Any, examples: list[Example], exit_layers: Sequence[int], gains: dict[int, Any] | None,
+                  batch: int) -> Iterator[tuple[Any, Any]]:
+    """(log-probabilities (exits, tokens, vocab), true next tokens (tokens,)) at the loss-carrying places of
+    `examples`, `batch` examples at a time."""
+    torch = import_torch()
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
         ids, mask, labels = lora._tensors(torch, chunk, max(len(e.tokens) for e in chunk))
         target = labels[:, 1:]
         where = target != -100
         predicts = torch.zeros_like(labels, dtype=torch.bool)
-        predicts[:, :-1] = where
-        lp = exit_log_probs(model, ids, mask, exit_layers, gains, positions=predicts)
-        gold = target[where]
-        out.append(lp.gather(2, gold[None, :, None].expand(lp.shape[0], -1, 1))[..., 0])
-    return torch.cat(out, dim=1)
+        predicts[:, :-1] = where                      # the places whose next token carries loss
+        yield exit_log_probs(model, ids, mask, exit_layers, gains, positions=predicts), target[where]
 
 
 def voting_scores(model: Any, examples: list[Example], exit_layers: Sequence[int],
@@ -463,17 +469,8 @@ def voting_scores(model: Any, examples: list[Example], exit_layers: Sequence[int
     """Next-token accuracy and mean NLL over the loss-carrying tokens of `examples`, for each exit alone,
     max-confidence voting, average voting and, given `weights` (one per exit, from `mixture_weights` on a
     bank of other examples), the weighted mixture `vote_bank`: {name: {"accuracy", "nll", "tokens"}}."""
-    torch = import_torch()
     totals: dict[str, list[float]] = {}
-    for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
-        ids, mask, labels = lora._tensors(torch, chunk, max(len(e.tokens) for e in chunk))
-        target = labels[:, 1:]
-        where = target != -100
-        predicts = torch.zeros_like(labels, dtype=torch.bool)
-        predicts[:, :-1] = where                      # the places whose next token carries loss
-        lp = exit_log_probs(model, ids, mask, exit_layers, gains, positions=predicts)
-        gold = target[where]
+    for lp, gold in _exit_batches(model, examples, exit_layers, gains, batch):
         picked = {f"exit_{e}": lp[k] for k, e in enumerate(exit_layers)}
         picked["vote_max"] = vote(lp, "max")
         picked["vote_mean"] = vote(lp, "mean")
@@ -485,6 +482,6 @@ def voting_scores(model: Any, examples: list[Example], exit_layers: Sequence[int
             t = totals.setdefault(name, [0.0, 0.0, 0.0])
             t[0] += float(hit.sum())
             t[1] += float(nll.sum())
-            t[2] += float(where.sum())
+            t[2] += float(len(gold))
     return {name: {"accuracy": round(h / n, 4), "nll": round(s / n, 4), "tokens": int(n)}
             for name, (h, s, n) in totals.items()}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from assistant.config import Settings, load_settings
-from assistant.errors import EmberError
+from assistant.errors import EmberError, InvalidInput
 
 if TYPE_CHECKING:   # sqlite_utils costs 0.2 s to import: `ember ask` with a resident engine never opens the database
     import sqlite_utils
@@ -123,3 +124,15 @@ def carry_out(preview: Preview, act: Callable[[], dict[str, Any]], report: Calla
         print_json(document)
     else:
         click.echo(report(document))
+
+
+def write_private(output: Path, text: str) -> None:
+    """Write `text` to `output`, created mode 0600 (an export or a system prompt may say personal things);
+    `InvalidInput` when it cannot be written."""
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        output.chmod(0o600)
+    except OSError as err:
+        raise InvalidInput(f"cannot write {output}: {err.strerror}") from err

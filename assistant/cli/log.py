@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from assistant.cli.common import (Preview, carry_out, destructive_options, json_option, model_option, open_store,
-                                 plural, print_json, settings_from)
+                                 plural, print_json, settings_from, write_private)
 from assistant.display import display_time, display_title, one_line
 from assistant.errors import InvalidInput
 from storage import conversations as convs
@@ -145,13 +144,7 @@ def export(fmt, output, model, as_json):
     if output is None:
         sys.stdout.write(text)
         return
-    try:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        output.chmod(0o600)
-    except OSError as err:
-        raise InvalidInput(f"cannot write {output}: {err.strerror}") from err
+    write_private(output, text)
     click.echo(f"Exported {len(conversations)} conversations to {output}", err=True)
 
 

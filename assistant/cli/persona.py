@@ -9,7 +9,7 @@ import click
 
 from assistant.cli.ask import read_stdin
 from assistant.cli.common import (Preview, carry_out, destructive_options, json_option, model_option, open_store,
-                                  plural, print_json, settings_from)
+                                  plural, print_json, settings_from, write_private)
 from assistant.display import one_line
 from assistant.errors import InvalidInput
 from storage import personas
@@ -124,19 +124,6 @@ def default(name, model, as_json):
         return print_json({"default": row["name"] if row else None})
     click.echo(f"default persona: {row['name']}" if row else "no default persona")
     return None
-
-
-def write_private(output: Path, text: str) -> None:
-    """Write `text` to `output`, created mode 0600 (a system prompt may say personal things)."""
-    import os
-
-    try:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        output.chmod(0o600)
-    except OSError as err:
-        raise InvalidInput(f"cannot write {output}: {err.strerror}") from err
 
 
 @persona.command("export")
