@@ -435,6 +435,7 @@ def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, dr
     """
     cut = len(draft.rstrip()) - len(draft.rstrip().split()[-1]) if draft.strip() else 0
     words = draft[:cut].rstrip()
+    read = 0
     try:
         chosen = choose_persona(db, persona, conversation_id)
         settings, route = with_persona(settings, chosen, route)
@@ -449,7 +450,7 @@ def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, dr
         if route == "auto" and engine.loaded_adapter:
             read += router.read_ahead(draft, engine=engine, db=db, system=settings.system_prompt)
     except EmberError:
-        return 0
+        return read
     return read
 
 
