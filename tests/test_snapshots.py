@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from textual.widgets import TextArea
 
 from assistant.tui.app import EmberApp
 from tests.tui_helpers import seed_conversations, type_text
@@ -108,6 +109,9 @@ def test_incognito_conversation(snap_compare, seeded_app):
 
 def test_context_view_of_a_past_reply(snap_compare, seeded_app):
     async def show(pilot):
+        # The prompt's cursor blinks every 0.5 s: held still, the picture cannot depend on when it is taken.
+        for area in pilot.app.screen.query(TextArea):
+            area.cursor_blink = False
         await pilot.press("ctrl+o")
         await pilot.pause(0.5)   # counted in a worker
 
