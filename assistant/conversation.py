@@ -7,7 +7,7 @@ import threading
 import time
 import unicodedata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import sqlite_utils
 
@@ -21,6 +21,8 @@ from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
 from assistant.router import Decision
 from storage import conversations as convs
 from storage import memory, personas, registry
+
+T = TypeVar("T")
 
 SAVE_EVERY_SECONDS = 0.5   # how much of a streaming reply a SIGKILL can lose, at most
 
@@ -216,6 +218,8 @@ class Exchange:
     memories: list[Hit] = dataclasses.field(default_factory=list)
     decision: Decision | None = None     # the router's, when the route was auto
     prompt_tokens: int = 0
+    # From the committed question reaching `respond` to the reply's first token: routing, memories and
+    # the prompt's evaluation included, what the user waits for. None when no token came.
     first_token_seconds: float | None = None
     finish_reason: str | None = None     # stop | length | cancelled (llama.cpp's words)
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -283,7 +287,7 @@ def recall(retriever: Retriever | None, engine: Engine, settings: Settings, text
     if found is None:
         if retriever is None:
             raise RouteUnavailable("the rag route needs the memory index, which could not be opened")
-        retriever.refresh()
+        retriever.refresh(skip_messages=exclude or ())
         found = retriever.search(text, settings.memory_k, now=now, exclude_message_ids=exclude or ())
     if exclude:
         found = [hit for hit in found if hit.message_id is None or hit.message_id not in exclude]
@@ -340,6 +344,7 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     """
     question = text if isinstance(text, Question) else log_question(
         db, text, conversation_id=conversation_id, log=log, persona=persona)
+    asked = time.perf_counter()
     text, conversation_id = question.text, question.conversation_id
     settings, route = with_persona(settings, question.persona, route)
     chosen = resolve_route(route, engine)
@@ -362,14 +367,7 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     sampling = dict(max_tokens=max_tokens, temperature=settings.temperature if temperature is None else temperature,
                     top_p=settings.top_p if top_p is None else top_p,
                     seed=settings.seed if seed is None else seed, cancel=cancel)
-    try:
-        gen = engine.generate(prompt_messages(settings, question, memories), **sampling)
-    except TemplateError:
-        if not (memories and question.history):
-            raise
-        # A template that allows a system message only first (roles must alternate): the notes go
-        # into the question's own turn instead.
-        gen = engine.generate(prompt_messages(settings, question, memories, inline=True), **sampling)
+    gen = with_prompt(lambda messages: engine.generate(messages, **sampling), settings, question, memories)
 
     # Memory-block markup never reaches the screen or the log; a direct recall question gets its
     # evidence first when the answer does not carry it (assistant/evidence.py).
@@ -385,9 +383,12 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
         if decision is not None:
             router.record(db, decision, reply_id)
     status = "interrupted"
+    first_token = None
     try:
         saved = time.monotonic()
         for piece in gen:
+            if first_token is None:
+                first_token = time.perf_counter() - asked
             piece = shown.feed(piece)
             if on_piece is not None and piece:
                 on_piece(piece)
@@ -412,7 +413,7 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
                     tokens=gen.tokens, seconds=gen.seconds, status=status,
                     tokens_per_second=gen.tokens_per_second, dropped_messages=gen.dropped_messages,
                     memories=memories, decision=decision, prompt_tokens=gen.prompt_tokens,
-                    first_token_seconds=gen.first_token_seconds, finish_reason=gen.finish_reason,
+                    first_token_seconds=first_token if gen.tokens else None, finish_reason=gen.finish_reason,
                     warnings=list(engine.warnings),
                     evidence=evidence.evidence_for(memories, text, shown.text),
                     persona=question.persona["name"] if question.persona else None)
@@ -420,16 +421,22 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
 
 def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, draft: str, *,
                conversation_id: int | None = None, route: str | None = None, persona: str | None = None,
-               history: list[Message] | None = None) -> int:
+               history: list[Message] | None = None, retriever: Retriever | None = None,
+               stop: Callable[[], bool] | None = None) -> int:
     """Read a message the user is still typing, as `respond` will answer it once sent, so that sending
     it costs only its last word and the chat template's tail:
     - the engine reads the conversation so far and the draft into its KV cache (`Engine.read_ahead`),
-      on every route (with memories, the prompt parts after the history and only that is evaluated again);
+      on every route;
+    - on the rag and both routes, given the `retriever`, with the memories recalled for the draft in
+      front of it, as `respond` places them: once sent, the message's memories are recalled again and
+      only what differs from the draft's (from the first memory that changed on) is evaluated. Without
+      a retriever, the history alone is read ahead on these routes;
     - on the auto route with an adapter loaded, the router's probe reads the draft too (`router.read_ahead`).
 
     The same persona (its system prompt), route, history and reply budget as `respond`; the draft is cut
     after its last complete word (the word being typed would change its tokens). `history` is an
-    incognito conversation's, held by the front-end. Nothing is stored, and a draft that cannot be
+    incognito conversation's, held by the front-end. `stop` ends the engine's reading early
+    (`Engine.read_ahead`). Nothing is stored, and a draft that cannot be
     answered as it stands (an unknown persona or route, a missing conversation, a prompt too long) reads
     no further. Returns the tokens read, engine and probe together.
     """
@@ -440,13 +447,26 @@ def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, dr
         chosen = choose_persona(db, persona, conversation_id)
         settings, route = with_persona(settings, chosen, route)
         route = resolve_route(route, engine)
+        ids: list[int] = []
         if history is None:
             rows = _history_rows(db, conversation_id) if conversation_id is not None else []
             history = [{"role": row["role"], "content": row["content"]} for row in rows]
+            ids = [row["id"] for row in rows]
         if route != "auto":
             engine.use_adapter(route in ("adapter", "both"))   # as `respond` will, before it generates
-        asked = Question(words, conversation_id, None, list(history), persona=chosen)
-        read = engine.read_ahead(prompt_messages(settings, asked, []), reply_budget(engine, settings, None))
+        asked = Question(words, conversation_id, None, list(history), ids, persona=chosen)
+        max_tokens = reply_budget(engine, settings, None)
+        memories: list[Hit] = []
+        if route in ("rag", "both") and retriever is not None:
+            retriever.refresh()   # the last exchange's notes get their vectors now, not once it is sent
+        if route in ("rag", "both") and retriever is not None and draft.strip():
+            # Memories are recalled for the whole draft, the word being typed too: they come before
+            # the message, so its tokens do not matter, and the draft as sent recalls the same ones.
+            budget = _memory_budget(engine, settings, draft.strip(), max_tokens)
+            exclude = _in_prompt(engine, settings, asked, max_tokens + max(budget, 0))
+            memories = recall(retriever, engine, settings, draft.strip(), budget, exclude=exclude)
+        read = with_prompt(lambda messages: engine.read_ahead(messages, max_tokens, stop=stop), settings, asked,
+                           memories)
         if route == "auto" and engine.loaded_adapter:
             read += router.read_ahead(draft, engine=engine, db=db, system=settings.system_prompt)
     except EmberError:
@@ -463,6 +483,19 @@ def with_persona(settings: Settings, persona: dict | None, route: str | None) ->
     if persona["temperature"] is not None:
         changes["temperature"] = persona["temperature"]
     return dataclasses.replace(settings, **changes), route or persona["route"] or "auto"
+
+
+def with_prompt(use: Callable[[list[Message]], T], settings: Settings, question: Question,
+                memories: list[Hit]) -> T:
+    """`use(messages)` on the prompt `prompt_messages` makes; for a template that allows a system
+    message only first (roles must alternate, it raises `TemplateError`), on the prompt with the notes
+    in the question's own turn instead."""
+    try:
+        return use(prompt_messages(settings, question, memories))
+    except TemplateError:
+        if not (memories and question.history):
+            raise
+        return use(prompt_messages(settings, question, memories, inline=True))
 
 
 def prompt_messages(settings: Settings, question: Question, memories: list[Hit], *,

@@ -155,9 +155,12 @@ def vectors_in_context(db: sqlite_utils.Database, embedder: Embedder, ids: list[
 
 def embed_pending(db: sqlite_utils.Database, embedder: Embedder, batch: int = 256, *,
                   stale: int | None = None, in_context: bool = True,
-                  progress: Callable[[int, int], None] | None = None) -> int:
+                  progress: Callable[[int, int], None] | None = None,
+                  skip_messages: Collection[int] = ()) -> int:
     """Embed every chunk that has no vector yet, then re-make up to `stale` (None: all) out-of-date
     vectors (`memory.stale`); return how many. `progress(done, total)` is called after each batch.
+    Chunks made from `skip_messages` wait (a request leaves those of the messages in its prompt, which
+    it cannot recall anyway, for later).
 
     `in_context=False` makes the vectors of Ember before 0.2, of the chunk's words alone, for the
     benchmark's baseline; they are not marked stale, so searches keep them as they are.
@@ -175,7 +178,7 @@ def embed_pending(db: sqlite_utils.Database, embedder: Embedder, batch: int = 25
         else:
             memory.store_embeddings(db, ids, embedder.encode(texts))
 
-    while pending := memory.unembedded(db, limit=batch):
+    while pending := memory.unembedded(db, limit=batch, skip_messages=skip_messages):
         ids, texts = zip(*pending)
         embed(list(ids), list(texts))
         done += len(ids)
@@ -183,7 +186,8 @@ def embed_pending(db: sqlite_utils.Database, embedder: Embedder, batch: int = 25
             progress(done, max(total, done))
     left = stale
     while in_context and (left is None or left > 0) and (
-            pending := memory.stale(db, limit=batch if left is None else min(batch, left))):
+            pending := memory.stale(db, limit=batch if left is None else min(batch, left),
+                                    skip_messages=skip_messages)):
         ids, texts = zip(*pending)
         embed(list(ids), list(texts))
         done += len(ids)
@@ -239,26 +243,33 @@ class Retriever:
         memory.sync_messages(self.db)
         self._synced = self._state()
 
-    def embed_pending(self, stale: int | None = STALE_PER_SEARCH) -> int:
-        """Embed the chunks without a vector and re-make up to `stale` (None: all) out-of-date ones; no
-        work when nothing was written since the last time, and the embedding model is loaded only when
-        there is something to embed."""
+    def embed_pending(self, stale: int | None = STALE_PER_SEARCH, *, skip_messages: Collection[int] = ()) -> int:
+        """Embed the chunks without a vector and re-make up to `stale` (None: all) out-of-date ones,
+        but those made from `skip_messages` (the messages in a request's prompt); no work when nothing
+        was written since the last time, and the embedding model is loaded only when there is
+        something to embed."""
         state = self._state()
         if self._embedded == state:
             return 0
-        waiting = memory.unembedded(self.db, limit=1) or memory.stale(self.db, limit=1)
-        done = embed_pending(self.db, self.embedder, stale=stale) if waiting else 0
+        waiting = (memory.unembedded(self.db, limit=1, skip_messages=skip_messages)
+                   or memory.stale(self.db, limit=1, skip_messages=skip_messages))
+        done = embed_pending(self.db, self.embedder, stale=stale, skip_messages=skip_messages) if waiting else 0
         after = self._state()
         if self._synced == state:     # vectors are not messages: a sync that was current stays so
             self._synced = after
-        # out-of-date vectors left for the next searches: they must not find this one's state current
-        self._embedded = None if done and memory.stale(self.db, limit=1) else after
+        # out-of-date vectors left for the next searches, or chunks skipped: they must not find this
+        # one's state current
+        left = memory.stale(self.db, limit=1) if done or skip_messages else []
+        if skip_messages and not left:
+            left = memory.unembedded(self.db, limit=1)
+        self._embedded = None if left else after
         return done
 
-    def refresh(self) -> None:
-        """Index new messages, embed every chunk without a vector and re-make every out-of-date one."""
+    def refresh(self, *, skip_messages: Collection[int] = ()) -> None:
+        """Index new messages, embed every chunk without a vector and re-make every out-of-date one,
+        but those made from `skip_messages` (see `embed_pending`)."""
         self.sync()
-        self.embed_pending(stale=None)
+        self.embed_pending(stale=None, skip_messages=skip_messages)
 
     def bm25(self, question: str, k: int) -> list[tuple[int, float]]:
         return memory.bm25_search(self.db, question, k)
@@ -352,7 +363,9 @@ class Retriever:
                 ranked = words
             else:
                 signals["dense"] = True
-                self.embed_pending()     # chunks synced since the last search get their vectors now
+                # chunks synced since the last search get their vectors now, but those of the messages
+                # in the prompt: they cannot be recalled, and the chat embeds them while the user types
+                self.embed_pending(skip_messages=in_prompt)
                 vector = early.result() if early is not None else self.embedder.encode_query(question)
                 dense = kept(self.dense(question, pool, vector))
                 cosine = dict(dense)

@@ -204,9 +204,9 @@ def multi_turn(home: Path, settings: Settings, engine: Any, route: str, *, adapt
         prompt_tokens = []
         for text in TURNS:
             if typed:
-                for end in [0, *(i + 1 for i, ch in enumerate(text) if ch == " ")]:
+                for end in [0, *(i + 1 for i, ch in enumerate(text) if ch == " "), len(text)]:
                     read_ahead(db, engine, turn_settings, text[:end], conversation_id=conversation_id,
-                               route=route)
+                               route=route, retriever=retriever)
             exchange = respond(db, engine, turn_settings, text, conversation_id=conversation_id, route=route,
                                retriever=retriever)
             conversation_id = exchange.conversation_id

@@ -9,7 +9,7 @@ re-scoring, and as sign bits in the sqlite-vec table `memory_vec` for a fast can
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 import sqlite_utils
@@ -152,17 +152,29 @@ def upsert_records(db: sqlite_utils.Database, records: Sequence[dict[str, Any]],
     return {"added": added, "updated": updated, "chunks": chunks}
 
 
-def unembedded(db: sqlite_utils.Database, limit: int = 10_000) -> list[tuple[int, str]]:
-    """Chunks still waiting for an embedding, oldest first."""
+def _not_from(skip_messages: Collection[int]) -> tuple[str, list[int]]:
+    """SQL that leaves out chunks made from `skip_messages`, and its parameters."""
+    if not skip_messages:
+        return "", []
+    skip = sorted(set(skip_messages))
+    return (f" AND (message_id IS NULL OR message_id NOT IN ({','.join('?' * len(skip))}))", skip)
+
+
+def unembedded(db: sqlite_utils.Database, limit: int = 10_000, *,
+               skip_messages: Collection[int] = ()) -> list[tuple[int, str]]:
+    """Chunks still waiting for an embedding, oldest first; none made from `skip_messages`."""
+    where, skip = _not_from(skip_messages)
     return [(row[0], row[1]) for row in db.execute(
-        "SELECT id, text FROM memory_chunks WHERE embedding IS NULL ORDER BY id LIMIT ?", [limit])]
+        f"SELECT id, text FROM memory_chunks WHERE embedding IS NULL{where} ORDER BY id LIMIT ?", [*skip, limit])]
 
 
-def stale(db: sqlite_utils.Database, limit: int = 10_000) -> list[tuple[int, str]]:
+def stale(db: sqlite_utils.Database, limit: int = 10_000, *,
+          skip_messages: Collection[int] = ()) -> list[tuple[int, str]]:
     """Chunks whose vector is still in use but out of date (a neighbour came after it was made, or it
-    was made before vectors read neighbours), oldest first."""
+    was made before vectors read neighbours), oldest first; none made from `skip_messages`."""
+    where, skip = _not_from(skip_messages)
     return [(row[0], row[1]) for row in db.execute(
-        "SELECT id, text FROM memory_chunks WHERE vector_stale = 1 ORDER BY id LIMIT ?", [limit])]
+        f"SELECT id, text FROM memory_chunks WHERE vector_stale = 1{where} ORDER BY id LIMIT ?", [*skip, limit])]
 
 
 def in_context(db: sqlite_utils.Database, ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:

@@ -161,6 +161,70 @@ def test_a_draft_read_ahead_leaves_the_reply_only_its_last_word(settings, engine
     assert second.status in ("complete", "length") and second.text
 
 
+def test_a_draft_on_the_rag_route_is_read_with_its_memories_and_sending_embeds_nothing(settings, engine, db,
+                                                                                         embedder):
+    """On the rag route the chat reads the draft with the memories recalled for it, the word being
+    typed too, so sending it evaluates only its last word and the template's tail; the notes of the
+    last exchange are embedded while the user types, and the message just sent (already in the
+    prompt) waits: sending embeds nothing but the question."""
+    import dataclasses
+
+    from assistant.conversation import read_ahead, respond
+    from assistant.retrieval import Retriever
+    from storage import memory
+
+    memory.upsert_records(db, [
+        {"id": "n1", "text": "The lighthouse on Skerry Rock was built on granite in 1843."},
+        {"id": "n2", "text": "My sister keeps bees behind the old lighthouse."},
+        {"id": "n3", "text": "Rocks were chosen because sand shifts in storms."}])
+    retriever = Retriever(db, embedder)
+    short = dataclasses.replace(settings, max_tokens=24, temperature=0.0, seed=0)
+    first = respond(db, engine, short, "Tell me about lighthouses in one sentence.", route="rag",
+                    retriever=retriever)
+    question = "Why were lighthouses built on rocks?"
+    for n in [0, *(i + 1 for i, ch in enumerate(question) if ch == " "), len(question)]:   # word by word
+        read_ahead(db, engine, short, question[:n], conversation_id=first.conversation_id, route="rag",
+                   retriever=retriever)
+    assert memory.unembedded(db) == []          # the first exchange's notes got vectors while typing
+    held = held_tokens(engine)
+    evaluated: list[int] = []
+    encoded: list[int] = []
+    real_eval, real_encode = engine.llm.eval, embedder.encode
+    engine.llm.eval = lambda tokens: (evaluated.append(len(tokens)), real_eval(tokens))[1]
+    embedder.encode = lambda texts, **kw: (encoded.append(len(texts)), real_encode(texts, **kw))[1]
+    try:
+        second = respond(db, engine, short, question, conversation_id=first.conversation_id, route="rag",
+                         retriever=retriever)
+    finally:
+        del engine.llm.eval, embedder.encode
+    assert second.memories
+    last_word = len(engine.llm.tokenize(b" rocks?", add_bos=False, special=False))
+    assert evaluated[0] == second.prompt_tokens - len(held) == last_word + engine.template_tail()
+    assert encoded == []                        # the question's own note waits for the next read-ahead
+    assert [chunk for chunk, _ in memory.unembedded(db)] != []
+    assert second.first_token_seconds is not None and second.status in ("complete", "length")
+
+
+def test_reading_ahead_stops_when_asked_and_goes_on_from_where_it_stopped(engine):
+    """A message sent (or typed on) while a long draft is still being read waits at most one slice:
+    the read stops when asked, keeps what it read, and the next read goes on from there."""
+    from assistant.engine import READ_AHEAD_SLICE
+
+    engine.llm.reset()
+    messages = [{"role": "user", "content": " ".join(f"note {i} is about the lighthouse keeper's day"
+                                                       for i in range(30))}]
+    whole = engine.tokenize_chat(messages)[0]
+    head = len(whole) - engine.template_tail()
+    assert head > 3 * READ_AHEAD_SLICE
+    asked: list[int] = []
+    first = engine.read_ahead(messages, 16, stop=lambda: asked.append(engine.llm.n_tokens) or True)
+    assert first == READ_AHEAD_SLICE and asked == [READ_AHEAD_SLICE]
+    assert held_tokens(engine) == whole[:READ_AHEAD_SLICE]
+    rest = engine.read_ahead(messages, 16)
+    assert first + rest == head and held_tokens(engine) == whole[:head]
+    assert engine.read_ahead(messages, 16, stop=lambda: True) == 0
+
+
 def test_an_incognito_draft_is_read_with_the_history_the_chat_holds(settings, engine, db):
     from assistant.conversation import read_ahead
     from storage import conversations as convs

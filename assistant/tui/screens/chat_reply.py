@@ -6,9 +6,11 @@ The reply streams from a worker thread through the app's second connection, and 
 its status mark, a note when old messages no longer fit, or the one-line error that stopped it.
 An incognito conversation goes the same way with `log=False`: its messages are kept only on the screen.
 
-While the user types, a worker lets the router read the words typed so far (`conversation.read_ahead`),
-so that when the message is sent the adapter probe has only its last word left to read. It runs only
-between replies, never waits for the engine, and stores nothing.
+While the user types, a worker reads the words typed so far into the model's KV cache
+(`conversation.read_ahead`): the conversation, the draft, and on the rag and both routes the memories
+recalled for it; on auto with an adapter, the router's probe reads the draft too. When the message is
+sent, only its last word, the memories that changed and the template's tail are left to read. It runs
+only between replies, never waits for the engine, and stores nothing.
 """
 from __future__ import annotations
 
@@ -129,8 +131,9 @@ class ReplyActions(Screen):
                     return
             try:
                 read_ahead(app.reply_db, app.engine, app.settings, draft, conversation_id=self.conversation_id,
-                           route=self.route, persona=self.persona_asked,
-                           history=list(self.private_history) if self.incognito else None)
+                           route=self.route, persona=self.persona_asked, retriever=app.retriever,
+                           history=list(self.private_history) if self.incognito else None,
+                           stop=lambda: self.generating or self._draft != draft)
             except Exception:
                 # Only a head start: the probe after sending reads the message itself, and reports.
                 if os.environ.get("EMBER_DEBUG"):
