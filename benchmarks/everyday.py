@@ -99,6 +99,14 @@ def whole_process(home: Path, settings: Settings, rounds: int) -> dict[str, Any]
         "base": [sys.executable, "-m", "assistant", "ask", "--no-log", "--route", "base", "--max-tokens",
                  str(MAX_TOKENS), "--temperature", "0", "--seed", "0", STORY],
     }
+    # Ember's bytecode, as an installed package has it: with PYTHONDONTWRITEBYTECODE set (or a source
+    # edited since), every `ember` process would compile its changed modules again (~50 ms), which
+    # llama-cpp-python's, compiled when installed, never does.
+    import compileall
+
+    root = Path(__file__).resolve().parent.parent
+    for package in ("assistant", "storage", "adapters"):
+        compileall.compile_dir(root / package, quiet=1)
     for args in sides.values():     # warm the page cache and every one-time cache (exported embedder, self-check)
         _timed_process(args, env)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
