@@ -2,8 +2,11 @@
 and SuperNode authentication, and the household's ServerApp) and `ember federate join` on two devices,
 each its own data directory with a seeded user. A round completes and is recorded on both; a device whose
 key the server did not authorize is refused; a TCP relay between one device and the SuperLink records
-every byte the device sends (TLS, none of its text, about the update's size); a server killed mid-round
-and restarted leaves the device's data, adapters and ledger intact and the round not done."""
+every byte the device sends (TLS, none of its text, about the update's size); someone who reaches the
+SuperLink's address and starts a run of their own app through its Control API (no account authentication
+in Flower 1.42) gets nothing run on the devices, which run only the app signed with the household's key; a
+server killed mid-round and restarted leaves the device's data, adapters and ledger intact and the round
+not done."""
 from __future__ import annotations
 
 import json
@@ -12,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,9 +70,46 @@ def _device(root: Path, name: str, *, seed: int, canary: str | None = None) -> P
     return home
 
 
+ATTACKER_APP = Path(__file__).parent / "attacker_app"
+
+
+def _attack(port: int, ca: str, folder: Path, result: dict) -> None:
+    """What anyone who reaches the SuperLink's address can do in Flower 1.42: start a run of their own app
+    through the Control API, as `flwr run` does. The FAB goes with a forged verification (signed with the
+    attacker's own key, under the household key's id); the SuperLink drops what StartRun carries."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.fab import Fab
+
+    from assistant.federation import signing
+    from assistant.federation.processes import control_client
+
+    try:
+        _wait_for(lambda: _listening(port), 60, "the SuperLink")
+        fab = build_fab_from_disk(ATTACKER_APP)
+        household_id = signing.key_id(signing.load_public(Path(ca).with_name(signing.PUBLIC)))
+        forged = {household_id if k != "valid_license" else k: v
+                  for k, v in signing.verifications(fab, ed25519.Ed25519PrivateKey.generate()).items()}
+        client = control_client(f"127.0.0.1:{port}", Path(ca))
+        try:
+            response = client.StartRun(StartRunRequest(
+                fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, forged)),
+                override_config=user_config_to_proto({"out": str(folder / "attacker-replies.json")})))
+        finally:
+            client.close()
+        result["run_id"] = int(response.run_id)
+    except BaseException as err:  # the test that reads `result` reports it
+        result["error"] = repr(err)
+
+
 @pytest.fixture(scope="module")
 def household(tmp_path_factory):
-    """One FedKSeed round over real processes: serve + two devices (one through the relay) + an intruder."""
+    """One FedKSeed round over real processes: serve + two devices (one through the relay) + an intruder
+    device + an attacker's run started through the Control API."""
     root = tmp_path_factory.mktemp("household-net")
     server = root / "server"
     _init(server)
@@ -78,6 +119,9 @@ def household(tmp_path_factory):
     port = _free_port()
     relay = Relay(port)
     ca = str(server / "federation" / "ca.pem")
+    signer = str(server / "federation" / "app-signing.pub")
+    attack: dict = {}
+    attacker = threading.Thread(target=_attack, args=(port, ca, root, attack), daemon=True)
     serving = _ember(server, "federate", "serve", "--address", f"127.0.0.1:{port}", "--kind", "fedkseed",
                      "--devices", "2", "--rounds", "1", "--steps", "1", "--pool-size", str(POOL),
                      "--authorized-key", str(laptop / "federation" / "supernode.pub"),
@@ -90,14 +134,19 @@ def household(tmp_path_factory):
         except OSError:
             assert time.monotonic() < deadline and serving.poll() is None, serving.stderr.read()
             time.sleep(0.3)
-    joins = {"laptop": _ember(laptop, "federate", "join", f"127.0.0.1:{relay.port}", "--ca", ca, "--json"),
-             "jetson": _ember(jetson, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--json")}
-    refused = _ember(intruder, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--max-wait", "20")
+    attacker.start()
+    joins = {"laptop": _ember(laptop, "federate", "join", f"127.0.0.1:{relay.port}", "--ca", ca,
+                              "--app-signer", signer, "--json"),
+             "jetson": _ember(jetson, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--app-signer", signer,
+                              "--json")}
+    refused = _ember(intruder, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--app-signer", signer,
+                     "--max-wait", "20")
     results = {"serve": _finish(serving), **{name: _finish(p) for name, p in joins.items()},
                "intruder": _finish(refused, timeout=120)}
     relay.close()
+    attacker.join(timeout=10)
     yield {"homes": {"laptop": laptop, "jetson": jetson, "intruder": intruder}, "results": results,
-           "sent": bytes(relay.sent)}
+           "sent": bytes(relay.sent), "attack": attack, "root": root}
 
 
 def test_a_round_over_real_processes_completes_and_is_recorded_on_both_devices(household):
@@ -118,6 +167,28 @@ def test_a_round_over_real_processes_completes_and_is_recorded_on_both_devices(h
         assert evaluate["status"] in ("promoted", "kept")
         assert registry.get(db, evaluate["adapter_id"])["kind"] == "control_vector"
         db.close()
+
+
+def test_a_run_someone_else_starts_on_the_superlink_runs_nothing_on_the_devices(household):
+    attack = household["attack"]
+    assert "run_id" in attack, attack.get("error")                  # the Control API took the attacker's run
+    run_id = attack["run_id"]
+    for name in ("laptop", "jetson"):
+        home = household["homes"][name]
+        assert not (home / "attacker-ran-here").exists()             # its ClientApp never ran here
+        code, out, err = household["results"][name]
+        assert code == 0, err
+        assert {"run": run_id, "reason": "its app carries no signature"} in json.loads(out)["refused"]
+        log = (home / "federation" / "join" / "supernode.log").read_text()
+        assert "The FAB could not be verified. App verification is not supported" in log   # Flower's own line
+        db = open_db(home)                          # only the household's round, in its rounds and ledger
+        rows = federation.rounds(db)
+        assert [r["kind"] for r in rows] == ["fedkseed", "fedkseed"]
+        assert {e["run_id"] for e in ledger.entries(db)} == {r["run_id"] for r in rows if r["phase"] == "train"}
+        db.close()
+    # the attacker's ServerApp (which Flower 1.42 runs on the server) got Flower's INVALID_FAB (7) errors
+    replies = json.loads((household["root"] / "attacker-replies.json").read_text())
+    assert replies and set(replies) == {7}, replies
 
 
 def test_a_device_whose_key_the_server_did_not_authorize_is_refused(household):
@@ -170,7 +241,7 @@ def test_a_server_killed_mid_round_and_restarted_leaves_the_device_whole_and_the
     first = _serve(server, port, phone)
     _wait_for(lambda: _listening(port), 60, "the SuperLink")
     joining = _ember(phone, "federate", "join", f"127.0.0.1:{port}", "--ca", str(server / "federation" / "ca.pem"),
-                     "--max-wait", "150", "--json")
+                     "--app-signer", str(server / "federation" / "app-signing.pub"), "--max-wait", "150", "--json")
     try:
         _restart_mid_round(server, port, phone, first, joining)
     finally:

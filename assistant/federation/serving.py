@@ -1,7 +1,11 @@
 """`ember federate serve`: the household's server as real processes. Flower's SuperLink on the given
 address with TLS and SuperNode authentication (only the registered keys are admitted), and the household's
 run started through its Control API (`StartRun`, what `flwr run` sends) with a FAB built from two files
-whose components are `deployed.py`'s ServerApp and ClientApp. Process handling is `processes.py`'s.
+whose components are `deployed.py`'s ServerApp and ClientApp, signed with the household's app-signing key
+(`signing.py`). The signed FAB is stored in the SuperLink's own state (its SQLite database, through
+Flower's `LinkState.store_app`) before the SuperLink starts, and the run is started from that stored app,
+the one path on which Flower 1.42's SuperLink hands the SuperNodes a FAB with its verifications.
+Process handling is `processes.py`'s.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from assistant.config import Settings
-from assistant.federation import credentials
+from assistant.federation import credentials, signing
 from assistant.federation.plan import Household
 from assistant.federation.processes import (ServerStopped, child_env, command, control_client, credential, joined,
                                             last_line, parse_address, public_keys, start, stop)
@@ -56,6 +60,9 @@ from assistant.federation.deployed import client, server  # noqa: F401
 '''
 
 
+APP_ID = "@ember/ember-household"      # f"@{publisher}/{name}", as the SuperLink derives it from the FAB
+
+
 def flower_app(folder: Path) -> tuple[bytes, str]:
     """The household's Flower App as a FAB (bytes, SHA-256), built with Flower's own builder from a two-file
     app whose components are Ember's ServerApp and ClientApp."""
@@ -66,6 +73,22 @@ def flower_app(folder: Path) -> tuple[bytes, str]:
     (folder / "ember_household.py").write_text(APP_MODULE)
     fab = build_fab_from_disk(folder)
     return fab, hashlib.sha256(fab).hexdigest()
+
+
+def store_signed_app(database: Path, fab: bytes, verifications: dict[str, str]) -> str:
+    """Put the signed FAB, with its verifications, into the SuperLink state at `database` as the app
+    `APP_ID` of Flower's default federation (what the SuperLink's AddApp does with a Hub app); its hash."""
+    from flwr.common.constant import NOOP_FLWR_AID
+    from flwr.supercore.constant import NOOP_FEDERATION_ID, TaskType
+    from flwr.supercore.fab import Fab
+    from flwr.superlink.config_loader import get_federation_manager, get_objectstore_linkstate_factories
+
+    os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))     # an empty file is an empty database; 0600
+    _, factory = get_objectstore_linkstate_factories(str(database), get_federation_manager())
+    fab_hash = hashlib.sha256(fab).hexdigest()
+    factory.state().store_app(fab=Fab(fab_hash, fab, verifications), federation_id=NOOP_FEDERATION_ID,
+                              app_id=APP_ID, app_type=TaskType.SERVER_APP, added_by=NOOP_FLWR_AID)
+    return fab_hash
 
 
 @dataclasses.dataclass
@@ -107,6 +130,7 @@ def serve(settings: Settings, plan: Household, *, address: str, devices: int, au
     host, port = parse_address(address)
     link_address = joined(host, port)
     ca, cert, key = (credential(settings, name) for name in ("ca.pem", "superlink.pem", "superlink.key"))
+    signer = signing.load_private(credential(settings, signing.PRIVATE))
     if not authorized:
         raise InvalidInput("no device may join: pass each device's supernode.pub with --authorized-key")
     keys = public_keys(authorized)
@@ -115,20 +139,25 @@ def serve(settings: Settings, plan: Household, *, address: str, devices: int, au
     work = credentials.folder(settings.home) / "serve"
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = work / "superlink.log"
-    outcome_path = work / f"outcome-{os.getpid()}-{int(time.time())}.json"
+    stamp = f"{os.getpid()}-{int(time.time())}"
+    outcome_path = work / f"outcome-{stamp}.json"
+    # A fresh state per serve: a restarted server forgets the old run and its nodes, as before.
+    database = work / f"superlink-{stamp}.db"
+    fab, _ = flower_app(work / "app")
+    fab_hash = store_signed_app(database, fab, signing.verifications(fab, signer))
     env = child_env(settings, work / "flwr")
     began = time.monotonic()
     process = start([superlink, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
                      "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                     "--host", host, "--port", str(port)], env, log)
+                     "--database", str(database), "--host", host, "--port", str(port)], env, log)
     # Its group is its own (SuperExec and the ServerApp run in it): the pid lets anyone stop it whole.
     (work / "superlink.pid").write_text(f"{process.pid}\n")
     try:
         _wait_listening(host, port, process, log, timeout=60)
         client = control_client(link_address, ca)
         try:
-            status, run_id = _run(client, keys, work, plan, settings, devices, timeout, outcome_path, process, log,
-                                  link_address, say)
+            status, run_id = _run(client, keys, fab_hash, plan, settings, devices, timeout, outcome_path, process,
+                                  log, link_address, say)
         except EmberError:
             raise
         except Exception as err:   # the Control API failed: Flower's client errors, as one line
@@ -138,6 +167,8 @@ def serve(settings: Settings, plan: Household, *, address: str, devices: int, au
             client.close()
     finally:
         stop(process)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)
     outcome = json.loads(outcome_path.read_text()) if outcome_path.is_file() else {}
     outcome_path.unlink(missing_ok=True)
     if status != "completed" or not outcome.get("finished"):
@@ -166,10 +197,12 @@ def _check_bindable(host: str, port: int) -> None:
                            "machine") from None
 
 
-def _run(client: Any, keys: list[bytes], work: Path, plan: Household, settings: Settings, devices: int,
+def _run(client: Any, keys: list[bytes], fab_hash: str, plan: Household, settings: Settings, devices: int,
          timeout: float, outcome_path: Path, process: subprocess.Popen, log: Path, link_address: str,
          say: Callable[[str], None]) -> tuple[str, int]:
-    """Register the devices' keys, start the household's run through the Control API, wait for its end."""
+    """Register the devices' keys, start the household's run of the stored signed app through the Control
+    API (a FAB with a hash and no content: the SuperLink takes the stored FAB and its verifications), wait
+    for its end."""
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
         ListRunsRequest, RegisterNodeRequest, StartRunRequest)
@@ -177,13 +210,13 @@ def _run(client: Any, keys: list[bytes], work: Path, plan: Household, settings: 
 
     for public_key in keys:
         client.RegisterNode(RegisterNodeRequest(public_key=public_key))
-    fab, fab_hash = flower_app(work / "app")
     config = {"household": json.dumps(plan.config()), "devices": int(devices),
               "model": str(settings.model_path), "timeout": float(timeout), "outcome": str(outcome_path)}
-    response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(fab_hash, fab, {})),
+    response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(fab_hash, b"", {})), app_spec=APP_ID,
                                                override_config=user_config_to_proto(config)))
     run_id = int(response.run_id)
-    say(f"SuperLink on {link_address} (TLS, {len(keys)} authorized SuperNode key(s)); run {run_id}: "
+    say(f"SuperLink on {link_address} (TLS, {len(keys)} authorized SuperNode key(s)); run {run_id} of the "
+        f"signed app {fab_hash[:12]}: "
         f"{plan.rounds} {plan.kind} round(s) over {devices} device(s)")
     return _wait_run(client, run_id, process, log, ListRunsRequest), run_id
 
