@@ -20,6 +20,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    Path(str(context.run_config["out"]) + ".started").write_text("the attacker's ServerApp ran")
     deadline = time.monotonic() + 120
     while len(list(grid.get_node_ids())) < 2 and time.monotonic() < deadline:
         time.sleep(1)
