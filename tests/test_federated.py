@@ -283,3 +283,27 @@ def test_flowers_supernode_verifies_the_households_signature_and_nothing_else(tm
     forged = {signing.key_id(signing.public_line(key)): signing.verifications(fab, other)[
         signing.key_id(signing.public_line(other))], "valid_license": "Valid"}
     assert not _verify_fab(Fab(fab_hash, fab, forged), ours)                   # another key under our key's id
+
+
+def test_the_households_serverapp_addresses_only_the_supernodes_serve_registered():
+    """Flower 1.42's Control API registers anyone's SuperNode key; the household's ServerApp samples (with
+    Flower's own `sample_nodes`, as its strategies do) and sends only to the nodes `serve` registered."""
+    from flwr.app import Context
+    from flwr.clientapp import ClientApp
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    from assistant.federation.deployed import HouseholdGrid, household_nodes
+    from assistant.federation.grid import LocalGrid
+
+    local = LocalGrid({node: (ClientApp(), Context(run_id=1, node_id=node, node_config={}, state=RecordDict(),
+                                                   run_config={})) for node in (11, 12, 13)})
+    grid = HouseholdGrid(local, household_nodes({"nodes": "11,12"}))
+    for _ in range(5):
+        sampled, available = sample_nodes(grid, 2, 2)
+        assert sorted(sampled) == [11, 12] and sorted(available) == [11, 12]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID   # as a ServerApp
+    stranger = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=13, message_type="train")
+    with pytest.raises(ValueError, match="not the household's"):
+        grid.send_and_receive([stranger])
+    assert local.traffic.down.get(13) is None                                 # nothing reached node 13

@@ -58,6 +58,7 @@ devices = 1
 model = ""
 timeout = 3600.0
 outcome = ""
+nodes = ""
 """
 
 APP_MODULE = '''"""Ember household learning: the apps live in Ember itself (assistant/federation/deployed.py)."""
@@ -266,10 +267,10 @@ def _run(client: Any, keys: list[bytes], launcher: Launcher, plan: Household, se
         ListRunsRequest, RegisterNodeRequest, StartRunRequest)
     from flwr.supercore.fab import Fab
 
-    for public_key in keys:
-        client.RegisterNode(RegisterNodeRequest(public_key=public_key))
+    nodes = [int(client.RegisterNode(RegisterNodeRequest(public_key=public_key)).node_id) for public_key in keys]
     config = {"household": json.dumps(plan.config()), "devices": int(devices),
-              "model": str(settings.model_path), "timeout": float(timeout), "outcome": str(outcome_path)}
+              "model": str(settings.model_path), "timeout": float(timeout), "outcome": str(outcome_path),
+              "nodes": ",".join(str(node) for node in nodes)}
     fab_hash = launcher.fab_hash
     response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(fab_hash, b"", {})), app_spec=APP_ID,
                                                override_config=user_config_to_proto(config)))
