@@ -289,6 +289,18 @@ def _listening(port: int) -> bool:
         return False
 
 
+def _running(text: str) -> list[int]:
+    """The live processes whose command line mentions `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def _serve(server: Path, port: int, phone: Path) -> subprocess.Popen:
     return _ember(server, "federate", "serve", "--address", f"127.0.0.1:{port}", "--kind", "fedkseed",
                   "--devices", "1", "--rounds", "1", "--steps", "1", "--pool-size", "64",
@@ -322,6 +334,8 @@ def _restart_mid_round(server: Path, port: int, phone: Path, first: subprocess.P
     os.killpg(link, signal.SIGKILL)
     os.killpg(first.pid, signal.SIGKILL)
     first.communicate()
+    # nothing of the dead server lingers: its launcher and ServerApp follow `serve` (their parent monitors)
+    _wait_for(lambda: not _running(str(server / "federation" / "serve")), 15, "the dead server's processes to end")
     _wait_for(lambda: federation.rounds(db), 300, "the device to finish its local training")
     (train,) = federation.rounds(db)                      # trained and recorded; the round is not done
     assert train["phase"] == "train" and train["status"] == "contributed"

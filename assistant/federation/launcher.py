@@ -62,8 +62,8 @@ def main(argv: list[str]) -> int:
                 print(f"{LAUNCHED} {run_id}: {result.status}", flush=True)
                 if result.status != LaunchResultStatus.ACCEPTED:
                     return 1
-                while True:              # the ServerApp's parent: it watches this pid (--parent-pid)
-                    time.sleep(3600)
+                while True:              # the ServerApp's parent: it watches this pid (--parent-pid).
+                    time.sleep(0.5)      # Short naps: the parent monitor's SIGINT lands between them
             else:
                 print(f"{REFUSED} {task.run_id}: not the household's run of its signed app "
                       f"(FAB {task.fab_hash[:12]}); its ServerApp was not started", flush=True)
