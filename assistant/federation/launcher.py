@@ -27,9 +27,9 @@ LAUNCHED = "launched the household's run"
 def main(argv: list[str]) -> int:
     """Acquire the SuperLink's pending ServerApp tasks until the household's comes and launch it (return 1
     if the executor does not accept it); every other run acquired before is stopped. Then wait."""
-    from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.proto.control_pb2 import StopRunRequest  # pylint: disable=no-name-in-module
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.auth import load_superexec_auth_secret
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
