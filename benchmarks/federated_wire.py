@@ -110,8 +110,10 @@ def household(kind: str, root: Path, *, conversations: int, rounds: int, steps: 
                 raise RuntimeError(serving.stderr.read().decode())
             time.sleep(0.3)
     ca = str(server / "federation" / "ca.pem")
-    joins = [_ember(devices[0], "federate", "join", f"127.0.0.1:{relay.port}", "--ca", ca, "--json"),
-             _ember(devices[1], "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--json")]
+    signer = str(server / "federation" / "app-signing.pub")
+    joins = [_ember(devices[0], "federate", "join", f"127.0.0.1:{relay.port}", "--ca", ca, "--app-signer", signer,
+                    "--json"),
+             _ember(devices[1], "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--app-signer", signer, "--json")]
     outputs = [p.communicate() for p in (serving, *joins)]
     seconds = time.monotonic() - began
     relay.close()

@@ -45,3 +45,26 @@ def test_serve_and_join_say_in_one_line_what_is_missing_or_wrong(ember, home, tm
         _one_line(ember("federate", "serve", "--address", f"127.0.0.1:{taken.getsockname()[1]}", "--authorized-key",
                         str(home / "federation" / "supernode.pub")), "is in use")
     assert not (home / "federation" / "serve").exists()          # nothing was started
+
+
+@pytest.mark.skipif(not HAS_FLOWER, reason="household learning needs the federated extra")
+def test_a_missing_or_corrupt_app_signing_key_is_one_line_before_anything_starts(ember, home, tmp_path):
+    assert ember("federate", "init").returncode == 0
+    where = home / "federation"
+    pub = str(where / "supernode.pub")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _one_line(ember("federate", "join", f"127.0.0.1:{port}", "--app-signer", str(tmp_path / "gone.pub")),
+              "does not exist")
+    _one_line(ember("federate", "join", f"127.0.0.1:{port}", "--app-signer", pub), "not an Ed25519 key")
+    (tmp_path / "junk.pub").write_text("ssh-ed25519 AAAA-not-base64\n")
+    _one_line(ember("federate", "join", f"127.0.0.1:{port}", "--app-signer", str(tmp_path / "junk.pub")),
+              "not an app-signing public key")
+    (where / "app-signing.key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n")
+    _one_line(ember("federate", "serve", "--address", f"127.0.0.1:{port}", "--authorized-key", pub),
+              "not a usable app-signing key", "ember federate init")
+    (where / "app-signing.key").unlink()
+    _one_line(ember("federate", "serve", "--address", f"127.0.0.1:{port}", "--authorized-key", pub),
+              "app-signing.key is missing", "run `ember federate init`")
+    assert not (where / "serve").exists() and not (where / "join").exists()      # nothing was started

@@ -229,3 +229,81 @@ def test_federate_init_makes_private_tls_and_supernode_keys_flower_can_read_and_
     assert paths["supernode.key"].read_bytes() == before
     listed = ember("federate", "status", "--json")
     assert listed.returncode == 0 and json.loads(listed.out) == []
+
+
+def test_federate_init_adds_an_app_signing_pair_to_a_device_made_before_app_signing(ember, home):
+    from flwr.supercore.primitives.asymmetric_ed25519 import load_private_key
+
+    assert ember("federate", "init").returncode == 0
+    where = home / "federation"
+    (where / "app-signing.key").unlink()
+    (where / "app-signing.pub").unlink()
+    tls = {p.name: p.read_bytes() for p in where.iterdir()}
+    again = ember("federate", "init", "--json")
+    assert again.returncode == 0, again.err
+    assert {p.name: p.read_bytes() for p in where.iterdir() if p.name in tls} == tls      # TLS kept as it was
+    key = where / "app-signing.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and stat.S_IMODE((where / "app-signing.pub").stat().st_mode) == 0o600
+    load_private_key(key)                                                     # as Flower reads a signing key
+    (where / "app-signing.pub").unlink()                                      # half a pair: refused, one line
+    broken = ember("federate", "init")
+    assert broken.returncode != 0 and "app-signing.pub is missing" in broken.err
+    assert len(broken.err.strip().splitlines()) == 1 and key.is_file()
+
+
+def test_flowers_supernode_verifies_the_households_signature_and_nothing_else(tmp_path):
+    """Flower's own verifier (flwr/supernode/start_client_internal.py `_verify_fab`, with the trusted
+    entities read as `flower-supernode --trusted-entities` reads them) accepts the FAB `serve` signs, and
+    refuses it under another trusted key, and refuses any other FAB with that signature."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from flwr.supercore.fab import Fab
+    from flwr.supernode.cli.flower_supernode import _try_obtain_trusted_entities, _validate_public_keys_ed25519
+    from flwr.supernode.start_client_internal import _verify_fab
+
+    from assistant.federation import signing
+    from assistant.federation.serving import flower_app
+
+    household = tmp_path / "household"
+    signing.create(household)
+    key = signing.load_private(household / signing.PRIVATE)
+    fab, fab_hash = flower_app(tmp_path / "app")
+    signed = Fab(fab_hash, fab, signing.verifications(fab, key))
+
+    def trusts(public: str) -> dict[str, str]:
+        path = signing.write_trusted_entities(tmp_path / "trusted.yaml", public)
+        entities = _try_obtain_trusted_entities(path)
+        _validate_public_keys_ed25519(entities)
+        return entities
+
+    ours = trusts(signing.load_public(household / signing.PUBLIC))
+    assert _verify_fab(signed, ours)
+    assert not _verify_fab(Fab(fab_hash, fab + b"\0", signed.verifications), ours)          # another FAB
+    other = ed25519.Ed25519PrivateKey.generate()
+    assert not _verify_fab(signed, trusts(signing.public_line(other)))                       # another signer
+    forged = {signing.key_id(signing.public_line(key)): signing.verifications(fab, other)[
+        signing.key_id(signing.public_line(other))], "valid_license": "Valid"}
+    assert not _verify_fab(Fab(fab_hash, fab, forged), ours)                   # another key under our key's id
+
+
+def test_the_households_serverapp_addresses_only_the_supernodes_serve_registered():
+    """Flower 1.42's Control API registers anyone's SuperNode key; the household's ServerApp samples (with
+    Flower's own `sample_nodes`, as its strategies do) and sends only to the nodes `serve` registered."""
+    from flwr.app import Context
+    from flwr.clientapp import ClientApp
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    from assistant.federation.deployed import HouseholdGrid, household_nodes
+    from assistant.federation.grid import LocalGrid
+
+    local = LocalGrid({node: (ClientApp(), Context(run_id=1, node_id=node, node_config={}, state=RecordDict(),
+                                                   run_config={})) for node in (11, 12, 13)})
+    grid = HouseholdGrid(local, household_nodes({"nodes": "11,12"}))
+    for _ in range(5):
+        sampled, available = sample_nodes(grid, 2, 2)
+        assert sorted(sampled) == [11, 12] and sorted(available) == [11, 12]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID   # as a ServerApp
+    stranger = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=13, message_type="train")
+    with pytest.raises(ValueError, match="not the household's"):
+        grid.send_and_receive([stranger])
+    assert local.traffic.down.get(13) is None                                 # nothing reached node 13

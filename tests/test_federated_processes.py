@@ -2,8 +2,12 @@
 and SuperNode authentication, and the household's ServerApp) and `ember federate join` on two devices,
 each its own data directory with a seeded user. A round completes and is recorded on both; a device whose
 key the server did not authorize is refused; a TCP relay between one device and the SuperLink records
-every byte the device sends (TLS, none of its text, about the update's size); a server killed mid-round
-and restarted leaves the device's data, adapters and ledger intact and the round not done."""
+every byte the device sends (TLS, none of its text, about the update's size); someone who reaches the
+SuperLink's address and starts a run of their own app through its Control API (no account authentication
+in Flower 1.42) gets no code run on the server, and even launching its ServerApp themselves (with the
+server's Runtime secret) gets nothing run on the devices, which run only the app signed with the
+household's key; a server killed mid-round and restarted leaves the device's data, adapters and ledger
+intact and the round not done."""
 from __future__ import annotations
 
 import json
@@ -12,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,9 +71,94 @@ def _device(root: Path, name: str, *, seed: int, canary: str | None = None) -> P
     return home
 
 
+ATTACKER_APP = Path(__file__).parent / "attacker_app"
+
+
+def _start_attackers_run(port: int, ca: str, out: Path) -> int:
+    """What anyone who reaches the SuperLink's address can do in Flower 1.42: start a run of their own app
+    through the Control API, as `flwr run` does. The FAB goes with a forged verification (signed with the
+    attacker's own key, under the household key's id); the SuperLink drops what StartRun carries."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.fab import Fab
+
+    from assistant.federation import signing
+    from assistant.federation.processes import control_client
+
+    fab = build_fab_from_disk(ATTACKER_APP)
+    household_id = signing.key_id(signing.load_public(Path(ca).with_name(signing.PUBLIC)))
+    forged = {household_id if k != "valid_license" else k: v
+              for k, v in signing.verifications(fab, ed25519.Ed25519PrivateKey.generate()).items()}
+    client = control_client(f"127.0.0.1:{port}", Path(ca))
+    try:
+        response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, forged)),
+                                                   override_config=user_config_to_proto({"out": str(out)})))
+    finally:
+        client.close()
+    return int(response.run_id)
+
+
+def _attack(port: int, ca: str, folder: Path, result: dict) -> None:
+    """Someone on the network starts their own run as soon as the SuperLink listens."""
+    try:
+        _wait_for(lambda: _listening(port), 60, "the SuperLink")
+        result["run_id"] = _start_attackers_run(port, ca, folder / "attacker-a.json")
+    except BaseException as err:  # the test that reads `result` reports it
+        result["error"] = repr(err)
+
+
+def _attack_as_superexec(server: Path, port: int, ca: str, folder: Path, result: dict) -> None:
+    """Someone who holds the server's Runtime secret, i.e. can act as its SuperExec (but not its app-signing
+    key): once the household's ServerApp is launched, starts a run of their own app and launches its
+    ServerApp themselves (Flower's own AcquireTask and executor, on their machine); the devices must still
+    refuse to run it."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.plugin import AutoExecPlugin
+
+    from assistant.federation.launcher import LAUNCHED
+
+    try:
+        log = server / "federation" / "serve" / "launcher.log"
+        _wait_for(lambda: log.is_file() and LAUNCHED in log.read_text(), 120, "the household's ServerApp")
+        (secret,) = (server / "federation" / "serve").glob("superexec-*.secret")
+        address = f"127.0.0.1:{port}"
+        runtime = RuntimeHttpClient.from_server_address(
+            server_address=address, insecure=False, root_certificates=ca,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                          SuperExecAuthHttpInterceptor(master_secret=secret.read_bytes(),
+                                                       protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}))])
+        run_id = _start_attackers_run(port, ca, folder / "attacker-b.json")
+        result["run_id"] = run_id
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+        os.environ["FLWR_HOME"] = str(folder / "attacker-flwr")
+        plugin = AutoExecPlugin(runtime_api_address=address, insecure=False, root_certificates_path=ca,
+                                runtime_dependency_install=False, executor=SubprocessExecutor())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = runtime.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
+            if got.HasField("task") and got.token and got.task.run_id == run_id:
+                plugin.launch_task(token=got.token, task=got.task)
+                result["launched"] = True
+                break
+            time.sleep(0.2)                 # (another attacker's pending run is taken and dropped)
+        runtime.close()
+    except BaseException as err:  # the test that reads `result` reports it
+        result["error"] = repr(err)
+
+
 @pytest.fixture(scope="module")
 def household(tmp_path_factory):
-    """One FedKSeed round over real processes: serve + two devices (one through the relay) + an intruder."""
+    """One FedKSeed round over real processes: serve + two devices (one through the relay) + an intruder
+    device + an attacker's run started through the Control API + another launched by someone holding the
+    server's Runtime secret."""
     root = tmp_path_factory.mktemp("household-net")
     server = root / "server"
     _init(server)
@@ -78,6 +168,11 @@ def household(tmp_path_factory):
     port = _free_port()
     relay = Relay(port)
     ca = str(server / "federation" / "ca.pem")
+    signer = str(server / "federation" / "app-signing.pub")
+    attack: dict = {}
+    attacker = threading.Thread(target=_attack, args=(port, ca, root, attack), daemon=True)
+    attack_b: dict = {}
+    attacker_b = threading.Thread(target=_attack_as_superexec, args=(server, port, ca, root, attack_b), daemon=True)
     serving = _ember(server, "federate", "serve", "--address", f"127.0.0.1:{port}", "--kind", "fedkseed",
                      "--devices", "2", "--rounds", "1", "--steps", "1", "--pool-size", str(POOL),
                      "--authorized-key", str(laptop / "federation" / "supernode.pub"),
@@ -90,14 +185,21 @@ def household(tmp_path_factory):
         except OSError:
             assert time.monotonic() < deadline and serving.poll() is None, serving.stderr.read()
             time.sleep(0.3)
-    joins = {"laptop": _ember(laptop, "federate", "join", f"127.0.0.1:{relay.port}", "--ca", ca, "--json"),
-             "jetson": _ember(jetson, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--json")}
-    refused = _ember(intruder, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--max-wait", "20")
+    attacker.start()
+    attacker_b.start()
+    joins = {"laptop": _ember(laptop, "federate", "join", f"127.0.0.1:{relay.port}", "--ca", ca,
+                              "--app-signer", signer, "--json"),
+             "jetson": _ember(jetson, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--app-signer", signer,
+                              "--json")}
+    refused = _ember(intruder, "federate", "join", f"127.0.0.1:{port}", "--ca", ca, "--app-signer", signer,
+                     "--max-wait", "20")
     results = {"serve": _finish(serving), **{name: _finish(p) for name, p in joins.items()},
                "intruder": _finish(refused, timeout=120)}
     relay.close()
+    attacker.join(timeout=10)
+    attacker_b.join(timeout=10)
     yield {"homes": {"laptop": laptop, "jetson": jetson, "intruder": intruder}, "results": results,
-           "sent": bytes(relay.sent)}
+           "sent": bytes(relay.sent), "attack": attack, "attack_b": attack_b, "root": root}
 
 
 def test_a_round_over_real_processes_completes_and_is_recorded_on_both_devices(household):
@@ -118,6 +220,37 @@ def test_a_round_over_real_processes_completes_and_is_recorded_on_both_devices(h
         assert evaluate["status"] in ("promoted", "kept")
         assert registry.get(db, evaluate["adapter_id"])["kind"] == "control_vector"
         db.close()
+
+
+def test_a_run_someone_else_starts_on_the_superlink_runs_nothing_on_the_server(household):
+    attack = household["attack"]
+    assert "run_id" in attack, attack.get("error")                  # the Control API took the attacker's run
+    assert not (household["root"] / "attacker-a.json.started").exists()     # its ServerApp never started
+    report = json.loads(household["results"]["serve"][1])
+    assert report["run_id"] != attack["run_id"]
+    assert all(r["run"] == attack["run_id"] for r in report["refused_runs"])   # refused, if it came first
+
+
+def test_an_app_the_household_did_not_sign_runs_nothing_on_the_devices(household):
+    attack = household["attack_b"]
+    assert attack.get("launched"), attack.get("error")              # its ServerApp ran (on the attacker's side)
+    run_id = attack["run_id"]
+    for name in ("laptop", "jetson"):
+        home = household["homes"][name]
+        assert not (home / "attacker-ran-here").exists()             # its ClientApp never ran here
+        code, out, err = household["results"][name]
+        assert code == 0, err
+        assert {"run": run_id, "reason": "its app carries no signature"} in json.loads(out)["refused"]
+        log = (home / "federation" / "join" / "supernode.log").read_text()
+        assert "The FAB could not be verified. App verification is not supported" in log   # Flower's own line
+        db = open_db(home)                          # only the household's round, in its rounds and ledger
+        rows = federation.rounds(db)
+        assert [r["kind"] for r in rows] == ["fedkseed", "fedkseed"]
+        assert {e["run_id"] for e in ledger.entries(db)} == {r["run_id"] for r in rows if r["phase"] == "train"}
+        db.close()
+    # what the attacker's ServerApp got back: Flower's INVALID_FAB (7) error from each device
+    replies = json.loads((household["root"] / "attacker-b.json").read_text())
+    assert replies and set(replies) == {7}, replies
 
 
 def test_a_device_whose_key_the_server_did_not_authorize_is_refused(household):
@@ -156,6 +289,18 @@ def _listening(port: int) -> bool:
         return False
 
 
+def _running(text: str) -> list[int]:
+    """The live processes whose command line mentions `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def _serve(server: Path, port: int, phone: Path) -> subprocess.Popen:
     return _ember(server, "federate", "serve", "--address", f"127.0.0.1:{port}", "--kind", "fedkseed",
                   "--devices", "1", "--rounds", "1", "--steps", "1", "--pool-size", "64",
@@ -170,7 +315,7 @@ def test_a_server_killed_mid_round_and_restarted_leaves_the_device_whole_and_the
     first = _serve(server, port, phone)
     _wait_for(lambda: _listening(port), 60, "the SuperLink")
     joining = _ember(phone, "federate", "join", f"127.0.0.1:{port}", "--ca", str(server / "federation" / "ca.pem"),
-                     "--max-wait", "150", "--json")
+                     "--app-signer", str(server / "federation" / "app-signing.pub"), "--max-wait", "150", "--json")
     try:
         _restart_mid_round(server, port, phone, first, joining)
     finally:
@@ -189,6 +334,8 @@ def _restart_mid_round(server: Path, port: int, phone: Path, first: subprocess.P
     os.killpg(link, signal.SIGKILL)
     os.killpg(first.pid, signal.SIGKILL)
     first.communicate()
+    # nothing of the dead server lingers: its launcher and ServerApp follow `serve` (their parent monitors)
+    _wait_for(lambda: not _running(str(server / "federation" / "serve")), 15, "the dead server's processes to end")
     _wait_for(lambda: federation.rounds(db), 300, "the device to finish its local training")
     (train,) = federation.rounds(db)                      # trained and recorded; the round is not done
     assert train["phase"] == "train" and train["status"] == "contributed"

@@ -22,7 +22,8 @@ def federate() -> None:
 @model_option
 @json_option
 def init(addresses, model, as_json):
-    """Make this household's TLS certificates and this device's SuperNode key pair (files 0600)."""
+    """Make this household's TLS certificates, this device's SuperNode key pair and the app-signing key pair
+    (files 0600); on a device made before app signing, only the signing pair is added."""
     from assistant.federation import require_flower
 
     require_flower()
@@ -61,7 +62,8 @@ def init(addresses, model, as_json):
 @model_option
 @json_option
 def serve(address, kind, devices, rounds, steps, pool_size, sigma, clip, authorized, timeout, model, as_json):
-    """Run the household's server: Flower's SuperLink (TLS, SuperNode authentication) and ServerApp."""
+    """Run the household's server: Flower's SuperLink (TLS, SuperNode authentication) and ServerApp, running
+    the household's Flower App signed with this device's app-signing key."""
     from assistant.federation import require_flower
 
     require_flower()
@@ -90,11 +92,13 @@ def serve(address, kind, devices, rounds, steps, pool_size, sigma, clip, authori
 @click.argument("address", metavar="HOST:PORT")
 @click.option("--ca", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="The server's ca.pem (default: this device's own, from `ember federate init`).")
+@click.option("--app-signer", "signer", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="The server's app-signing.pub: this device runs only apps it signed (default: this device's own).")
 @click.option("--max-wait", type=click.FloatRange(min=1), default=120.0, show_default=True,
               help="Seconds to wait for a SuperLink that went away before giving up.")
 @model_option
 @json_option
-def join(address, ca, max_wait, model, as_json):
+def join(address, ca, signer, max_wait, model, as_json):
     """Run this device in the household's rounds: Flower's SuperNode and Ember's ClientApp."""
     from assistant.federation import require_flower
 
@@ -102,8 +106,8 @@ def join(address, ca, max_wait, model, as_json):
     from assistant.federation.joining import join as run_device
 
     settings = settings_from(model=model)
-    result = run_device(settings, open_store(settings), address=address, ca=ca, max_wait=max_wait,
-                        on_event=None if as_json else click.echo)
+    result = run_device(settings, open_store(settings), address=address, ca=ca, signer=signer,
+                        max_wait=max_wait, on_event=None if as_json else click.echo)
     if as_json:
         return print_json(result.as_json())
     for r in result.rounds:

@@ -13,6 +13,9 @@ import os
 
 # These devices cannot install anything at run time; Flower must not try (it would reach the network).
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+# Nor send telemetry or check for updates (flwr/supercore/telemetry.py, update_check.py): no network calls.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 KINDS = ("fedavg", "fedkseed")
 

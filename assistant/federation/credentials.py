@@ -2,8 +2,9 @@
 stored 0600 in `<data dir>/federation/` (0700). A CA and a SuperLink certificate for TLS (Flower's
 `flower-superlink --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`, the SuperNode's `--root-certificates`),
 and this device's SuperNode key pair for Flower's node authentication (ECDSA P-384 in OpenSSH format, as
-`flower-supernode --auth-supernode-private-key` reads it; the SuperLink registers the public key).
-Nothing is downloaded; `cryptography` comes with Flower.
+`flower-supernode --auth-supernode-private-key` reads it; the SuperLink registers the public key), and the
+household's app-signing key pair (Ed25519; `signing.py`): the server signs the Flower App it runs with it and
+the devices run only apps it signed. Nothing is downloaded; `cryptography` comes with Flower.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from typing import Sequence
 
 from adapters.base import write_private
 from adapters.errors import InvalidInput
+from assistant.federation import signing
 
-FILES = ("ca.pem", "ca.key", "superlink.pem", "superlink.key", "supernode.key", "supernode.pub")
+TLS_FILES = ("ca.pem", "ca.key", "superlink.pem", "superlink.key", "supernode.key", "supernode.pub")
+FILES = TLS_FILES + (signing.PRIVATE, signing.PUBLIC)
 
 
 def folder(home: Path) -> Path:
@@ -25,20 +28,32 @@ def folder(home: Path) -> Path:
 
 
 def create(home: Path, *, addresses: Sequence[str] = (), days: int = 825) -> dict[str, str]:
-    """Generate the CA, the SuperLink certificate (for 127.0.0.1, localhost and `addresses`) and the
-    SuperNode key pair; `InvalidInput` if any already exists (remove the folder to start again)."""
+    """Generate the CA, the SuperLink certificate (for 127.0.0.1, localhost and `addresses`), the SuperNode
+    key pair and the app-signing key pair. A device made before app signing existed keeps its TLS files
+    and gains the signing pair; `InvalidInput` if everything already exists or a group is incomplete
+    (remove the folder to start again)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     where = folder(home)
-    present = [name for name in FILES if (where / name).exists()]
-    if present:
-        raise InvalidInput(f"{where / present[0]} already exists; remove {where} to make new credentials")
+    groups = {"tls": TLS_FILES, "signing": (signing.PRIVATE, signing.PUBLIC)}
+    present = {group: [name for name in names if (where / name).exists()] for group, names in groups.items()}
+    for group, names in groups.items():
+        if present[group] and len(present[group]) < len(names):
+            missing = next(name for name in names if name not in present[group])
+            raise InvalidInput(f"{where / missing} is missing but {where / present[group][0]} exists; "
+                               f"remove {where} to make new credentials")
+    if all(present.values()):
+        raise InvalidInput(f"{where / FILES[0]} already exists; remove {where} to make new credentials")
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     where.mkdir(exist_ok=True, mode=0o700)
     os.chmod(where, 0o700)
+    if not present["signing"]:
+        signing.create(where)
+    if present["tls"]:                   # credentials from before app signing: kept as they are
+        return {name: str(where / name) for name in FILES}
     now = dt.datetime.now(dt.timezone.utc)
 
     def key() -> ec.EllipticCurvePrivateKey:

@@ -102,13 +102,16 @@ def command(name: str) -> str:
 
 def child_env(settings: Settings, flwr_home: Path) -> dict[str, str]:
     """The environment of Flower's processes: Flower's commands and Ember importable (the FAB imports it),
-    Flower's files in this device's data directory, no runtime installation."""
+    Flower's files in this device's data directory, no runtime installation, no telemetry or update check."""
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # Flower phones home by default (flwr/supercore/telemetry.py, update_check.py): not from these devices.
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["EMBER_HOME"] = str(settings.home)
     return env
 
