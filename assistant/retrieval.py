@@ -339,8 +339,12 @@ class Retriever:
             fetch([chunk_id for chunk_id, _ in ranking])
             return [item for item in ranking if item[0] in rows and _normalised(rows[item[0]]["text"]) != asked]
 
-        # Room for what is left out: a message is one chunk unless it is long.
-        pool = POOL + min(len(excluded), 5000) + min(len(in_prompt), 1000)
+        # Room for what is left out: a message is one chunk unless it is long. Each ranking is then cut
+        # to `want` candidates, so that what is fused does not depend on how many were left out: the
+        # chat recalls a draft's memories before the message is logged, and once it is (one more
+        # message in the prompt) the same text must recall the same ones.
+        want = POOL + min(len(excluded), 5000)
+        pool = want + min(len(in_prompt), 1000)
         signals: dict[str, Any] = {"similarity": None, "margin": None, "bm25": None, "dense": False}
         cosine: dict[int, float] = {}
         if mode == "bm25":
@@ -355,7 +359,7 @@ class Retriever:
                 # it); one not loaded yet is loaded only if it is needed.
                 if isinstance(self._embedder, Embedder):
                     early = self._pool.submit(self._embedder.encode_query, question)
-                words = matching(kept(self.bm25(question, pool)))
+                words = matching(kept(self.bm25(question, pool)))[:want]
                 signals["bm25"] = words[0][1] if words else None
             elif mode in ("hybrid", "hybrid-v1"):
                 lexical = self._pool.submit(self._bm25_reader, question, pool)
@@ -367,14 +371,14 @@ class Retriever:
                 # in the prompt: they cannot be recalled, and the chat embeds them while the user types
                 self.embed_pending(skip_messages=in_prompt)
                 vector = early.result() if early is not None else self.embedder.encode_query(question)
-                dense = kept(self.dense(question, pool, vector))
+                dense = kept(self.dense(question, pool, vector))[:want]
                 cosine = dict(dense)
                 scores = [score for _, score in matching(dense[:6])]
                 if scores:
                     signals["similarity"] = scores[0]
                     signals["margin"] = scores[0] - scores[1] if len(scores) > 1 else scores[0]
                 if lexical is not None:
-                    words = matching(kept(lexical.result()))
+                    words = matching(kept(lexical.result()))[:want]
                     signals["bm25"] = words[0][1] if words else None
                 if words is None:
                     ranked = dense
@@ -382,7 +386,7 @@ class Retriever:
                     rankings = [words, dense]
                     window = time_window(question, now or dt.date.today(), recently=mode == "hybrid-v1")
                     if window:
-                        rankings.append(kept(self._in_window(window, vector, pool)))
+                        rankings.append(kept(self._in_window(window, vector, pool))[:want])
                     fused: dict[int, float] = {}
                     for ranking in rankings:
                         for rank, (chunk_id, _score) in enumerate(ranking, start=1):
