@@ -462,9 +462,10 @@ def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, dr
         if route in ("rag", "both") and retriever is not None and draft.strip():
             # Memories are recalled for the whole draft, the word being typed too: they come before
             # the message, so its tokens do not matter, and the draft as sent recalls the same ones.
-            budget = _memory_budget(engine, settings, draft.strip(), max_tokens)
-            exclude = _in_prompt(engine, settings, asked, max_tokens + max(budget, 0))
-            memories = recall(retriever, engine, settings, draft.strip(), budget, exclude=exclude)
+            whole = dataclasses.replace(asked, text=draft.strip())
+            budget = _memory_budget(engine, settings, whole.text, max_tokens)
+            exclude = _in_prompt(engine, settings, whole, max_tokens + max(budget, 0))
+            memories = recall(retriever, engine, settings, whole.text, budget, exclude=exclude)
         read = with_prompt(lambda messages: engine.read_ahead(messages, max_tokens, stop=stop), settings, asked,
                            memories)
         if route == "auto" and engine.loaded_adapter:

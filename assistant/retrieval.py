@@ -274,9 +274,10 @@ class Retriever:
     def bm25(self, question: str, k: int) -> list[tuple[int, float]]:
         return memory.bm25_search(self.db, question, k)
 
-    def dense(self, question: str, k: int, vector: np.ndarray | None = None) -> list[tuple[int, float]]:
+    def dense(self, question: str, k: int, vector: np.ndarray | None = None, *,
+              scan: int | None = None) -> list[tuple[int, float]]:
         vector = self.embedder.encode_query(question) if vector is None else vector
-        return memory.vector_search(self.db, vector, k)
+        return memory.vector_search(self.db, vector, k, scan=scan)
 
     def _in_window(self, window: tuple[str, str], vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         return memory.rescore(self.db, memory.in_time_range(self.db, *window), vector, k)
@@ -345,6 +346,10 @@ class Retriever:
         # message in the prompt) the same text must recall the same ones.
         want = POOL + min(len(excluded), 5000)
         pool = want + min(len(in_prompt), 1000)
+        # The vector index's approximate scan finds other candidates when it scans more: its size moves
+        # in steps of 64, and one more message in the prompt after an even number of them (the question,
+        # once logged, after a history of exchanges) never crosses a step.
+        scan = -(-max(64, pool * memory.RESCORE_FACTOR) // 64) * 64
         signals: dict[str, Any] = {"similarity": None, "margin": None, "bm25": None, "dense": False}
         cosine: dict[int, float] = {}
         if mode == "bm25":
@@ -371,7 +376,7 @@ class Retriever:
                 # in the prompt: they cannot be recalled, and the chat embeds them while the user types
                 self.embed_pending(skip_messages=in_prompt)
                 vector = early.result() if early is not None else self.embedder.encode_query(question)
-                dense = kept(self.dense(question, pool, vector))[:want]
+                dense = kept(self.dense(question, pool, vector, scan=scan))[:want]
                 cosine = dict(dense)
                 scores = [score for _, score in matching(dense[:6])]
                 if scores:

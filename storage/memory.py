@@ -236,16 +236,18 @@ def bm25_search(db: sqlite_utils.Database, text: str, k: int) -> list[tuple[int,
         "ORDER BY bm25(memory_fts) LIMIT ?", [query, k])]
 
 
-def vector_search(db: sqlite_utils.Database, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+def vector_search(db: sqlite_utils.Database, vector: np.ndarray, k: int, *,
+                  scan: int | None = None) -> list[tuple[int, float]]:
     """(chunk id, cosine similarity) of the `k` nearest chunks.
 
-    sqlite-vec scans the sign bits by Hamming distance for k × RESCORE_FACTOR candidates, which are
-    then ranked by exact cosine on their float vectors (binary quantisation with re-scoring).
+    sqlite-vec scans the sign bits by Hamming distance for `scan` (default k × RESCORE_FACTOR, at least
+    64) candidates, which are then ranked by exact cosine on their float vectors (binary quantisation
+    with re-scoring). Which chunks come back depends on `scan`, not only on `k`.
     """
     vector = np.ascontiguousarray(vector, dtype=np.float32)
     candidates = [row[0] for row in db.execute(
         "SELECT rowid FROM memory_vec WHERE embedding MATCH vec_quantize_binary(?) AND k = ?",
-        [vector.tobytes(), max(64, k * RESCORE_FACTOR)])]
+        [vector.tobytes(), max(k, scan) if scan is not None else max(64, k * RESCORE_FACTOR)])]
     return rescore(db, candidates, vector, k)
 
 
