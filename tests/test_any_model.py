@@ -1,6 +1,8 @@
 """A user who brings their own Qwen, Phi-3 or Llama 3 GGUF: the real `ember` command learns from a log made
 with that model (dataset, consent, DP ledger, export, gate, registry), and the real chat app opened with
-`--model` on it swaps the adapter in and routes with the router's probe on that model.
+`--model` on it swaps the adapter in and routes with the router's probe on that model. Zeroth-order training
+in torch (`--method zo --backend torch`) then runs on the same log and model, exports, and answers through
+the request path once in use.
 
 The models are the tiny random-weight fixtures of `benchmarks/tiny_models.py` (built once per session). Qwen 2
 runs by default; `pytest --all-architectures` adds Phi-3, Llama 3, Gemma 2/3, Qwen 3 and Mistral."""
@@ -147,6 +149,40 @@ async def test_the_chat_on_that_model_swaps_the_adapter_in_and_the_router_probes
         assert after["adapter_id"] == (adapter_id if decision["route"] in ("adapter", "both") else None)
     finally:
         db.close()
+
+
+def test_zeroth_order_in_torch_trains_exports_and_swaps_in_on_the_users_own_model(adapted):
+    """`ember adapt --method zo --backend torch` on the same log and model: forward passes only on LoRA in
+    torch (DP, in the ledger), exported for this architecture with its update log, and the chat's request path
+    answers with it once it is in use."""
+    import gguf
+
+    home, model = adapted["home"], adapted["model"]
+    run = ember(home, "adapt", "--model", str(model), "--method", "zo", "--backend", "torch", "--steps", "4",
+                "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["method"] == "zo" and report["backend"] == "torch" and report["dp"] and report["steps"] == 4
+    info = export.read_adapter(Path(report["path"]))
+    assert info.kind == "lora" and info.architecture == ARCHS[adapted["name"]] and info.n_tensors > 0
+    assert info.base_sha256 == file_sha256(model)
+    field = gguf.GGUFReader(report["path"]).get_field("ember.zo_log")
+    log = json.loads(bytes(field.parts[field.data[0]]).decode())
+    assert log["config"]["backend"] == "torch" and len(log["log"]) == 4     # (step, seed, scalar) per step
+    assert any(entry[2] != 0 for entry in log["log"])
+    db = open_db(home)
+    try:
+        assert ledger.spent(db)["epsilon"] == pytest.approx(16.0)          # the LoRA run's 8, then this one's
+        assert runs.get(db, report["run_id"])["method"] == "zo-torch"
+        assert registry.get(db, report["adapter_id"])["base_sha256"] == file_sha256(model)
+    finally:
+        db.close()
+    used = ember(home, "adapters", "use", report["adapter_id"], "--model", str(model))
+    assert used.returncode == 0, used.stderr
+    asked = ember(home, "ask", "--model", str(model), "--route", "adapter", "--max-tokens", "6", "--json", QUESTION)
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert answer["adapter"] == report["adapter_id"] and answer["route"] == "adapter" and answer["tokens"] > 0
 
 
 def _habit_logprob(model: Path, adapter: Path | None, questions: list[str]) -> tuple[float, int]:
