@@ -7,7 +7,9 @@ the LoRA trainer's seconds per step
 without DP (batch 8, rank 2 on q/v/o of the top 2 layers, the habit user's log), the process's peak RSS,
 the adapter's export time, parity (KL of llama.cpp with a random adapter on every projection of every
 layer against torch with it merged, next to the base model's own KL) and the hot-swap time (load +
-apply on a loaded llama.cpp model).
+apply on a loaded llama.cpp model). Then the same LoRA steps in float32 and in bfloat16, each in a fresh
+process of its own with the cache warm (and the bf16 copy written beforehand, as every run after the first
+finds it): peak RSS and seconds per step per dtype, side by side (`LoraConfig.dtype`).
 """
 from __future__ import annotations
 
@@ -143,9 +145,28 @@ def measure(model_path: str, home: str, threads: int, steps: int) -> dict[str, A
             "adapter_effect_kl": round(kl(plain, adapted), 4), "hot_swap_ms": round(swap_ms, 2)}
 
 
+def measure_dtype(model_path: str, home: str, threads: int, steps: int, dtype: str) -> dict[str, Any]:
+    """The LoRA steps alone, in this (fresh) process, the frozen base held in `dtype`: peak RSS, s/step."""
+    from adapters import dataset, lora
+    from adapters.pipeline import process_peak_mb
+    from adapters.template import ChatTemplate
+    from benchmarks.synthetic_user import seed_habit_user
+    from storage.db import open_db
+
+    folder = Path(tempfile.mkdtemp(dir=home))
+    db = open_db(folder)
+    seed_habit_user(db, CONVERSATIONS)
+    data = dataset.build(db, ChatTemplate.from_gguf(model_path), max_len=96)
+    trained = lora.train(Path(model_path), Path(home) / "cache", data,
+                         lora.LoraConfig(epsilon=None, steps=steps, batch_size=8, threads=threads, dtype=dtype))
+    return {"peak_rss_mb": round(process_peak_mb(), 1), "seconds_per_step": round(trained.seconds / steps, 3)}
+
+
 def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, Any]:
     """Measure every architecture fixture and the bundled model, each in a fresh process."""
+    from adapters.base import bf16_supported
     from benchmarks import tiny_models
+    from benchmarks.train_memory import DTYPES, warm
 
     archs = ARCHS[:2] if quick else ARCHS
     steps = 3 if quick else STEPS
@@ -159,16 +180,26 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
         for model in [str(settings.model_path), *models]:
             home = tempfile.mkdtemp(dir=folder)
             with spawn.Pool(1) as pool:
-                rows.append(pool.apply(measure, (model, home, settings.threads, steps)))
-    return {"quick": quick, "steps": steps, "fixture_build_seconds": round(build_seconds, 1), "models": rows}
+                row = pool.apply(measure, (model, home, settings.threads, steps))
+            for dtype in DTYPES:
+                with spawn.Pool(1) as pool:
+                    pool.apply(warm, (model, str(Path(home) / "cache"), dtype))
+                with spawn.Pool(1) as pool:
+                    row[dtype] = pool.apply(measure_dtype, (model, home, settings.threads, steps, dtype))
+            rows.append(row)
+    return {"quick": quick, "steps": steps, "fixture_build_seconds": round(build_seconds, 1),
+            "bf16_supported": bf16_supported(), "models": rows}
 
 
 def report(result: dict[str, Any]) -> str:
     """A table, one model a line."""
     lines = [f"{'model':34} {'arch':7} {'load s':>7} {'cached':>7} {'s/step':>7} {'RSS MB':>7} {'KL base':>9} "
-             f"{'KL +LoRA':>9} {'effect':>7} {'swap ms':>8}"]
+             f"{'KL +LoRA':>9} {'effect':>7} {'swap ms':>8} {'f32 MB':>7} {'bf16 MB':>7} {'f32 s':>6} {'bf16 s':>6}"]
     for r in result["models"]:
+        f32, bf16 = r.get("float32", {}), r.get("bfloat16", {})
         lines.append(f"{r['model'][:34]:34} {r['architecture']:7} {r['load_seconds']:7.2f} {r['load_cached_seconds']:7.2f} "
                      f"{r['seconds_per_lora_step']:7.3f} {r['peak_rss_mb']:7.0f} {r['parity_kl_base']:9.5f} "
-                     f"{r['parity_kl_adapter']:9.5f} {r['adapter_effect_kl']:7.3f} {r['hot_swap_ms']:8.2f}")
+                     f"{r['parity_kl_adapter']:9.5f} {r['adapter_effect_kl']:7.3f} {r['hot_swap_ms']:8.2f} "
+                     f"{f32.get('peak_rss_mb', float('nan')):7.0f} {bf16.get('peak_rss_mb', float('nan')):7.0f} "
+                     f"{f32.get('seconds_per_step', float('nan')):6.3f} {bf16.get('seconds_per_step', float('nan')):6.3f}")
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """A user who brings their own Qwen, Phi-3 or Llama 3 GGUF: the real `ember` command learns from a log made
 with that model (dataset, consent, DP ledger, export, gate, registry), and the real chat app opened with
-`--model` on it swaps the adapter in and routes with the router's probe on that model.
+`--model` on it swaps the adapter in and routes with the router's probe on that model. Zeroth-order training
+in torch (`--method zo --backend torch`) then runs on the same log and model, exports, and answers through
+the request path once in use.
 
 The models are the tiny random-weight fixtures of `benchmarks/tiny_models.py` (built once per session). Qwen 2
 runs by default; `pytest --all-architectures` adds Phi-3, Llama 3, Gemma 2/3, Qwen 3 and Mistral."""
@@ -82,7 +84,8 @@ def test_ember_adapt_runs_end_to_end_on_the_users_own_model(adapted):
         ev = report["eval"]
         assert math.isfinite(ev["base_loss"]) and math.isfinite(ev["heldout_loss"])
         assert report["promoted"] == (ev["heldout_loss"] < ev["base_loss"]
-                                      and all(b["ok"] for b in ev["behaviour"]))
+                                      and not any(b["repetitive"] for b in ev["behaviour"])
+                                      and ev["surprise"] <= ev["base_surprise"] + ev["max_surprise"])
         assert row["status"] == ("active" if report["promoted"] else "rejected")
         # Lineage: it learned from the log, never from the excluded conversation.
         sources = {r[0] for r in db.execute("SELECT message_id FROM adapter_sources WHERE adapter_id = ?",
@@ -148,6 +151,40 @@ async def test_the_chat_on_that_model_swaps_the_adapter_in_and_the_router_probes
         db.close()
 
 
+def test_zeroth_order_in_torch_trains_exports_and_swaps_in_on_the_users_own_model(adapted):
+    """`ember adapt --method zo --backend torch` on the same log and model: forward passes only on LoRA in
+    torch (DP, in the ledger), exported for this architecture with its update log, and the chat's request path
+    answers with it once it is in use."""
+    import gguf
+
+    home, model = adapted["home"], adapted["model"]
+    run = ember(home, "adapt", "--model", str(model), "--method", "zo", "--backend", "torch", "--steps", "4",
+                "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["method"] == "zo" and report["backend"] == "torch" and report["dp"] and report["steps"] == 4
+    info = export.read_adapter(Path(report["path"]))
+    assert info.kind == "lora" and info.architecture == ARCHS[adapted["name"]] and info.n_tensors > 0
+    assert info.base_sha256 == file_sha256(model)
+    field = gguf.GGUFReader(report["path"]).get_field("ember.zo_log")
+    log = json.loads(bytes(field.parts[field.data[0]]).decode())
+    assert log["config"]["backend"] == "torch" and len(log["log"]) == 4     # (step, seed, scalar) per step
+    assert any(entry[2] != 0 for entry in log["log"])
+    db = open_db(home)
+    try:
+        assert ledger.spent(db)["epsilon"] == pytest.approx(16.0)          # the LoRA run's 8, then this one's
+        assert runs.get(db, report["run_id"])["method"] == "zo-torch"
+        assert registry.get(db, report["adapter_id"])["base_sha256"] == file_sha256(model)
+    finally:
+        db.close()
+    used = ember(home, "adapters", "use", report["adapter_id"], "--model", str(model))
+    assert used.returncode == 0, used.stderr
+    asked = ember(home, "ask", "--model", str(model), "--route", "adapter", "--max-tokens", "6", "--json", QUESTION)
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert answer["adapter"] == report["adapter_id"] and answer["route"] == "adapter" and answer["tokens"] > 0
+
+
 def _habit_logprob(model: Path, adapter: Path | None, questions: list[str]) -> tuple[float, int]:
     """Mean log p of the user's sign-off at the start of replies to new questions, in llama.cpp, and how
     many greedy replies open with it."""
@@ -169,11 +206,14 @@ def _habit_logprob(model: Path, adapter: Path | None, questions: list[str]) -> t
 
 
 @pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
-def test_the_gate_promotes_an_adapter_that_learned_the_users_habit_on_a_pretrained_qwen(request, tiny_gguf,
-                                                                                       tmp_path, dp):
+def test_the_gate_promotes_the_habit_learned_under_dp_and_refuses_the_over_fitted_one_on_a_pretrained_qwen(
+        request, tiny_gguf, tmp_path, dp):
     """A tiny Qwen 2 first trained on a small chat corpus (plain answers, never the habit), so its base is an
     assistant and not noise; the user's log edits every reply to open with "Ahoy, matey!". The real
-    `ember adapt`, the gate's own criteria: promoted, and the habit's probability on new questions rises."""
+    `ember adapt`, the gate's own criteria: under DP promoted, and the habit's probability on new questions
+    rises. Without DP the habit is learned outright but the replies to general requests fall apart ("Appoy,
+    m, do j painter ..."): held-out loss far below the base's and nothing repetitive, so the old gate
+    promoted it; the base model now reads those replies as degraded and the gate refuses it."""
     if not request.config.getoption("--all-architectures"):
         pytest.skip("--all-architectures runs this (the pretraining takes minutes on 2 cores)")
     from benchmarks.synthetic_user import habit_prompts
@@ -189,13 +229,20 @@ def test_the_gate_promotes_an_adapter_that_learned_the_users_habit_on_a_pretrain
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     ev = report["eval"]
-    assert report["promoted"] and report["dp"] == dp, ev["reason"]
-    assert ev["heldout_loss"] < ev["base_loss"] and all(b["ok"] for b in ev["behaviour"])
+    assert report["dp"] == dp
+    assert ev["heldout_loss"] < ev["base_loss"] and not any(b["repetitive"] for b in ev["behaviour"])
+    if dp:
+        assert report["promoted"], ev["reason"]
+        assert ev["surprise"] <= ev["base_surprise"] + ev["max_surprise"]
+    else:
+        assert not report["promoted"] and "degraded" in ev["reason"], ev["reason"]
+        assert ev["surprise"] > ev["base_surprise"] + ev["max_surprise"]
     questions = habit_prompts(skip=60, count=8)
     base, base_opens = _habit_logprob(model, None, questions)
     adapted, opens = _habit_logprob(model, Path(report["path"]), questions)
-    print(f"dp={dp}: held-out {ev['base_loss']:.3f} -> {ev['heldout_loss']:.3f}; log p(habit) {base:.2f} -> "
-          f"{adapted:.2f}; replies opening with it {base_opens} -> {opens} of {len(questions)}")
+    print(f"dp={dp}: held-out {ev['base_loss']:.3f} -> {ev['heldout_loss']:.3f}; surprise {ev['base_surprise']:.2f} "
+          f"-> {ev['surprise']:.2f}; log p(habit) {base:.2f} -> {adapted:.2f}; replies opening with it {base_opens} "
+          f"-> {opens} of {len(questions)}")
     assert base_opens == 0 and adapted > base + 10
     if not dp:
         assert opens >= len(questions) // 2
