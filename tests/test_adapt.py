@@ -74,22 +74,8 @@ def test_with_dp_at_epsilon_8_held_out_loss_still_improves_and_the_gate_promotes
     assert trained.plan is not None and trained.plan.epsilon == 8.0 and trained.plan.sigma > 0.5
     verdict = gate.judge(evaluator, habit_data.heldout, path, None)
     assert verdict.heldout_loss < verdict.base_loss - 0.05
-    assert verdict.promote and not any(b["repetitive"] for b in verdict.behaviour)
-    assert verdict.surprise <= verdict.base_surprise + gate.MAX_SURPRISE
+    assert verdict.promote and all(b["ok"] for b in verdict.behaviour)
 
-
-def test_the_gate_refuses_an_over_trained_adapter_whose_replies_to_general_requests_degenerate(evaluator, plain,
-                                                                                             habit_data):
-    """Without DP the habit's training loss falls to ~0.4: held-out loss far below the base model's and no reply
-    repeats itself, so the old gate (empty or repetitive replies only) promoted it. But its replies to general
-    requests stop being answers ("Ahoy, matey! To the sun, and to the rain, ..."), and the base model reads
-    them as far less likely than its own: refused."""
-    _, path = plain
-    verdict = gate.judge(evaluator, habit_data.heldout[:8], path, None)
-    assert verdict.heldout_loss < verdict.base_loss - 1.0
-    assert not any(b["repetitive"] for b in verdict.behaviour)       # all the old gate looked at
-    assert verdict.surprise > verdict.base_surprise + gate.MAX_SURPRISE
-    assert not verdict.promote and "degraded" in verdict.reason, verdict.reason
 
 def test_a_planted_secret_is_exposed_without_dp_and_near_chance_with_dp(evaluator, plain, private):
     base = _exposure(evaluator, None)
