@@ -81,8 +81,14 @@ def sync_messages(db: sqlite_utils.Database, batch: int = 2000) -> int:
             if m["conversation_id"] not in kept:
                 kept[m["conversation_id"]] = convs.branch_ids(db, m["conversation_id"])
         with transaction(db):
+            # Another process may have indexed some of them since they were read (the chat and `ember
+            # status` both sync): under the write lock, what has chunks now is left alone.
+            ids = [m["id"] for m in pending]
+            indexed = {row[0] for row in db.execute(
+                f"SELECT DISTINCT message_id FROM memory_chunks WHERE message_id IN ({','.join('?' * len(ids))})",
+                ids)}
             for m in pending:
-                if m["id"] not in kept[m["conversation_id"]]:
+                if m["id"] not in kept[m["conversation_id"]] or m["id"] in indexed:
                     continue
                 text = m["content"]
                 if m["role"] == "assistant":

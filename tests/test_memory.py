@@ -278,3 +278,27 @@ def test_vectors_made_before_they_read_neighbours_stay_in_use_and_are_remade(tmp
     Retriever(old, embedder).search("pottery class", 2)
     assert not memory.stale(old)
     old.close()
+
+
+def test_two_processes_indexing_the_same_new_message_at_once_both_succeed(home, monkeypatch):
+    """The chat and `ember status` both index new messages: one may chunk a message between the other's
+    reading it as pending and its write (a UNIQUE constraint failure in the stress test's `ember status`)."""
+    from storage.db import open_db
+
+    first, second = open_db(home), open_db(home)
+    conversation = convs.create_conversation(first, "race")
+    convs.add_message(first, conversation, "user", "My bicycle is green and has a basket.")
+    real = convs.branch_ids
+    calls = []
+
+    def other_process_indexes_meanwhile(db, conversation_id):
+        if db is first and not calls:
+            calls.append(None)
+            calls[0] = memory.sync_messages(second)      # after `first` read it as pending
+        return real(db, conversation_id)
+
+    monkeypatch.setattr(convs, "branch_ids", other_process_indexes_meanwhile)
+    memory.sync_messages(first)
+    assert calls == [1]
+    assert first.execute("SELECT COUNT(*) FROM memory_chunks").fetchone()[0] == 1
+    first.close(), second.close()
