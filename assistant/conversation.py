@@ -357,7 +357,7 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
     if chosen == "auto":
         decision = router.decide(text, engine=engine, retriever=retriever, db=db,
                                  system=settings.system_prompt, k=settings.memory_k, now=now,
-                                 exclude_message_ids=in_prompt)
+                                 exclude_message_ids=in_prompt, asked_id=question.message_id)
         chosen = decision.route
     engine.use_adapter(chosen in ("adapter", "both"))
     memories: list[Hit] = []
@@ -431,14 +431,16 @@ def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, dr
       front of it, as `respond` places them: once sent, the message's memories are recalled again and
       only what differs from the draft's (from the first memory that changed on) is evaluated. Without
       a retriever, the history alone is read ahead on these routes;
-    - on the auto route with an adapter loaded, the router's probe reads the draft too (`router.read_ahead`).
+    - on the auto route, the router decides for the draft (`router.decide(ahead=True)`: its search and,
+      with an adapter loaded, its probe), and the draft is read as that route will answer it, memories
+      included. Once sent, the decision is reused unless something it depends on changed.
 
     The same persona (its system prompt), route, history and reply budget as `respond`; the draft is cut
     after its last complete word (the word being typed would change its tokens). `history` is an
     incognito conversation's, held by the front-end. `stop` ends the engine's reading early
     (`Engine.read_ahead`). Nothing is stored, and a draft that cannot be
     answered as it stands (an unknown persona or route, a missing conversation, a prompt too long) reads
-    no further. Returns the tokens read, engine and probe together.
+    no further. Returns the tokens the engine read.
     """
     cut = len(draft.rstrip()) - len(draft.rstrip().split()[-1]) if draft.strip() else 0
     words = draft[:cut].rstrip()
@@ -452,24 +454,30 @@ def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, dr
             rows = _history_rows(db, conversation_id) if conversation_id is not None else []
             history = [{"role": row["role"], "content": row["content"]} for row in rows]
             ids = [row["id"] for row in rows]
-        if route != "auto":
-            engine.use_adapter(route in ("adapter", "both"))   # as `respond` will, before it generates
         asked = Question(words, conversation_id, None, list(history), ids, persona=chosen)
         max_tokens = reply_budget(engine, settings, None)
         memories: list[Hit] = []
-        if route in ("rag", "both") and retriever is not None:
+        if route in ("auto", "rag", "both") and retriever is not None:
             retriever.refresh()   # the last exchange's notes get their vectors now, not once it is sent
-        if route in ("rag", "both") and retriever is not None and draft.strip():
-            # Memories are recalled for the whole draft, the word being typed too: they come before
-            # the message, so its tokens do not matter, and the draft as sent recalls the same ones.
+        if route in ("auto", "rag", "both") and draft.strip():
+            # Decided and recalled for the whole draft, the word being typed too: memories come before
+            # the message, so its tokens do not matter, and the draft as sent is decided the same way.
             whole = dataclasses.replace(asked, text=draft.strip())
             budget = _memory_budget(engine, settings, whole.text, max_tokens)
             exclude = _in_prompt(engine, settings, whole, max_tokens + max(budget, 0))
-            memories = recall(retriever, engine, settings, whole.text, budget, exclude=exclude)
+            decision = None
+            if route == "auto":
+                decision = router.decide(whole.text, engine=engine, retriever=retriever, db=db,
+                                         system=settings.system_prompt, k=settings.memory_k,
+                                         exclude_message_ids=exclude, ahead=True)
+                route = decision.route
+            if route in ("rag", "both") and retriever is not None:
+                memories = recall(retriever, engine, settings, whole.text, budget, exclude=exclude,
+                                  found=decision.hits if decision else None)
+        if route != "auto":
+            engine.use_adapter(route in ("adapter", "both"))   # as `respond` will, before it generates
         read = with_prompt(lambda messages: engine.read_ahead(messages, max_tokens, stop=stop), settings, asked,
                            memories)
-        if route == "auto" and engine.loaded_adapter:
-            read += router.read_ahead(draft, engine=engine, db=db, system=settings.system_prompt)
     except EmberError:
         return read
     return read

@@ -27,13 +27,14 @@ import datetime as dt
 import math
 import re
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 
 import numpy as np
 
 from assistant.probe import PROBE_MAX_TOKENS, PROBE_TOKENS, prober_for
 from assistant.retrieval import Hit, time_window
-from storage import registry
+from storage import memory, registry
 from storage import routing as log
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class Features:
     adapter_eval_gain: float | None = None  # the gate's base loss minus the adapter's held-out loss
     memory_chunks: int = 0
     dense_skipped: bool = False            # not embedded: no note shares a word with it (`needs_dense`)
+    decided_ahead: bool = False            # measured while the message was typed (`decide(ahead=True)`)
 
     @property
     def adapter_gain(self) -> float | None:
@@ -272,20 +274,62 @@ def features_for(question: str, *, engine: Engine, retriever: Retriever | None, 
     return f, hits
 
 
+# The last decision made ahead per engine, while its message was typed: (what it depends on, Decision).
+_AHEAD: weakref.WeakKeyDictionary[Engine, tuple[tuple[Any, ...], Decision]] = weakref.WeakKeyDictionary()
+
+
+def _depends_on(question: str, *, engine: Engine, retriever: Retriever | None, db: sqlite_utils.Database,
+                system: str | None, k: int, now: dt.date | None, in_prompt: Collection[int],
+                asked_id: int | None, policy_id: int | None) -> tuple[Any, ...]:
+    """Everything a decision on `question` depends on: the question, system prompt and k, the day (time
+    windows), the messages in the prompt (the question's own, `asked_id`, aside: a draft has none), the
+    memory a search sees and the feedback that filters it (`memory.search_state`), the loaded adapter,
+    and the thresholds in use."""
+    state = memory.search_state(db, in_prompt) if retriever is not None else None
+    return (question, system, k, now or dt.date.today(), frozenset(in_prompt) - {asked_id},
+            engine.loaded_adapter, policy_id, state)
+
+
 def decide(question: str, *, engine: Engine, retriever: Retriever | None, db: sqlite_utils.Database,
            system: str | None, k: int, now: dt.date | None = None,
-           exclude_message_ids: Collection[int] = ()) -> Decision:
+           exclude_message_ids: Collection[int] = (), asked_id: int | None = None,
+           ahead: bool = False) -> Decision:
     """Features, then the route under the thresholds in use.
 
     `exclude_message_ids`: the messages the prompt will hold (this conversation's turns that fit, and
     the question): notes made from them are neither counted as matches nor returned as memories.
+
+    `ahead=True` decides for a message still being typed, and keeps the decision: when the message is
+    sent (`asked_id`, the id it was logged with) and nothing the decision depends on has changed since
+    (`_depends_on`: the same words, memory, feedback, adapter and thresholds; the message's own notes
+    aside), that decision is returned without measuring again, its features marked `decided_ahead` and
+    its `seconds` the time the check took. Otherwise it is measured as it is sent.
     """
     started = time.perf_counter()
     thresholds, policy_id = thresholds_in_use(db)
+    if retriever is not None and ahead:
+        # Every note a search may use gets its vector now, so that searching changes nothing it depends on.
+        retriever.refresh(skip_messages=exclude_message_ids)
+    elif retriever is not None:
+        retriever.sync()   # the log's newest messages are part of what the decision depends on
+
+    def depends() -> tuple[Any, ...]:
+        return _depends_on(question, engine=engine, retriever=retriever, db=db, system=system, k=k, now=now,
+                           in_prompt=exclude_message_ids, asked_id=asked_id, policy_id=policy_id)
+
+    before = depends()
+    kept = _AHEAD.pop(engine, None)
+    if not ahead and kept is not None and kept[0] == before:
+        decision = kept[1]
+        return dataclasses.replace(decision, seconds=time.perf_counter() - started,
+                                   features=dataclasses.replace(decision.features, decided_ahead=True))
     features, hits = features_for(question, engine=engine, retriever=retriever, db=db, system=system, k=k,
                                   now=now, exclude_message_ids=exclude_message_ids, thresholds=thresholds)
     route, reason = choose(features, thresholds, adapter=engine.loaded_adapter is not None)
-    return Decision(route, reason, features, hits, time.perf_counter() - started, policy_id)
+    decision = Decision(route, reason, features, hits, time.perf_counter() - started, policy_id)
+    if ahead and depends() == before:   # kept only if nothing changed while it was measured
+        _AHEAD[engine] = (before, decision)
+    return decision
 
 
 def record(db: sqlite_utils.Database, decision: Decision, message_id: int | None) -> None:

@@ -201,6 +201,19 @@ def in_context(db: sqlite_utils.Database, ids: Sequence[int]) -> dict[int, list[
             for link in links}
 
 
+def search_state(db: sqlite_utils.Database, skip_messages: Collection[int] = ()) -> tuple[Any, ...]:
+    """What a memory search's answer depends on, as a value that changes whenever any of it does: the
+    chunks (but those made from `skip_messages`), how many of them wait for a vector or hold an
+    out-of-date one, and the user's feedback (which decides whose replies may be recalled). A few index
+    walks (~1 ms at 10,000 chunks)."""
+    where, skip = _not_from(skip_messages)
+    chunks = db.execute(f"SELECT COUNT(*), MAX(id) FROM memory_chunks WHERE 1{where}", skip).fetchone()
+    unembedded = db.execute(f"SELECT COUNT(*) FROM memory_chunks WHERE embedding IS NULL{where}", skip).fetchone()
+    out_of_date = db.execute(f"SELECT COUNT(*) FROM memory_chunks WHERE vector_stale = 1{where}", skip).fetchone()
+    reviews = db.execute("SELECT COUNT(*), MAX(id) FROM feedback").fetchone()
+    return (*chunks, unembedded[0], out_of_date[0], *reviews)
+
+
 def stale_count(db: sqlite_utils.Database) -> int:
     """How many chunks have an out-of-date vector."""
     return db.execute("SELECT COUNT(*) FROM memory_chunks WHERE vector_stale = 1").fetchone()[0]

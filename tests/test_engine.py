@@ -205,6 +205,43 @@ def test_a_draft_on_the_rag_route_is_read_with_its_memories_and_sending_embeds_n
     assert second.first_token_seconds is not None and second.status in ("complete", "length")
 
 
+def test_a_draft_the_router_sends_to_memory_is_read_with_its_memories_and_decided_while_typed(settings, engine,
+                                                                                                db, embedder):
+    """On auto (the default), the chat decides the route for the draft while it is typed and reads it
+    as that route will answer it: a question the router sends to memory is read with its memories,
+    so sending it evaluates only its last word and the template's tail, and the decision is reused,
+    not measured again (the old read-ahead left the memories out, and the reply re-read everything
+    after the system prompt)."""
+    import dataclasses
+
+    from assistant.conversation import read_ahead, respond
+    from assistant.retrieval import Retriever
+    from storage import memory
+
+    memory.upsert_records(db, [
+        {"id": "wifi", "text": "The wifi password at the cabin is pinecone42."},
+        {"id": "car", "text": "I parked the car on level four of the station garage."}])
+    retriever = Retriever(db, embedder)
+    short = dataclasses.replace(settings, max_tokens=8, temperature=0.0, seed=0)
+    first = respond(db, engine, short, "Say hello in French.", retriever=retriever)
+    assert first.route == "base"
+    question = "What is the wifi password at the cabin?"
+    for n in [0, *(i + 1 for i, ch in enumerate(question) if ch == " "), len(question)]:   # word by word
+        read_ahead(db, engine, short, question[:n], conversation_id=first.conversation_id, retriever=retriever)
+    held = held_tokens(engine)
+    evaluated: list[int] = []
+    real_eval = engine.llm.eval
+    engine.llm.eval = lambda tokens: (evaluated.append(len(tokens)), real_eval(tokens))[1]
+    try:
+        second = respond(db, engine, short, question, conversation_id=first.conversation_id, retriever=retriever)
+    finally:
+        del engine.llm.eval
+    assert second.route == "rag" and second.memories[0].public_id == "wifi"
+    assert second.decision.features.decided_ahead
+    last_word = len(engine.llm.tokenize(b" cabin?", add_bos=False, special=False))
+    assert evaluated[0] == second.prompt_tokens - len(held) == last_word + engine.template_tail()
+
+
 def test_reading_ahead_stops_when_asked_and_goes_on_from_where_it_stopped(engine):
     """A message sent (or typed on) while a long draft is still being read waits at most one slice:
     the read stops when asked, keeps what it read, and the next read goes on from there."""

@@ -197,6 +197,44 @@ def test_the_probe_reads_ahead_only_with_an_adapter_on_the_auto_route(settings, 
     assert prober.held(None) == before
 
 
+def test_a_decision_made_while_typing_is_reused_only_while_nothing_it_depends_on_changed(settings, adapter_engine,
+                                                                                         embedder, db):
+    from assistant.conversation import read_ahead
+    from storage import feedback
+
+    memory.upsert_records(db, [{"id": "wifi", "text": "The wifi password at the cabin is pinecone42."}])
+    retriever = Retriever(db, embedder)
+    question = "What is the wifi password at the cabin?"
+    read_ahead(db, adapter_engine, settings, question, retriever=retriever)
+    sent = respond(db, adapter_engine, settings, question, retriever=retriever)
+    ahead = sent.decision
+    assert ahead.features.decided_ahead and ahead.route in ("rag", "both")
+    # The same decision as one measured at send: route, memories and features.
+    fresh = router.decide(question, engine=adapter_engine, retriever=retriever, db=db, system=settings.system_prompt,
+                          k=settings.memory_k, exclude_message_ids={sent.user_message_id})
+    assert not fresh.features.decided_ahead
+    assert (fresh.route, [h.id for h in fresh.hits]) == (ahead.route, [h.id for h in ahead.hits])
+    for name in ("similarity", "margin", "bm25", "entropy_base", "entropy_adapter"):
+        assert getattr(fresh.features, name) == pytest.approx(getattr(ahead.features, name), rel=1e-3), name
+    assert routing.decision_for(db, sent.message_id)["features"]["decided_ahead"] is True
+
+    # Whatever changes between typing and sending makes the decision be measured again.
+    gate = "What is the gate code at the cabin?"
+
+    def typed_then_sent(change) -> router.Decision:
+        router.decide(gate, engine=adapter_engine, retriever=retriever, db=db, system=None, k=5, ahead=True)
+        change()
+        return router.decide(gate, engine=adapter_engine, retriever=retriever, db=db, system=None, k=5)
+
+    assert typed_then_sent(lambda: None).features.decided_ahead
+    new_note = typed_then_sent(lambda: memory.upsert_records(db, [{"id": "gate", "text": "The gate code is 4711."}]))
+    assert not new_note.features.decided_ahead and "gate" in [h.public_id for h in new_note.hits]
+    review = typed_then_sent(lambda: feedback.rate(db, sent.message_id, "up"))
+    assert not review.features.decided_ahead
+    assert not typed_then_sent(lambda: adapter_engine.load_adapter(None, None)).features.decided_ahead
+    assert typed_then_sent(lambda: None).features.decided_ahead
+
+
 def test_fit_from_log_and_router_show(settings, adapter_engine, db, ember):
     seed_habit_user(db, 8)            # eight edited replies: the answers the user wanted
     result = router.fit_from_log(db, settings)

@@ -476,21 +476,19 @@ async def test_the_router_reads_a_message_while_it_is_typed(settings, swappable,
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: "adapter: lora-ahead" in status(app), timeout=10)
         await type_text(pilot, question)
-        # Before Enter, both probe lanes hold every complete word: only " fence?" and the template's
-        # tail are left for the decision.
-        words = router._probe_prompt(swappable, settings.system_prompt, question.rsplit(" ", 1)[0])
-        expected = words[:len(words) - swappable.template_tail()]
+        # Before Enter, the route is decided for the draft: both probe lanes hold the whole question.
+        full = router._probe_prompt(swappable, settings.system_prompt, question)
         prober = prober_for(swappable)
-        await wait_until(pilot, lambda: prober.held(None) == expected, timeout=30)
-        assert prober.held(swappable._loaded) == expected
+        await wait_until(pilot, lambda: prober.held(None) == full, timeout=30)
+        assert prober.held(swappable._loaded) == full
         assert convs.list_conversations(db) == []    # a draft is read, never stored
         await pilot.press("enter")
         await wait_until(pilot, lambda: not app.screen.query_one(PromptInput).submit_pending, timeout=10)
         await wait_until(pilot, lambda: not chat(app).generating)
         view = app.screen.query(MessageView)[-1]
         assert view.status in ("complete", "length") and view.content
-        full = router._probe_prompt(swappable, settings.system_prompt, question)
-        assert prober.held(None)[:len(full)] == full    # the decision read the rest
+        reply = convs.messages(db, convs.list_conversations(db)[0]["id"])[-1]
+        assert routing.decision_for(db, reply["id"])["features"]["decided_ahead"] is True   # not measured again
 
 
 async def test_the_chat_reads_the_next_message_into_the_kv_cache_while_it_is_typed(settings, engine, db):
