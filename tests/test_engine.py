@@ -237,9 +237,9 @@ def test_a_draft_the_router_sends_to_memory_is_read_with_its_memories_and_decide
     finally:
         del engine.llm.eval
     assert second.route == "rag" and second.memories[0].public_id == "wifi"
-    assert second.decision.features.decided_ahead
     last_word = len(engine.llm.tokenize(b" cabin?", add_bos=False, special=False))
     assert evaluated[0] == second.prompt_tokens - len(held) == last_word + engine.template_tail()
+    assert second.decision.features.decided_ahead
 
 
 def test_reading_ahead_stops_when_asked_and_goes_on_from_where_it_stopped(engine):
