@@ -17,7 +17,7 @@ def test_bench_lists_benchmarks_and_refuses_unknown_ones(ember):
 def test_engine_benchmark_compares_against_bare_llama_cpp(ember, tmp_path, request):
     if not request.config.getoption("--benchmarks"):
         pytest.skip("a benchmark (~5 minutes): run with --benchmarks")
-    result = ember("bench", "engine", "--quick", "--rounds", "1", "--output-dir", str(tmp_path), timeout=600)
+    result = ember("bench", "engine", "--quick", "--rounds", "1", "--output-dir", str(tmp_path), timeout=1200)
     assert result.returncode == 0, result.err
     written = json.loads((tmp_path / "engine.json").read_text())
     assert written["same_output"] is True     # same model, prompt and settings on both sides
@@ -28,6 +28,9 @@ def test_engine_benchmark_compares_against_bare_llama_cpp(ember, tmp_path, reque
     assert {"auto", "base", "bare"} <= set(everyday["whole_process"])
     assert everyday["router_decision"]["with_adapter"]["p50_ms"] > 0
     assert everyday["router_decision"]["with_adapter_typed"]["p50_ms"] > 0
+    ahead = everyday["router_decision"]["with_adapter_decided_ahead"]
+    assert ahead["p50_ms"] > 0 and ahead["decided_ahead"] == ahead["decisions"]   # every one reused at send
+    assert everyday["router_decision"]["with_adapter"]["decided_ahead"] == 0
     for key in ("multi_turn", "multi_turn_typed"):
         assert set(everyday[key]) == {"base", "rag", "adapter", "both", "auto"}
         assert all(len(turns["ttft_s"]) == 10 for turns in everyday[key].values())
