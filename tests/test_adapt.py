@@ -75,6 +75,24 @@ def test_with_dp_at_epsilon_8_held_out_loss_still_improves_and_the_gate_promotes
     verdict = gate.judge(evaluator, habit_data.heldout, path, None)
     assert verdict.heldout_loss < verdict.base_loss - 0.05
     assert verdict.promote and all(b["ok"] for b in verdict.behaviour)
+    assert verdict.surprise <= verdict.base_surprise + gate.MAX_SURPRISE
+    assert "nats/token" in verdict.reason and f"at most {gate.MAX_SURPRISE:g}" in verdict.reason
+
+
+def test_the_gate_refuses_an_over_trained_adapter_whose_replies_to_general_requests_degenerate(evaluator, plain,
+                                                                                             habit_data):
+    """Without DP the habit's training loss falls to ~0.4: held-out loss far below the base model's and no reply
+    repeats itself, so a gate that looks for empty or repetitive replies only promotes it. But its replies to
+    general requests stop being answers ("Ahoy, matey! To the sun, and to the sea, it is to be told."), and the
+    base model reads them as far less likely than its own: refused, with the figure and the limit."""
+    _, path = plain
+    verdict = gate.judge(evaluator, habit_data.heldout[:8], path, None)
+    assert verdict.heldout_loss < verdict.base_loss - 1.0
+    assert all(b["ok"] for b in verdict.behaviour)       # all the old gate looked at
+    assert verdict.surprise > verdict.base_surprise + gate.MAX_SURPRISE
+    assert not verdict.promote and "degraded" in verdict.reason, verdict.reason
+    assert f"{verdict.surprise:.2f} nats/token" in verdict.reason and f"{gate.MAX_SURPRISE:g}" in verdict.reason
+    assert verdict.as_json()["max_surprise"] == gate.MAX_SURPRISE
 
 
 def test_a_planted_secret_is_exposed_without_dp_and_near_chance_with_dp(evaluator, plain, private):

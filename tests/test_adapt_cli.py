@@ -80,16 +80,27 @@ def test_a_killed_run_leaves_nothing_registered_and_resumes_from_its_checkpoint(
     assert f"resuming interrupted run {killed['id']} from step" in result.err
     assert "WITHOUT differential privacy" in result.err + result.out
     assert "step 16/16 loss" in result.err and " ε no DP eta " in result.err    # the progress lines
-    assert "promoted, now in use" in result.out, result.out
     finished = runs.get(db, killed["id"])
     assert finished["status"] == "done" and finished["adapter_id"]
     adapter = registry.get(db, finished["adapter_id"])
-    assert adapter["status"] == "active" and adapter["epsilon"] is None
+    assert adapter["epsilon"] is None
     assert adapter["eval"]["heldout_loss"] < adapter["eval"]["base_loss"]
     assert not list((training_cache / "runs").glob("*.pt"))        # the checkpoint is gone once registered
+    # Without DP, 16 steps on this habit make the model answer general requests with "Ahoy, matey!" and
+    # nothing else (measured: the base reads those replies 2.3 nats/token above its own; README, "The
+    # gate's behaviour check"): the gate refuses it, says why in one line, and shows the figure and limit.
+    ev = adapter["eval"]
+    assert ev["surprise"] > ev["base_surprise"] + ev["max_surprise"]
+    assert adapter["status"] == "rejected" and registry.active(db) is None
+    assert "not promoted: replies to general requests degraded" in result.out, result.out
+    assert f"at most +{ev['max_surprise']:g}" in result.out
 
 
-def test_the_promoted_adapter_answers_and_is_reported(ember, home):
+def test_an_adapter_the_gate_refused_can_still_be_chosen_and_answers_with_the_habit(ember, home):
+    listed = json.loads(ember("adapters", "list", "--json").out)
+    assert [a["status"] for a in listed] == ["rejected"]
+    assert "degraded" in ember("adapters", "list").out                  # the reason, in the list
+    assert ember("adapters", "use", listed[0]["id"]).returncode == 0    # the user's choice overrides the gate
     listed = json.loads(ember("adapters", "list", "--json").out)
     active = [a for a in listed if a["active"]]
     assert len(active) == 1 and not active[0]["tainted"]

@@ -84,7 +84,8 @@ def test_ember_adapt_runs_end_to_end_on_the_users_own_model(adapted):
         ev = report["eval"]
         assert math.isfinite(ev["base_loss"]) and math.isfinite(ev["heldout_loss"])
         assert report["promoted"] == (ev["heldout_loss"] < ev["base_loss"]
-                                      and all(b["ok"] for b in ev["behaviour"]))
+                                      and not any(b["repetitive"] for b in ev["behaviour"])
+                                      and ev["surprise"] <= ev["base_surprise"] + ev["max_surprise"])
         assert row["status"] == ("active" if report["promoted"] else "rejected")
         # Lineage: it learned from the log, never from the excluded conversation.
         sources = {r[0] for r in db.execute("SELECT message_id FROM adapter_sources WHERE adapter_id = ?",
@@ -205,11 +206,14 @@ def _habit_logprob(model: Path, adapter: Path | None, questions: list[str]) -> t
 
 
 @pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
-def test_the_gate_promotes_an_adapter_that_learned_the_users_habit_on_a_pretrained_qwen(request, tiny_gguf,
-                                                                                       tmp_path, dp):
+def test_the_gate_promotes_the_habit_learned_under_dp_and_refuses_the_over_fitted_one_on_a_pretrained_qwen(
+        request, tiny_gguf, tmp_path, dp):
     """A tiny Qwen 2 first trained on a small chat corpus (plain answers, never the habit), so its base is an
     assistant and not noise; the user's log edits every reply to open with "Ahoy, matey!". The real
-    `ember adapt`, the gate's own criteria: promoted, and the habit's probability on new questions rises."""
+    `ember adapt`, the gate's own criteria: under DP promoted, and the habit's probability on new questions
+    rises. Without DP the habit is learned outright but the replies to general requests fall apart ("Appoy,
+    m, do j painter ..."): held-out loss far below the base's and nothing repetitive, so the old gate
+    promoted it; the base model now reads those replies as degraded and the gate refuses it."""
     if not request.config.getoption("--all-architectures"):
         pytest.skip("--all-architectures runs this (the pretraining takes minutes on 2 cores)")
     from benchmarks.synthetic_user import habit_prompts
@@ -225,13 +229,20 @@ def test_the_gate_promotes_an_adapter_that_learned_the_users_habit_on_a_pretrain
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     ev = report["eval"]
-    assert report["promoted"] and report["dp"] == dp, ev["reason"]
-    assert ev["heldout_loss"] < ev["base_loss"] and all(b["ok"] for b in ev["behaviour"])
+    assert report["dp"] == dp
+    assert ev["heldout_loss"] < ev["base_loss"] and not any(b["repetitive"] for b in ev["behaviour"])
+    if dp:
+        assert report["promoted"], ev["reason"]
+        assert ev["surprise"] <= ev["base_surprise"] + ev["max_surprise"]
+    else:
+        assert not report["promoted"] and "degraded" in ev["reason"], ev["reason"]
+        assert ev["surprise"] > ev["base_surprise"] + ev["max_surprise"]
     questions = habit_prompts(skip=60, count=8)
     base, base_opens = _habit_logprob(model, None, questions)
     adapted, opens = _habit_logprob(model, Path(report["path"]), questions)
-    print(f"dp={dp}: held-out {ev['base_loss']:.3f} -> {ev['heldout_loss']:.3f}; log p(habit) {base:.2f} -> "
-          f"{adapted:.2f}; replies opening with it {base_opens} -> {opens} of {len(questions)}")
+    print(f"dp={dp}: held-out {ev['base_loss']:.3f} -> {ev['heldout_loss']:.3f}; surprise {ev['base_surprise']:.2f} "
+          f"-> {ev['surprise']:.2f}; log p(habit) {base:.2f} -> {adapted:.2f}; replies opening with it {base_opens} "
+          f"-> {opens} of {len(questions)}")
     assert base_opens == 0 and adapted > base + 10
     if not dp:
         assert opens >= len(questions) // 2

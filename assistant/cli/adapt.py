@@ -127,6 +127,10 @@ def _describe(result: dict[str, Any]) -> None:
     ev = result["eval"]
     click.echo(f"eval      held-out loss {ev['heldout_loss']:.3f} vs base {ev['base_loss']:.3f}"
                + (f", current {ev['current_loss']:.3f}" if ev["current_loss"] is not None else ""))
+    if ev.get("surprise") is not None and ev.get("base_surprise") is not None:
+        click.echo(f"general   the base model reads its replies to {len(ev['behaviour'])} general requests at "
+                   f"{ev['surprise']:.2f} nats/token, its own at {ev['base_surprise']:.2f} "
+                   f"({ev['surprise'] - ev['base_surprise']:+.2f}; at most +{ev['max_surprise']:g})")
     verdict = "promoted, now in use" if result["promoted"] else f"not promoted: {ev['reason']}"
     click.echo(f"adapter   {result['adapter_id']} {verdict}")
 
