@@ -5,9 +5,10 @@ use on the held-out examples, and still behaves on a few fixed prompts.
 requests and scores them (mean negative log-likelihood per token, in nats). Fluent text stays close to what
 the base model itself expects; degenerate text (broken words, runs of unrelated tokens, a sign-off and no
 answer) does not. A habit the user taught that opens every reply adds its own tokens' surprise too: the limit
-was set on the adapters measured in the README, none of which learned a habit and kept answering well. The base model's own perplexity as a judge of generated
-text is the standard automatic fluency measure (e.g. "generation perplexity" under a reference model,
-Holtzman et al., arXiv 1904.09751); here the reference is the very model the adapter was trained on.
+was set on the adapters measured in the README, none of which learned a habit and kept answering well.
+The base model's own perplexity as a judge of generated text is the standard automatic fluency measure
+(e.g. "generation perplexity" under a reference model, Holtzman et al., arXiv 1904.09751); here the
+reference is the very model the adapter was trained on.
 
 Everything is measured on what the chat will actually run: the quantized GGUF in llama.cpp with the
 exported adapter file applied, not the float torch model it was trained in.
