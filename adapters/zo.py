@@ -73,6 +73,9 @@ class ZoConfig:
     # `pool_seed` (0: every step's own seed). Household learning sets it; the lr must then be constant.
     seed_pool: int = 0
     pool_seed: int = 0
+    # The llama backend's window: train only the top `window` layers' vectors, the layers below run once
+    # per example (adapters/top_layers.py); 0: every layer's vector, the whole model run at every step.
+    window: int = 0
 
     def __post_init__(self) -> None:
         if self.seed_pool and self.lr_schedule != "constant":
@@ -84,6 +87,8 @@ class ZoConfig:
                 raise InvalidInput(f"{name} must be one of {', '.join(SCHEDULES)}")
         if self.loss_on not in ("target", "all"):
             raise InvalidInput("loss_on must be target or all")
+        if self.window < 0 or (self.window and self.backend != "llama"):
+            raise InvalidInput("a ZO window is a number of top layers, for the llama backend")
         if self.perturbations < 1 or self.steps < 1 or self.batch_size < 1:
             raise InvalidInput("a ZO run needs at least one step, one example a batch and one perturbation")
 
@@ -301,7 +306,9 @@ class LlamaControlVector:
 
     `batched` (the default) scores a step's examples together, one sequence id each, in as few
     `llama_decode` calls as fit (adapters/scoring.py); `batched=False` is Ember 0.1's one call per
-    example, kept as the benchmark's baseline.
+    example, kept as the benchmark's baseline. With `config.window` only the top layers' vectors are
+    trained (`tensors` is that slice of `vector`), and only those layers run at each step
+    (adapters/top_layers.py).
     """
 
     kind = "control_vector"
@@ -309,7 +316,9 @@ class LlamaControlVector:
     def __init__(self, model_path: Path, examples: Sequence[Example], config: ZoConfig, *,
                  base_sha256: str | None, n_ctx: int = 512, batched: bool = True):
         longest = max(len(e.tokens) for e in examples) if examples else 0
-        self.evaluator = self.scorer = None
+        self.evaluator = self.scorer = self.top = None
+        if config.window and not batched:
+            raise InvalidInput("a ZO window needs batched scoring")
         if batched:
             from adapters.llama_log import quiet_llama
             from adapters.scoring import CAPACITY, BatchScorer
@@ -320,8 +329,15 @@ class LlamaControlVector:
                                    logits_all=False, n_threads=config.threads, n_threads_batch=config.threads,
                                    seed=0)
             # n_ctx: room for the longest sequence scored later, held-out examples included.
-            self.scorer = BatchScorer(self.llm, threads=config.threads,
-                                      capacity=max(CAPACITY, n_ctx, longest + 8))
+            capacity = max(CAPACITY, n_ctx, longest + 8)
+            if config.window:
+                from adapters.top_layers import TopLayers
+
+                self.top = TopLayers(self.llm, Path(model_path), config.window, threads=config.threads,
+                                     capacity=capacity)
+                self.scorer = self.top.scorer
+            else:
+                self.scorer = BatchScorer(self.llm, threads=config.threads, capacity=capacity)
         else:
             from adapters.gate import Evaluator
 
@@ -331,7 +347,8 @@ class LlamaControlVector:
         self.n_embd = self.llm.n_embd()
         self.n_layer = int(self.llm.metadata.get(f"{self.llm.metadata['general.architecture']}.block_count"))
         self.vector = np.zeros((self.n_layer - 1) * self.n_embd, dtype=np.float32)
-        self.tensors = [self.vector]
+        # A view: the ZO step writes the trained layers' part of the vector in place.
+        self.tensors = [self.vector[self.top.first * self.n_embd:] if self.top else self.vector]
         self.examples = with_loss_on(examples, config)
 
     def reset(self) -> None:
@@ -342,6 +359,8 @@ class LlamaControlVector:
         """Mean NLL per example with the current vector (`examples`: other than the training set)."""
         pool = self.examples if examples is None else examples
         chosen = [pool[i] for i in indices]
+        if self.top is not None:
+            return self.top.losses([(e.tokens, e.loss_from) for e in chosen], self.tensors[0])
         if self.scorer is not None:
             self.scorer.set_control_vector(self.vector, self.n_embd)
             return self.scorer.losses([(e.tokens, e.loss_from) for e in chosen])
@@ -360,7 +379,10 @@ class LlamaControlVector:
 
     def close(self) -> None:
         """Free the scoring context and the model."""
-        if self.scorer is not None:
+        if self.top is not None:
+            self.top.close()
+            self.llm.close()
+        elif self.scorer is not None:
             self.scorer.close()
             self.llm.close()
         else:

@@ -23,6 +23,8 @@ BATCH = 8
 PROBE_STEPS = 3
 WALL_SECONDS = 90.0
 ZO_EVAL_EVERY = 15
+# The top-layers window (adapters/top_layers.py), at the all-layers step sizes (lr 1e-2, μ 0.3).
+WINDOW = {"window": 8}
 LORA_EVAL_EVERY = 25
 
 
@@ -65,11 +67,12 @@ def probe(mode: str, model_path: str, home: str, threads: int) -> dict[str, Any]
         with torch.no_grad():
             for _ in range(2 * PROBE_STEPS):
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-    elif mode in ("llama_zo", "torch_zo"):
+    elif mode in ("llama_zo", "llama_zo_window", "torch_zo"):
         from adapters import zo
 
-        config = zo.ZoConfig(backend="llama" if mode == "llama_zo" else "torch", steps=PROBE_STEPS,
-                             batch_size=BATCH, epsilon=8.0, eval_every=0, threads=threads)
+        config = zo.ZoConfig(backend="torch" if mode == "torch_zo" else "llama", steps=PROBE_STEPS,
+                             batch_size=BATCH, epsilon=8.0, eval_every=0, threads=threads,
+                             **(WINDOW if mode == "llama_zo_window" else {}))
         backend: Any = (zo.LlamaControlVector(Path(model_path), data.train, config, base_sha256=None)
                         if config.backend == "llama" else zo.TorchLora(Path(model_path), cache, data.train, config))
         zo.train(backend, data, config)
@@ -115,8 +118,9 @@ class _Clock:
             self.paused += time.perf_counter() - began
 
 
-def curve(method: str, model_path: str, home: str, threads: int, out: str) -> dict[str, Any]:
-    """Train `method` without DP for WALL_SECONDS; held-out loss in llama.cpp along the way."""
+def curve(method: str, model_path: str, home: str, threads: int, out: str,
+          wall: float = WALL_SECONDS) -> dict[str, Any]:
+    """Train `method` without DP for `wall` seconds; held-out loss in llama.cpp along the way."""
     from adapters import export, lora, runtime, zo
     from adapters.gate import Evaluator
 
@@ -148,7 +152,7 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
     def tick(p: Any) -> None:
         steps["n"] = p.step
 
-    stop = lambda: clock.now() >= WALL_SECONDS  # noqa: E731
+    stop = lambda: clock.now() >= wall  # noqa: E731
     decodes = None
     if method == "lora_backprop":
         config = lora.LoraConfig(epsilon=None, threads=threads, batch_size=BATCH, steps=100_000)
@@ -166,8 +170,10 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
             record(final["step"], final["weights"])              # where the budget ran out
         result_path = None
     else:
+        # llama_zo_window: only the top WINDOW layers' vectors, the layers below run once per example.
+        window = WINDOW if method == "llama_zo_window" else {}
         config = zo.ZoConfig(backend=method.split("_")[0], epsilon=None, steps=100_000, batch_size=BATCH,
-                             eval_every=ZO_EVAL_EVERY, patience=0, threads=threads)
+                             eval_every=ZO_EVAL_EVERY, patience=0, threads=threads, **window)
         if config.backend == "llama":
             backend: Any = zo.LlamaControlVector(model, data.train, config, base_sha256=None,
                                                  batched=method != "llama_zo_sequential")
@@ -187,7 +193,10 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
             points.append((round(clock.now(), 1), steps["n"], clock.excluding(measure)))   # where the budget ran out
         result_path = Path(out)
         if getattr(backend, "scorer", None) is not None:
-            decodes = round(backend.scorer.decodes / max(1, steps["n"] + len(points)), 1)
+            decodes = round(backend.scorer.decodes / max(1, steps["n"]), 1)
+        shape = {"window": config.window, "lr": config.learning_rate(0), "mu": config.perturbation(0)}
+        if getattr(backend, "top", None) is not None:
+            shape.update(lower_layer_decodes=backend.top.below_decodes, cached_tokens=backend.top.cached_tokens)
         if config.backend == "llama":
             export.write_control_vector_gguf(result_path, backend.directions(), base_sha256="-",
                                              base_name=model.name)
@@ -201,13 +210,15 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str) -> di
     return {"steps": steps["n"], "seconds_per_step": round(per_step, 3), "train_seconds": round(clock.now(), 1),
             "steps_per_second": round(steps["n"] / max(clock.now(), 1e-9), 3),
             "forward_passes_per_step": 2 * BATCH if method != "lora_backprop" else None,
-            "decodes_per_step": decodes,
+            "decodes_per_step": decodes, **(shape if method.startswith("llama") else {}),
             "curve": [{"seconds": s, "step": n, "heldout_loss": round(v, 4)} for s, n, v in points],
             "adapter": str(result_path) if result_path else None}
 
 
-def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
-    """Memory probes, learning curves and canary exposure in one run (`rounds` unused: minutes each)."""
+def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, Any]:
+    """Memory probes, learning curves and canary exposure in one run (`rounds` unused: minutes each;
+    `quick`: 15 s of training each, to check the benchmark works)."""
+    wall = 15.0 if quick else WALL_SECONDS
     from adapters.gate import Evaluator
 
     model = str(settings.model_path)
@@ -218,19 +229,19 @@ def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
         memory = {}
         with spawn.Pool(1) as pool:   # dequantize once first: every torch probe then loads from the cache
             pool.apply(_warm_cache, (model, str(home), settings.threads))
-        for mode in ("llama_inference", "llama_zo", "torch_inference", "torch_zo", "lora_backprop",
+        for mode in ("llama_inference", "llama_zo", "llama_zo_window", "torch_inference", "torch_zo", "lora_backprop",
                      "lora_backprop_all_layers"):
             with spawn.Pool(1) as pool:
                 memory[mode] = pool.apply(probe, (mode, model, str(home), settings.threads))
         learning = {}
-        for method in ("llama_zo", "llama_zo_sequential", "torch_zo", "lora_backprop"):
+        for method in ("llama_zo", "llama_zo_window", "llama_zo_sequential", "torch_zo", "lora_backprop"):
             with spawn.Pool(1) as pool:
                 learning[method] = pool.apply(curve, (method, model, str(home), settings.threads,
-                                                      str(Path(tmp) / f"{method}.gguf")))
+                                                      str(Path(tmp) / f"{method}.gguf"), wall))
         evaluator = Evaluator(settings.model_path, n_ctx=512, threads=settings.threads, base_sha256=None)
         try:
             canary = {"base": dataclasses.asdict(canary_exposure(evaluator, None))}
-            for method in ("llama_zo", "torch_zo"):
+            for method in ("llama_zo", "llama_zo_window", "torch_zo"):
                 canary[method] = dataclasses.asdict(canary_exposure(evaluator, Path(learning[method]["adapter"])))
         finally:
             evaluator.close()
@@ -238,6 +249,8 @@ def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
         r.pop("adapter")
     ratios = {"llama_zo_over_llama_inference": round(memory["llama_zo"]["peak_rss_mb"]
                                                      / memory["llama_inference"]["peak_rss_mb"], 3),
+              "llama_zo_window_over_llama_inference": round(memory["llama_zo_window"]["peak_rss_mb"]
+                                                            / memory["llama_inference"]["peak_rss_mb"], 3),
               "torch_zo_over_torch_inference": round(memory["torch_zo"]["peak_rss_mb"]
                                                      / memory["torch_inference"]["peak_rss_mb"], 3),
               "lora_backprop_over_torch_inference": round(memory["lora_backprop"]["peak_rss_mb"]
@@ -245,11 +258,13 @@ def run(settings: Settings, rounds: int = 1) -> dict[str, Any]:
               "lora_backprop_all_layers_over_torch_inference": round(
                   memory["lora_backprop_all_layers"]["peak_rss_mb"] / memory["torch_inference"]["peak_rss_mb"], 3)}
     # Batched ZO steps against Ember 0.1's one llama_decode per sequence: same model, batch and threads.
-    speedup = round(learning["llama_zo"]["steps_per_second"]
-                    / max(learning["llama_zo_sequential"]["steps_per_second"], 1e-9), 2)
-    return {"batch": BATCH, "threads": settings.threads, "wall_seconds_each": WALL_SECONDS,
+    sequential = max(learning["llama_zo_sequential"]["steps_per_second"], 1e-9)
+    speedup = round(learning["llama_zo"]["steps_per_second"] / sequential, 2)
+    return {"quick": quick, "batch": BATCH, "threads": settings.threads, "wall_seconds_each": wall,
             "memory": memory, "memory_ratios": ratios, "learning": learning,
             "llama_zo_steps_per_second_over_sequential": speedup,
+            "llama_zo_window_steps_per_second_over_sequential": round(
+                learning["llama_zo_window"]["steps_per_second"] / sequential, 2),
             "canary": {k: {"rank": v["rank"], "exposure_bits": round(v["exposure"], 2)} for k, v in canary.items()}}
 
 

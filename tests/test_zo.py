@@ -14,6 +14,7 @@ import pytest
 
 from adapters import dataset, export, privacy, zo
 from adapters.base import file_sha256
+from adapters.errors import InvalidInput
 from benchmarks.synthetic_user import seed_habit_user
 from storage import ledger, registry, runs
 from storage.db import open_db
@@ -91,6 +92,51 @@ def test_a_batch_too_long_for_the_context_is_split_and_a_too_long_example_refuse
     assert scorer.decodes - decodes >= 2
     with pytest.raises(ValueError, match="does not fit"):
         scorer.losses([(list(example.tokens) * (scorer.capacity // len(example.tokens) + 1), example.loss_from)])
+
+
+@pytest.fixture(scope="module")
+def windowed(model_path, small):
+    backend = zo.LlamaControlVector(model_path, small.train, zo.ZoConfig(window=6), base_sha256=None)
+    yield backend
+    backend.close()
+
+
+def test_the_top_layers_on_their_cached_input_score_as_the_whole_model_does(windowed, control_vector):
+    # A vector on the top 6 layers only: the small model (blocks 23-29) on the captured output of
+    # blocks 0-22 gives the losses the whole model gives with the same vector, for a fraction of the work.
+    windowed.reset()
+    assert windowed.top.first == windowed.n_layer - 7 and windowed.tensors[0].base is windowed.vector
+    windowed.tensors[0][:] = np.random.default_rng(2).normal(0, 0.3, windowed.tensors[0].shape)
+    try:
+        control_vector.vector[:] = windowed.vector
+        whole = control_vector.losses(range(8))
+        below = windowed.top.below_decodes
+        top = windowed.losses(range(8))
+        below, ran = windowed.top.below_decodes, windowed.top.below_decodes - below
+        assert ran > 0                                              # the lower layers ran once for these ...
+        assert np.allclose(top, whole, atol=2e-3), (top, whole)
+        again = windowed.losses(range(8))
+        assert windowed.top.below_decodes == below                  # ... and not again
+        assert np.array_equal(again, top)
+        windowed.tensors[0][:] = 0
+        assert np.abs(windowed.losses(range(8)) - top).max() > 0.01      # the vector is applied
+    finally:
+        control_vector.reset()
+        windowed.reset()
+
+
+def test_a_window_run_is_rebuilt_bit_for_bit_and_leaves_the_layers_below_at_zero(windowed, small, model_path):
+    windowed.reset()
+    config = zo.ZoConfig(epsilon=None, steps=3, batch_size=4, perturbations=2, mu=0.3, lr=5e-2, eval_every=0,
+                         window=6)
+    trained = zo.train(windowed, small, config)
+    rebuilt = zo.replay([np.zeros_like(windowed.tensors[0])], trained.log, config)[0]
+    assert rebuilt.tobytes() == windowed.tensors[0].tobytes() and np.any(rebuilt)
+    assert not np.any(windowed.vector[:windowed.top.first * windowed.n_embd])
+    with pytest.raises(InvalidInput, match="window"):
+        zo.LlamaControlVector(model_path, small.train, zo.ZoConfig(window=6), base_sha256=None,
+                              batched=False)
+    windowed.reset()
 
 
 def test_dpzero_clips_each_examples_scalars_so_one_example_moves_the_estimate_by_at_most_c(small):
