@@ -208,6 +208,9 @@ def read_ahead(draft: str, *, engine: Engine, db: sqlite_utils.Database, system:
     Only when the probe will run: an adapter is loaded and the thresholds in use weigh it for the
     draft's query type. The draft is cut after its last complete word (the word being typed would
     change its tokens). Returns the tokens evaluated per lane (0: nothing to do or all held already).
+    The chat decides for the whole draft instead (`decide(ahead=True)`), whose probe leaves the lanes
+    the same words; `ember bench engine` uses this to measure a decision made as Enter comes with the
+    last word.
     """
     loaded = engine._loaded if engine.loaded_adapter else None
     cut = len(draft.rstrip()) - len(draft.rstrip().split()[-1]) if draft.strip() else 0
