@@ -8,9 +8,10 @@ An incognito conversation goes the same way with `log=False`: its messages are k
 
 While the user types, a worker reads the words typed so far into the model's KV cache
 (`conversation.read_ahead`): the conversation, the draft, and on the rag and both routes the memories
-recalled for it; on auto with an adapter, the router's probe reads the draft too. When the message is
-sent, only its last word, the memories that changed and the template's tail are left to read. It runs
-only between replies, never waits for the engine, and stores nothing.
+recalled for it; on auto, the router decides the route for the draft, and the draft is read as that
+route answers it. When the message is sent, the decision is reused unless something it depends on
+changed, and only its last word, the memories that changed and the template's tail are left to read.
+It runs only between replies, never waits for the engine, and stores nothing.
 """
 from __future__ import annotations
 
