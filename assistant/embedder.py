@@ -113,9 +113,10 @@ def find_export(cache: Path, *, shared=_INSTALL) -> Path | None:
 def _writable(root: Path) -> bool:
     try:
         # one level at a time: mkdir(parents=True) would make the missing parents 0755
+        # exist_ok: another process starting at the same moment may make it between the two calls
         for directory in [*reversed(root.parents), root]:
             if not directory.exists():
-                directory.mkdir(mode=0o700)
+                directory.mkdir(mode=0o700, exist_ok=True)
     except OSError:
         return False
     return os.access(root, os.W_OK | os.X_OK)

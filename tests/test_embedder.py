@@ -118,3 +118,27 @@ def test_an_export_without_its_completion_mark_is_not_used(tmp_path):
     half.mkdir()
     (half / "model.onnx").write_bytes(b"half")
     assert find_export(tmp_path, shared=None) is None
+
+
+def test_processes_starting_at_once_on_a_fresh_home_all_find_the_cache_writable(tmp_path):
+    # several ember processes started together each make the missing cache directories; the ones
+    # that lose the race to make a directory must still see it as writable (CI hit this once)
+    from multiprocessing import get_context
+
+    ctx = get_context("fork")
+    start = ctx.Barrier(12)
+    results = ctx.Queue()
+    root = tmp_path / "home" / "data" / "cache"
+
+    def child():
+        from assistant.embedder import _writable
+        start.wait()
+        results.put(_writable(root))
+
+    children = [ctx.Process(target=child) for _ in range(12)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(60)
+    assert sorted(results.get(timeout=5) for _ in children) == [True] * 12
+    assert all(d.stat().st_mode & 0o777 == 0o700 for d in (root, root.parent, root.parent.parent))
