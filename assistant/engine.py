@@ -178,7 +178,7 @@ class Engine:
 
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` takes in this model."""
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self.template.tokenize_plain(text))
 
     def tokenize_chat(self, messages: Sequence[Message]) -> tuple[list[int], list[str]]:
         """The prompt tokens for `messages` in the model's own chat template, and its stop strings."""
