@@ -21,6 +21,11 @@ from assistant.config import Settings
 CHUNKS = 10_000
 STORY = "Write a detailed story about a lighthouse keeper during a storm."
 MAX_TOKENS = 128
+# Conversations per route for the chat's 10-turn target. Its turns take 60-100 ms, and one turn's
+# median over 3 conversations moved by 20-30 ms from run to run (2026-11-30: auto's turn 2 at 56 and
+# 61 ms where turns 3-9 took 77-88), which decides a ratio of two such turns; a median of 5 is less at
+# the mercy of one or two conversations caught by other work on the machine.
+TYPED_ROUNDS = 5
 
 # The baseline: what a user would write with llama-cpp-python alone, the same model, prompt and answer.
 BARE = """
@@ -240,8 +245,10 @@ def multi_turn(home: Path, settings: Settings, engine: Any, route: str, *, adapt
             "met": median[9] <= 1.5 * median[1] and repeated == 0}
 
 
-def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS) -> dict[str, Any]:
-    """Every everyday-path measurement, in one home built for the run with `chunks` memory notes."""
+def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS,
+        typed_rounds: int | None = None) -> dict[str, Any]:
+    """Every everyday-path measurement, in one home built for the run with `chunks` memory notes;
+    the chat's 10 turns over `typed_rounds` conversations per route (None: `rounds`)."""
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         started = time.perf_counter()
@@ -266,7 +273,8 @@ def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS) -
         # The target is the chat's (multi_turn_typed), where each message is read while typed; multi_turn
         # is `ember ask`'s and the server's, each turn evaluated whole once sent, reported beside it.
         for key, typed in (("multi_turn", False), ("multi_turn_typed", True)):
-            result[key] = {route: multi_turn(home, settings, engine, route, rounds=rounds, typed=typed,
+            result[key] = {route: multi_turn(home, settings, engine, route, typed=typed,
+                                             rounds=typed_rounds or rounds if typed else rounds,
                                              adapter=adapter if route in ("adapter", "both", "auto") else None)
                            for route in ("base", "rag", "adapter", "both", "auto")}
     return result
