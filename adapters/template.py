@@ -6,16 +6,19 @@ from llama.cpp's own tokenizer (a vocab-only load takes ~0.1 s; no transformers 
 """
 from __future__ import annotations
 
-import functools
+import threading
+from array import array
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
 from adapters.errors import EmberError
 
-# Texts whose tokens are remembered, per template: a conversation's messages are tokenized again for
-# every prompt built from it (each turn, each word read ahead, each fit), and llama.cpp's BPE takes
-# ~8 µs a token (12 ms for a 1,000-token conversation on SmolLM2); the template's render is 0.2 ms.
-TOKEN_CACHE_TEXTS = 4096
+# Text whose tokens are remembered, per template, in characters: a conversation's messages are
+# tokenized again for every prompt built from it (each turn, each word read ahead, each fit), and
+# llama.cpp's BPE takes ~8 µs a token (12 ms for a 1,000-token conversation on SmolLM2; the template's
+# render takes 0.2 ms). 1M characters hold a 32k-token context several times over, in ~2 MB.
+TOKEN_CACHE_CHARS = 1_000_000
 
 # Used only when a GGUF carries no `tokenizer.chat_template` (llama.cpp's server does the same).
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -43,7 +46,7 @@ class ChatTemplate:
 
         self.llm = llm
         self.name = name
-        self._tokens = _token_cache(llm)
+        self._tokens = TokenCache(llm)
         model = llm._model
         eos, bos = llm.token_eos(), llm.token_bos()
         source = llm.metadata.get("tokenizer.chat_template")
@@ -126,14 +129,35 @@ class ChatTemplate:
                 self.tokenize_plain(text[start:end]) + self.tokenize(closing))
 
 
-def _token_cache(llm: Any) -> Any:
-    """`llm.tokenize`, remembered for the last TOKEN_CACHE_TEXTS texts (thread-safe: functools.lru_cache).
-    A closure over `llm`, not a bound method, so that no reference cycle keeps a closed model's
-    template (and its model) alive until the garbage collector runs."""
-    @functools.lru_cache(maxsize=TOKEN_CACHE_TEXTS)
-    def tokens(text: str, bos: bool, special: bool) -> tuple[int, ...]:
-        return tuple(llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special))
-    return tokens
+class TokenCache:
+    """`llm.tokenize` of the texts last asked for, up to `chars` characters of them (least recently used
+    first out); thread-safe. Holds `llm`, never the template, so no reference cycle keeps a closed
+    model alive until the garbage collector runs."""
+
+    def __init__(self, llm: Any, chars: int = TOKEN_CACHE_CHARS):
+        self._llm = llm
+        self._budget = chars
+        self._held = 0
+        self._entries: OrderedDict[tuple[str, bool, bool], array] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str, bos: bool, special: bool) -> array:
+        """The tokens of `text` (an int32 array: do not change it)."""
+        key = (text, bos, special)
+        with self._lock:
+            tokens = self._entries.get(key)
+            if tokens is not None:
+                self._entries.move_to_end(key)
+                return tokens
+        tokens = array("i", self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special))
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = tokens
+                self._held += len(text)
+                while self._held > self._budget and len(self._entries) > 1:
+                    (old, _, _), _ = self._entries.popitem(last=False)
+                    self._held -= len(old)
+        return tokens
 
 
 def describe(err: Exception) -> str:

@@ -307,3 +307,19 @@ def test_a_conversation_is_tokenized_once_not_again_for_every_prompt_built_from_
         assert calls == []
     finally:
         del engine.llm.tokenize
+
+
+def test_remembered_tokens_are_bounded_by_their_text_and_the_oldest_go_first(engine):
+    from adapters.template import TokenCache
+
+    cache = TokenCache(engine.llm, chars=100)
+    texts = [f"message number {i} about the sea" for i in range(10)]   # 31-32 characters each
+    for text in texts:
+        assert list(cache(text, False, False)) == engine.llm.tokenize(text.encode(), add_bos=False, special=False)
+    assert cache._held <= 100 and [key[0] for key in cache._entries] == texts[-3:]
+    cache(texts[-3], False, False)                                    # used again: now the newest
+    cache("one more text of about thirty chars", False, False)
+    assert [key[0] for key in cache._entries] == [texts[-1], texts[-3], "one more text of about thirty chars"]
+    huge = "word " * 100                                               # larger than the whole budget
+    assert list(cache(huge, False, False)) == engine.llm.tokenize(huge.encode(), add_bos=False, special=False)
+    assert [key[0] for key in cache._entries] == [huge]
