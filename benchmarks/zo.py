@@ -154,8 +154,11 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str,
     points.append((0.0, 0, evaluator.loss(data.heldout)))
     clock = _Clock()
 
+    stamps: list[float] = []          # clock time at the end of each step (evaluations excluded)
+
     def tick(p: Any) -> None:
         steps["n"] = p.step
+        stamps.append(clock.now())
 
     stop = (lambda: False) if fixed_steps else (lambda: clock.now() >= wall)  # noqa: E731
     decodes = None
@@ -215,7 +218,12 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str,
         backend.close()
     evaluator.close()
     per_step = clock.now() / max(1, steps["n"])
+    # Between the first and the last step: without the one-off work before the first (model loads; for
+    # the window, running every example through the layers below once).
+    steady = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
     return {"steps": steps["n"], "seconds_per_step": round(per_step, 3), "train_seconds": round(clock.now(), 1),
+            "steady_seconds_per_step": round(steady, 3) if steady else None,
+            "before_first_step_seconds": round(stamps[0] - (steady or 0), 1) if stamps else None,
             "steps_per_second": round(steps["n"] / max(clock.now(), 1e-9), 3),
             "forward_passes_per_step": 2 * BATCH if method != "lora_backprop" else None,
             "decodes_per_step": decodes, **(shape if method.startswith("llama") else {}),
@@ -277,6 +285,10 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
             "memory": memory, "memory_ratios": ratios, "learning": learning,
             "llama_zo_steps_per_second_over_sequential": speedup,
             "llama_zo_window_steps_per_second_over_sequential": window_speedup,
+            # The same ratio between first and last step (the window's one-off pass below left out).
+            "llama_zo_window_steady_steps_per_second_over_sequential": round(
+                (learning["llama_zo_sequential"]["steady_seconds_per_step"] or 0)
+                / max(learning["llama_zo_window"]["steady_seconds_per_step"] or 1e9, 1e-9), 2),
             "canary": canaries, "targets": targets(learning, ratios, canaries, window_speedup)}
 
 
