@@ -66,7 +66,7 @@ def train_zo(model_path: Path, cache_dir: Path, data: Dataset, config: zo.ZoConf
     if config.backend == "llama":
         longest = max(len(e.tokens) for e in data.train + data.heldout)
         backend: Any = zo.LlamaControlVector(model_path, data.train, config, base_sha256=base_sha256,
-                                             n_ctx=max(512, longest + 8))
+                                             n_ctx=max(512, longest + 8), heldout=data.heldout)
         heldout = (lambda: backend.heldout(data.heldout)) if config.eval_every else None
     else:
         backend = zo.TorchLora(model_path, cache_dir, data.train, config)

@@ -127,6 +127,8 @@ def adapt(db: sqlite_utils.Database, config: AdaptConfig, *,
                "budget_left": budget_left(db, config.budget)}
     if config.label == "lora-adaptive":
         summary["windows"] = _adaptive_windows(config, steps)
+    if config.label == "zo-llama":
+        summary["window"] = config.zo.window          # top layers whose control vectors train (0: all)
     # A resumed run's ε is already in the ledger; only a new run must fit in what is left.
     if resume is None and plan is not None and plan.epsilon > summary["budget_left"] + 1e-9:
         raise BudgetExhausted(

@@ -41,6 +41,10 @@ SCHEDULES = ("constant", "linear", "cosine")
 # (torch, batches of 8, no DP, held-out 3.730 from: 120 steps at lr 2e-3 → 3.722, 1e-2 → 3.634, 3e-2 and
 # μ 0.1 diverged; 300 steps at 1e-2 reached 3.41 and then diverged, at 5e-3 → 3.448 and still falling).
 DEFAULTS = {"llama": {"lr": 1e-2, "mu": 0.3}, "torch": {"lr": 5e-3, "mu": 1e-2}}
+# The llama backend with a window of top layers (window 8 on the synthetic user, batches of 8, no DP, 40 s
+# each on the loaded machine, ~20 steps, held-out 3.729 →): lr 1e-2 μ 0.3 3.729; 3e-2 0.3 3.728; 0.1 0.3
+# 3.727; 0.1 1.0 3.725; 0.3 1.0 3.715; 0.3 3.0 3.721; 1.0 1.0 3.662; 3.0 1.0 3.621; 10 1.0 diverged (3.894).
+WINDOW_DEFAULTS = {"lr": 3.0, "mu": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +96,17 @@ class ZoConfig:
         if self.perturbations < 1 or self.steps < 1 or self.batch_size < 1:
             raise InvalidInput("a ZO run needs at least one step, one example a batch and one perturbation")
 
+    def default(self, name: str) -> float:
+        """The backend's (or the window's) default `lr` or `mu`."""
+        return (WINDOW_DEFAULTS if self.window else DEFAULTS[self.backend])[name]
+
     def learning_rate(self, step: int) -> float:
         """η at `step` (0-based)."""
-        return _scheduled(self.lr if self.lr is not None else DEFAULTS[self.backend]["lr"],
-                          self.lr_schedule, step, self.steps)
+        return _scheduled(self.lr if self.lr is not None else self.default("lr"), self.lr_schedule, step, self.steps)
 
     def perturbation(self, step: int) -> float:
         """μ at `step` (0-based); decays like η when scheduled, never below a tenth of its start."""
-        start = self.mu if self.mu is not None else DEFAULTS[self.backend]["mu"]
+        start = self.mu if self.mu is not None else self.default("mu")
         return max(_scheduled(start, self.mu_schedule, step, self.steps), start / 10)
 
 
@@ -314,9 +321,13 @@ class LlamaControlVector:
     kind = "control_vector"
 
     def __init__(self, model_path: Path, examples: Sequence[Example], config: ZoConfig, *,
-                 base_sha256: str | None, n_ctx: int = 512, batched: bool = True):
-        longest = max(len(e.tokens) for e in examples) if examples else 0
+                 base_sha256: str | None, n_ctx: int = 512, batched: bool = True,
+                 heldout: Sequence[Example] = ()):
+        """`heldout`: with a window, the other examples `heldout()` will be asked about; their lower
+        layers' output is computed with the training examples' before the full model is freed."""
+        longest = max(len(e.tokens) for e in [*examples, *heldout]) if examples else 0
         self.evaluator = self.scorer = self.top = None
+        self.examples = with_loss_on(examples, config)
         if config.window and not batched:
             raise InvalidInput("a ZO window needs batched scoring")
         if batched:
@@ -328,13 +339,25 @@ class LlamaControlVector:
             self.llm = quiet_llama(model_path=str(model_path), n_ctx=256, n_batch=8, n_ubatch=8,
                                    logits_all=False, n_threads=config.threads, n_threads_batch=config.threads,
                                    seed=0)
+            self._shape()
             # n_ctx: room for the longest sequence scored later, held-out examples included.
             capacity = max(CAPACITY, n_ctx, longest + 8)
             if config.window:
                 from adapters.top_layers import TopLayers
 
-                self.top = TopLayers(self.llm, Path(model_path), config.window, threads=config.threads,
-                                     capacity=capacity)
+                try:
+                    self.top = TopLayers(self.llm, Path(model_path), config.window, threads=config.threads,
+                                         capacity=capacity)
+                    # Every sequence the run scores goes through the layers below now, once; then the
+                    # full model is freed before the top layers' model is loaded: never both resident.
+                    self.top.cache([(e.tokens, e.loss_from) for e in [*self.examples, *heldout]])
+                    self.top.release_below()
+                    self.llm.close()
+                    self.llm = None
+                    self.top.load_top()
+                except BaseException:
+                    self.close()
+                    raise
                 self.scorer = self.top.scorer
             else:
                 self.scorer = BatchScorer(self.llm, threads=config.threads, capacity=capacity)
@@ -344,12 +367,14 @@ class LlamaControlVector:
             self.evaluator = Evaluator(model_path, n_ctx=max(n_ctx, longest + 8), threads=config.threads,
                                        base_sha256=base_sha256)
             self.llm = self.evaluator.llm
-        self.n_embd = self.llm.n_embd()
-        self.n_layer = int(self.llm.metadata.get(f"{self.llm.metadata['general.architecture']}.block_count"))
+            self._shape()
         self.vector = np.zeros((self.n_layer - 1) * self.n_embd, dtype=np.float32)
         # A view: the ZO step writes the trained layers' part of the vector in place.
         self.tensors = [self.vector[self.top.first * self.n_embd:] if self.top else self.vector]
-        self.examples = with_loss_on(examples, config)
+
+    def _shape(self) -> None:
+        self.n_embd = self.llm.n_embd()
+        self.n_layer = int(self.llm.metadata.get(f"{self.llm.metadata['general.architecture']}.block_count"))
 
     def reset(self) -> None:
         """Back to the initial state (no steering)."""
@@ -381,12 +406,14 @@ class LlamaControlVector:
         """Free the scoring context and the model."""
         if self.top is not None:
             self.top.close()
-            self.llm.close()
         elif self.scorer is not None:
             self.scorer.close()
-            self.llm.close()
-        else:
+        elif self.evaluator is not None:
             self.evaluator.close()
+            self.llm = None
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
 
 
 class TorchLora:

@@ -27,10 +27,13 @@ LAYERS = ("top", "adaptive")
 def config_for(settings: Settings, *, method: str = "lora", epsilon: float | None = None,
                no_dp: bool = False, steps: int | None = None, dry_run: bool = False,
                backend: str | None = None, layers: str | None = None, start: Path | None = None,
-               seed_pool: tuple[int, int, int] | None = None, exit_stride: int | str | None = None) -> AdaptConfig:
+               seed_pool: tuple[int, int, int] | None = None, exit_stride: int | str | None = None,
+               window: int | str | None = None) -> AdaptConfig:
     """The pipeline's configuration from the user's settings and a run's flags; bad flags are `InvalidInput`.
 
     `exit_stride` (`--exit-stride`, else `adapt_exit_stride` in config.toml) places adaptive layers' exits.
+    `window` (`--window`, else `zo_window`) is how many top layers' control vectors zeroth-order
+    training in llama.cpp trains (0: every layer's).
 
     Household learning (assistant/federation) adds `start` (the global weights to train from) and, for
     FedKSeed, `seed_pool` = (K, public pool seed, this run's seed)."""
@@ -51,6 +54,10 @@ def config_for(settings: Settings, *, method: str = "lora", epsilon: float | Non
         raise InvalidInput("--layers chooses which layers LoRA trains; it needs --method lora")
     if exit_stride is not None and layers != "adaptive":
         raise InvalidInput("--exit-stride places the exits of adaptive layer tuning; it needs --layers adaptive")
+    zo_llama = method == "zo" and (backend or settings.zo_backend) == "llama"
+    if window is not None and not zo_llama:
+        raise InvalidInput("--window chooses the layers zeroth-order training in llama.cpp trains; "
+                           "it needs --method zo (backend llama)")
     private = None if no_dp else (epsilon or settings.adapt_epsilon)
     train = dataclasses.replace(lora.LoraConfig(), threads=settings.threads, steps=steps, epsilon=private)
     if layers == "adaptive":
@@ -59,7 +66,9 @@ def config_for(settings: Settings, *, method: str = "lora", epsilon: float | Non
         train = AdaptiveConfig(threads=settings.threads, steps=steps, epsilon=private,
                                stride=exit_stride_for(settings, exit_stride))
     forward = zo.ZoConfig(backend=backend or settings.zo_backend, threads=settings.threads, epsilon=private,
-                          steps=steps or settings.zo_steps)
+                          steps=steps or settings.zo_steps,
+                          # A household's devices replay each other's seeds on the whole vector: no window.
+                          window=window_for(settings, window) if zo_llama and seed_pool is None else 0)
     if start is not None and layers == "adaptive":
         raise InvalidInput("household learning trains the top layers' LoRA; --layers adaptive is not federated")
     if start is not None and method == "lora":
@@ -73,6 +82,31 @@ def config_for(settings: Settings, *, method: str = "lora", epsilon: float | Non
                        method=method, lora=train, zo=forward,
                        budget=settings.privacy_budget, threads=settings.threads, dry_run=dry_run,
                        learn_from_api=settings.learn_from_api, layers=layers or "top", start=start)
+
+
+def window_for(settings: Settings, flag: int | str | None) -> int:
+    """The top layers ZO in llama.cpp trains: `--window` if given, else `zo_window`. `--window` must be 0
+    (every layer) or 1 to the model's layer count − 2, else `InvalidInput` (before any training);
+    `zo_window` is capped at what the model has (n_layer − 2; a model of 2 layers trains them all)."""
+    source = "--window" if flag is not None else "zo_window in config.toml"
+    raw = flag if flag is not None else settings.zo_window
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise InvalidInput(f"{source} must be a whole number of top layers (0: all), not {raw!r}") from None
+    if value < 0:
+        raise InvalidInput(f"{source} must be a number of top layers (0: all), not {value}")
+    if value == 0 or not settings.model_path.is_file():
+        return value                      # a missing model is reported where it is loaded
+    from adapters.federated import model_shape
+
+    n_layer = model_shape(settings.model_path)["n_layer"]
+    if flag is None:
+        return value if value <= n_layer - 2 else max(0, n_layer - 2)
+    if value > n_layer - 2:
+        raise InvalidInput(f"--window is {value} but {settings.model_path.name} has {n_layer} layers; choose 1 to "
+                           f"{n_layer - 2} top layers, or 0 for all")
+    return value
 
 
 def exit_stride_for(settings: Settings, flag: int | str | None) -> int:
@@ -115,14 +149,14 @@ def run(settings: Settings, db: sqlite_utils.Database, *, method: str = "lora", 
         layers: str | None = None, on_step: Callable[[Any], None] | None = None,
         on_stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
         start: Path | None = None, seed_pool: tuple[int, int, int] | None = None,
-        exit_stride: int | str | None = None) -> dict[str, Any]:
+        exit_stride: int | str | None = None, window: int | str | None = None) -> dict[str, Any]:
     """Build the dataset, train, export, gate and promote once (or plan only, with `dry_run`); returns
     the `ember adapt --json` document. `should_stop` is asked after every step: True pauses the run."""
     from adapters.pipeline import adapt
 
     config = config_for(settings, method=method, epsilon=epsilon, no_dp=no_dp, steps=steps, dry_run=dry_run,
                         backend=backend, layers=layers, start=start, seed_pool=seed_pool,
-                        exit_stride=exit_stride)
+                        exit_stride=exit_stride, window=window)
     return adapt(db, config, on_step=on_step, on_stage=on_stage, should_stop=should_stop)
 
 

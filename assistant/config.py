@@ -57,6 +57,7 @@ class Settings:
     adapt_exit_stride: int = 6         # `--layers adaptive`: an exit every this many layers, unless --exit-stride says otherwise
     zo_backend: str = "llama"          # where `--method zo` trains: llama (control vector) or torch (LoRA)
     zo_steps: int = 200                # ZO steps of one run, unless --steps says otherwise
+    zo_window: int = 8                 # `--method zo` in llama.cpp: train the top N layers' vectors (0: all), unless --window says otherwise
     daemon_idle_minutes: float = 30.0  # the daemon adapts after this long without chat activity
     daemon_check_seconds: float = 60.0
     daemon_min_new_messages: int = 20  # since the newest adapter

@@ -70,6 +70,9 @@ class ProgressBar:
 @click.option("--exit-stride", "exit_stride", metavar="N", default=None,
               help="With --layers adaptive: an exit every N layers, the last at the model's last layer "
                    "(default: adapt_exit_stride in config.toml, 6).")
+@click.option("--window", default=None, metavar="N",
+              help="With --method zo in llama.cpp: train only the top N layers' control vectors; the layers "
+                   "below run once per example (default: zo_window in config.toml, 8; 0: every layer).")
 @click.option("--epsilon", type=float, default=None,
               help="Privacy budget of this run (default: adapt_epsilon in config.toml, 8).")
 @click.option("--no-dp", is_flag=True, help="Train WITHOUT differential privacy (no guarantee).")
@@ -77,12 +80,13 @@ class ProgressBar:
 @click.option("--dry-run", is_flag=True, help="Build the dataset and plan the run; train nothing.")
 @model_option
 @json_option
-def adapt(method, backend, layers, exit_stride, epsilon, no_dp, steps, dry_run, model, as_json):
+def adapt(method, backend, layers, exit_stride, window, epsilon, no_dp, steps, dry_run, model, as_json):
     """Learn from your log: build the dataset, train, export, evaluate, promote if better."""
     settings = settings_from(model=model)
     flags = {"method": method, "epsilon": epsilon, "no_dp": no_dp, "steps": steps, "dry_run": dry_run,
              "backend": backend, "layers": layers,
-             "exit_stride": exit_stride}   # a string, parsed by adaptation: a bad value is one line, not a usage page
+             "exit_stride": exit_stride,   # a string, parsed by adaptation: a bad value is one line, not a usage page
+             "window": window}             # the same
     adaptation.config_for(settings, **flags)   # bad flags fail before the database is touched
     db = open_store(settings)
     signal.signal(signal.SIGTERM, _raise_interrupt)   # a polite kill keeps the checkpoint
@@ -115,6 +119,9 @@ def _describe(result: dict[str, Any]) -> None:
         click.echo(f"memory    {kept} personal fact sentences stay in memory only (not trained on)")
     click.echo(f"privacy   {privacy}; {result['steps']} steps; budget left before this run "
                f"ε={max(0.0, result['budget_left']):.2f}")
+    if result.get("window"):
+        click.echo(f"layers    the top {result['window']} layers' control vectors; the layers below ran once "
+                   "per example")
     if result.get("windows"):
         click.echo("windows   " + ", ".join(f"layers {w['first']}-{w['exit']} ({plural(w['steps'], 'step')})"
                                             for w in result["windows"]) + ", each with the loss at its last layer")
