@@ -56,8 +56,10 @@ BUNDLED_PARAMS = 134_515_008
 MB_PER_MILLION_PARAMS = {"float32": 4.54, "bfloat16": 2.84}
 TORCH_METHODS = ("lora", "lora-adaptive", "zo-torch")
 # llama.cpp's methods run the quantized file itself, mapped, and every forward pass reads all of its weights:
-# their memory follows the file's size (a Q4 and an F16 file of one model differ 4x), at least one MB per MB
-# of file. The llama.cpp figures above were measured on the bundled file (SmolLM2-135M Q4_1, these bytes).
+# their memory follows the file's size (a Q4 and an F16 file of one model differ 4x). Measured: one model's
+# F32, F16 and Q8_0 files (152, 76 and 40 MB) ran at 210, 134 and 98 MB resident, 0.999 MB per MB of file
+# (benchmarks/llama_file_memory.py, 2026-11-30 15:54). The llama.cpp figures above were measured on the
+# bundled file (SmolLM2-135M Q4_1, these bytes).
 BUNDLED_BYTES = 98_362_432
 LLAMA_METHODS = ("zo-llama", "router")
 MB_PER_FILE_MB = 1.0
