@@ -1,5 +1,6 @@
 """Can the tiny chat Qwen 2 learn the habit user's sign-off and keep answering? The figures behind the README's
-"A habit on the tiny chat model" (issue 18: habit promotion on a second architecture).
+"A habit that keeps answering, on the tiny chat model" (issue 18: habit promotion on a second
+architecture).
 
 A one-off measurement script, not an `ember bench`:
 `PYTHONPATH=. python benchmarks/habit_figures.py --out DIR [--knows-phrase] [--general N] RUN ...` where RUN is
