@@ -318,13 +318,14 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
 
 
 def run_size(config: AdaptConfig) -> dict[str, Any]:
-    """The base model's parameter count and the dtype torch holds it in for this run (float32 for ZO in
-    llama.cpp, which runs the quantized file)."""
+    """The base model's parameter count, its GGUF file's size in bytes, and the dtype torch holds it in for
+    this run (float32 for ZO in llama.cpp, which runs the quantized file)."""
     from adapters.base import gguf_parameters, resolve_dtype
 
     torch_run = config.method == "lora" or config.zo.backend == "torch"
     dtype = resolve_dtype(getattr(config.trainer, "dtype", "float32")) if torch_run else "float32"
-    return {"base_params": gguf_parameters(config.model_path), "dtype": dtype}
+    return {"base_params": gguf_parameters(config.model_path), "dtype": dtype,
+            "base_bytes": Path(config.model_path).stat().st_size}
 
 
 def _start(config: AdaptConfig) -> dict[str, Any]:

@@ -55,6 +55,17 @@ MEASURED_MB = {"lora": 1950.0, "zo-torch": 1460.0, "zo-llama": 370.0, "router": 
 BUNDLED_PARAMS = 134_515_008
 MB_PER_MILLION_PARAMS = {"float32": 4.54, "bfloat16": 2.84}
 TORCH_METHODS = ("lora", "lora-adaptive", "zo-torch")
+# llama.cpp's methods run the quantized file itself, mapped, and every forward pass reads all of its weights:
+# their memory follows the file's size (a Q4 and an F16 file of one model differ 4x). Measured: one model's
+# F32, F16 and Q8_0 files (152, 76 and 40 MB) ran at 210, 134 and 98 MB resident, 0.999 MB per MB of file
+# (benchmarks/llama_file_memory.py, 2026-11-30 15:54). The llama.cpp figures above were measured on the
+# bundled file (SmolLM2-135M Q4_1, these bytes).
+BUNDLED_BYTES = 98_362_432
+LLAMA_METHODS = ("zo-llama", "router")
+MB_PER_FILE_MB = 1.0
+# Runs on this machine replace those slopes once they cover model sizes at least this far apart (a line
+# through sizes closer than 2x is mostly noise).
+MIN_SPREAD = 2.0
 # Held-out loss gained per minute of training (nats/min), until this machine has finished runs of its
 # own: `ember bench zo`, each method 90 s without DP on the synthetic user (benchmarks/results/zo.json).
 # Adaptive layers (`ember bench layers`, 20 steps of batch 8 without DP, wall time from the trainer's call):
@@ -140,12 +151,13 @@ class ModelSize:
 
     params: int
     dtype: str = "float32"
+    bytes: int = 0                 # the GGUF file's size (0: not known; llama.cpp's methods then go unscaled)
 
     @classmethod
     def of(cls, model_path: Path, dtype: str = "float32") -> "ModelSize":
         """The size of a GGUF model (read once per file version: llama.cpp maps it, ~0.1-1 s)."""
         stat = Path(model_path).stat()
-        return cls(_params(str(Path(model_path).resolve()), stat.st_size, stat.st_mtime_ns), dtype)
+        return cls(_params(str(Path(model_path).resolve()), stat.st_size, stat.st_mtime_ns), dtype, stat.st_size)
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,25 +168,50 @@ def _params(path: str, _size: int, _mtime: int) -> int:
 
 
 def memory_need_mb(db: Any, method: str, model: ModelSize | None = None) -> float:
-    """Peak memory (MB) a run of this method needs, from what was measured.
+    """Peak memory (MB) a run of this method needs for `model`, from what was measured.
 
-    Without `model`, or for llama.cpp's methods (whose memory follows the quantized file, not the torch
-    copy): the highest peak of this method's finished runs here, else the benchmark's figure. With a
-    `model` for a torch method: the peak of this machine's run on the nearest model size in the same
-    dtype, moved by the measured MB per million parameters to this model's size; without such runs,
-    a run from before sizes were recorded at its peak as it was, else the benchmark's figure (on
-    SmolLM2) moved the same way."""
-    if model is None or method not in TORCH_METHODS:
+    Torch methods scale by the model's parameters in its dtype, llama.cpp's (ZO in llama.cpp, refitting
+    the router) by its GGUF file's size. The figure is the peak of this machine's finished run on the
+    nearest size, moved along `memory_slope` to this model's size; without such runs, a run from before
+    sizes were recorded at its peak as it was, else the benchmark's figure (measured on SmolLM2) moved the
+    same way. Without `model`: the highest peak of this method's runs here, else the benchmark's figure."""
+    if model is None or (method in LLAMA_METHODS and not model.bytes):
         return runs.peak_rss_mb(db, method) or MEASURED_MB[method]
-    slope = MB_PER_MILLION_PARAMS[model.dtype]
-    sized = runs.peaks_by_size(db, method, model.dtype)
+    torch_method = method in TORCH_METHODS
+    size = model.params if torch_method else model.bytes
+    dtype = model.dtype if torch_method else "float32"
+    slope, _ = memory_slope(db, method, dtype)
+    sized = runs.peaks_by_size(db, method, dtype, by="base_params" if torch_method else "base_bytes")
     if sized:
-        params, peak = min(sized, key=lambda row: abs(row[0] - model.params))
-        return max(peak + slope * (model.params - params) / 1e6, 0.0)
-    legacy = runs.peak_rss_mb(db, method, unsized=True)
+        nearest, peak = min(sized, key=lambda row: abs(row[0] - size))
+        return max(peak + slope * (size - nearest) / _unit(method), 0.0)
+    legacy = runs.peak_rss_mb(db, method, unsized=True, by="base_params" if torch_method else "base_bytes")
     if legacy:
         return legacy
-    return max(MEASURED_MB[method] + slope * (model.params - BUNDLED_PARAMS) / 1e6, 0.0)
+    reference = BUNDLED_PARAMS if torch_method else BUNDLED_BYTES
+    return max(MEASURED_MB[method] + slope * (size - reference) / _unit(method), 0.0)
+
+
+def _unit(method: str) -> float:
+    # torch: MB per million parameters; llama.cpp: MB per MB of file
+    return 1e6 if method in TORCH_METHODS else 2 ** 20
+
+
+def memory_slope(db: Any, method: str, dtype: str = "float32") -> tuple[float, bool]:
+    """(MB of peak memory per million parameters for a torch method, per MB of GGUF file for a llama.cpp
+    one; whether measured here): the least-squares line through this machine's finished runs of the method
+    in this dtype once they cover sizes `MIN_SPREAD` apart and it rises, else the benchmark's slope."""
+    default = MB_PER_MILLION_PARAMS[dtype] if method in TORCH_METHODS else MB_PER_FILE_MB
+    if method not in TORCH_METHODS and method not in LLAMA_METHODS:
+        return default, False
+    points = [(size / _unit(method), peak) for size, peak in runs.peaks_by_size(
+        db, method, dtype, by="base_params" if method in TORCH_METHODS else "base_bytes")]
+    sizes = [p for p, _ in points]
+    if len(points) < 2 or min(sizes) <= 0 or max(sizes) / min(sizes) < MIN_SPREAD:
+        return default, False
+    mx, my = sum(sizes) / len(points), sum(m for _, m in points) / len(points)
+    slope = sum((p - mx) * (m - my) for p, m in points) / sum((p - mx) ** 2 for p in sizes)
+    return (slope, True) if slope > 0 else (default, False)
 
 
 def gain_per_minute(db: Any, method: str) -> tuple[float, bool]:

@@ -535,3 +535,13 @@ def m018_run_model_size(db: sqlite_utils.Database) -> None:
         ALTER TABLE adapt_runs ADD COLUMN base_params INTEGER;
         ALTER TABLE adapt_runs ADD COLUMN dtype TEXT;
     """)
+
+
+@migration
+def m019_run_model_bytes(db: sqlite_utils.Database) -> None:
+    """The size in bytes of the GGUF file each adaptation run trained on (`base_bytes`, NULL before this).
+
+    Zeroth-order training in llama.cpp runs the quantized file itself, mapped: its memory follows the
+    file's size, not the parameter count (a Q4 and an F16 file of one model differ 4x). The daemon scales
+    the nearest such run's peak by the file size (assistant/daemon.py)."""
+    db.executescript("ALTER TABLE adapt_runs ADD COLUMN base_bytes INTEGER;")

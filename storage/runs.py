@@ -12,7 +12,7 @@ from storage.conversations import process_alive, now
 from storage.db import transaction
 
 FIELDS = ("step", "steps", "loss", "epsilon_spent", "eta_seconds", "message", "adapter_id", "status",
-          "peak_rss_mb", "base_params", "dtype")
+          "peak_rss_mb", "base_params", "dtype", "base_bytes")
 
 
 def start(db: sqlite_utils.Database, run_id: str, *, method: str, steps: int, fingerprint: str) -> None:
@@ -67,21 +67,28 @@ def latest(db: sqlite_utils.Database) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def peak_rss_mb(db: sqlite_utils.Database, method: str, *, unsized: bool = False) -> float | None:
+def peak_rss_mb(db: sqlite_utils.Database, method: str, *, unsized: bool = False,
+                by: str = "base_params") -> float | None:
     """The highest peak memory a finished run of this method needed on this machine, if any ran
-    (`unsized`: only runs from before the model's size was recorded)."""
-    where = " AND base_params IS NULL" if unsized else ""
+    (`unsized`: only runs from before the model's size `by`, parameters or `base_bytes`, was recorded)."""
+    if by not in ("base_params", "base_bytes"):
+        raise ValueError(f"no run size {by!r}")
+    where = f" AND {by} IS NULL" if unsized else ""
     return db.execute(f"SELECT MAX(peak_rss_mb) FROM adapt_runs WHERE method = ? AND status = 'done'{where}",
                       [method]).fetchone()[0]
 
 
-def peaks_by_size(db: sqlite_utils.Database, method: str, dtype: str) -> list[tuple[int, float]]:
-    """(base model parameters, highest peak memory in MB) of this method's finished runs in this dtype on
-    this machine, one pair per model size (runs from before sizes were recorded are left out)."""
+def peaks_by_size(db: sqlite_utils.Database, method: str, dtype: str, *,
+                  by: str = "base_params") -> list[tuple[int, float]]:
+    """(model size, highest peak memory in MB) of this method's finished runs in this dtype on this
+    machine, one pair per size; the size is `by`: the base model's parameters, or `base_bytes`, its GGUF
+    file's size (runs from before that size was recorded are left out)."""
+    if by not in ("base_params", "base_bytes"):
+        raise ValueError(f"no run size {by!r}")
     return [(int(p), float(m)) for p, m in db.execute(
-        "SELECT base_params, MAX(peak_rss_mb) FROM adapt_runs WHERE method = ? AND status = 'done' "
-        "AND base_params IS NOT NULL AND peak_rss_mb IS NOT NULL AND COALESCE(dtype, 'float32') = ? "
-        "GROUP BY base_params", [method, dtype])]
+        f"SELECT {by}, MAX(peak_rss_mb) FROM adapt_runs WHERE method = ? AND status = 'done' "
+        f"AND {by} IS NOT NULL AND peak_rss_mb IS NOT NULL AND COALESCE(dtype, 'float32') = ? "
+        f"GROUP BY {by}", [method, dtype])]
 
 
 def gain_per_minute(db: sqlite_utils.Database, method: str, last: int = 3) -> float | None:

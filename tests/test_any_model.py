@@ -95,6 +95,7 @@ def test_ember_adapt_runs_end_to_end_on_the_users_own_model(adapted):
         run = runs.get(db, report["run_id"])
         assert run["status"] == "done" and run["peak_rss_mb"] > 0
         assert run["base_params"] == gguf_parameters(model) and run["dtype"] == "float32"
+        assert run["base_bytes"] == model.stat().st_size     # llama.cpp's methods scale by the file
     finally:
         db.close()
 

@@ -148,6 +148,9 @@ def test_status_says_when_the_user_will_count_as_away(user, ember):
     assert report["eligible_at"] == _later(db, 30).isoformat(timespec="seconds")
     assert report["epsilon_left"] == settings.privacy_budget
     assert report["memory_need_mb"]["zo-llama"] < report["memory_need_mb"]["lora"]
+    # Nothing ran here yet: the benchmark's slopes (MB per million parameters, per MB of file).
+    assert report["memory_slope"]["lora"] == {"mb_per_unit": 4.54, "measured": False}
+    assert report["memory_slope"]["zo-llama"] == {"mb_per_unit": 1.0, "measured": False}
 
 
 def test_forgetting_a_message_drops_a_paused_run_that_was_learning_from_it(user, ember, template):

@@ -117,3 +117,56 @@ def test_the_daemons_memory_check_follows_the_measured_figure_per_parameter_coun
         assert check(db, settings, config, RecordedSensors(need_tiny - 10), later).method != "lora"
     finally:
         db.close()
+
+
+def _ran_file(db, run_id, method, params, size_bytes, peak_mb, dtype="float32"):
+    runs.start(db, run_id, method=method, steps=1, fingerprint="x")
+    runs.update(db, run_id, status="done", peak_rss_mb=peak_mb, base_params=params, dtype=dtype, base_bytes=size_bytes)
+
+
+def test_the_memory_slope_is_this_machines_own_once_its_runs_cover_two_model_sizes(tmp_path):
+    """Runs here on a 100M and a 400M model (1,000 and 2,200 MB: 4 MB per million parameters) replace the
+    benchmark's slope for a 1B model; one size alone, or sizes less than 2x apart, do not."""
+    db = open_db(tmp_path / "home")
+    try:
+        one_b = ModelSize(1_000_000_000)
+        assert daemon.memory_slope(db, "lora") == (daemon.MB_PER_MILLION_PARAMS["float32"], False)
+        _ran_file(db, "small", "lora", 100_000_000, 60_000_000, 1000.0)
+        _ran_file(db, "close", "lora", 150_000_000, 90_000_000, 1400.0)    # 1.5x apart: not yet a line
+        assert daemon.memory_slope(db, "lora") == (daemon.MB_PER_MILLION_PARAMS["float32"], False)
+        runs.update(db, "close", status="failed")
+        _ran_file(db, "large", "lora", 400_000_000, 240_000_000, 2200.0)
+        slope, here = daemon.memory_slope(db, "lora")
+        assert here and slope == pytest.approx(4.0)
+        assert memory_need_mb(db, "lora", one_b) == pytest.approx(2200.0 + 4.0 * 600)
+        assert daemon.memory_slope(db, "lora", "bfloat16") == (daemon.MB_PER_MILLION_PARAMS["bfloat16"], False)
+        # A line that falls (noise, another load on the machine) is not believed.
+        _ran_file(db, "odd", "lora", 800_000_000, 480_000_000, 900.0)
+        assert daemon.memory_slope(db, "lora") == (daemon.MB_PER_MILLION_PARAMS["float32"], False)
+    finally:
+        db.close()
+
+
+def test_zeroth_order_in_llama_cpp_needs_memory_by_the_size_of_the_model_file(tmp_path):
+    """llama.cpp maps the quantized file and reads all of it every pass: a 4 GB model file does not fit in
+    1,000 MB free, where the old check took the 370 MB measured on the 98 MB bundled file for any model."""
+    db = open_db(tmp_path / "home")
+    try:
+        bundled = ModelSize(daemon.BUNDLED_PARAMS, bytes=daemon.BUNDLED_BYTES)
+        seven_b = ModelSize(7_000_000_000, bytes=4_000_000_000)
+        assert memory_need_mb(db, "zo-llama", bundled) == daemon.MEASURED_MB["zo-llama"]
+        need = memory_need_mb(db, "zo-llama", seven_b)
+        assert need == pytest.approx(daemon.MEASURED_MB["zo-llama"] + (4_000_000_000 - daemon.BUNDLED_BYTES) / 2 ** 20)
+        method, reason = choose_method(db, 1000.0, [], seven_b)
+        assert method is None and f"needs {need:.0f} MB" in reason
+        assert choose_method(db, need + 10, [], seven_b)[0] == "zo-llama"
+        assert memory_need_mb(db, "router", seven_b) > 4000     # refitting the router runs the file too
+        # Runs measured here on two file sizes: their own line (here 1.5 MB per MB of file), from the nearest.
+        _ran_file(db, "zo-small", "zo-llama", 135_000_000, 100 * 2 ** 20, 400.0)
+        _ran_file(db, "zo-large", "zo-llama", 1_500_000_000, 1000 * 2 ** 20, 1750.0)
+        assert daemon.memory_slope(db, "zo-llama") == (pytest.approx(1.5), True)
+        assert memory_need_mb(db, "zo-llama", seven_b) == pytest.approx(1750.0 + 1.5 * (4_000_000_000 / 2 ** 20 - 1000))
+        # Without the file's size (a caller that knows only the parameters), the peak measured here, as before.
+        assert memory_need_mb(db, "zo-llama", ModelSize(7_000_000_000)) == 1750.0
+    finally:
+        db.close()
