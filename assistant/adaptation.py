@@ -84,16 +84,23 @@ def config_for(settings: Settings, *, method: str = "lora", epsilon: float | Non
                        learn_from_api=settings.learn_from_api, layers=layers or "top", start=start)
 
 
+def _whole_number(flag: int | str | None, flag_name: str, setting: int | str, setting_name: str,
+                  unit: str) -> tuple[str, int]:
+    """(where the value came from, the value): the flag if given, else the config.toml setting, as a whole
+    number; anything else is `InvalidInput` naming its source."""
+    source = flag_name if flag is not None else f"{setting_name} in config.toml"
+    raw = flag if flag is not None else setting
+    try:
+        return source, int(str(raw).strip())
+    except ValueError:
+        raise InvalidInput(f"{source} must be a whole number {unit}, not {raw!r}") from None
+
+
 def window_for(settings: Settings, flag: int | str | None) -> int:
     """The top layers ZO in llama.cpp trains: `--window` if given, else `zo_window`. `--window` must be 0
     (every layer) or 1 to the model's layer count − 2, else `InvalidInput` (before any training);
     `zo_window` is capped at what the model has (n_layer − 2; a model of 2 layers trains them all)."""
-    source = "--window" if flag is not None else "zo_window in config.toml"
-    raw = flag if flag is not None else settings.zo_window
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise InvalidInput(f"{source} must be a whole number of top layers (0: all), not {raw!r}") from None
+    source, value = _whole_number(flag, "--window", settings.zo_window, "zo_window", "of top layers (0: all)")
     if value < 0:
         raise InvalidInput(f"{source} must be a number of top layers (0: all), not {value}")
     if value == 0 or not settings.model_path.is_file():
@@ -112,12 +119,8 @@ def window_for(settings: Settings, flag: int | str | None) -> int:
 def exit_stride_for(settings: Settings, flag: int | str | None) -> int:
     """The adaptive run's exit stride in layers: `--exit-stride` if given, else `adapt_exit_stride`; a stride
     that is not a whole number from 1 to the model's layer count is `InvalidInput` (before any training)."""
-    source = "--exit-stride" if flag is not None else "adapt_exit_stride in config.toml"
-    value = flag if flag is not None else settings.adapt_exit_stride
-    try:
-        stride = int(str(value).strip())
-    except ValueError:
-        raise InvalidInput(f"{source} must be a whole number of layers, not {value!r}") from None
+    source, stride = _whole_number(flag, "--exit-stride", settings.adapt_exit_stride, "adapt_exit_stride",
+                                   "of layers")
     if stride < 1:
         raise InvalidInput(f"{source} must be at least 1 layer (an exit every N layers), not {stride}")
     from adapters.federated import model_shape
