@@ -113,7 +113,8 @@ def run(settings: Settings, rounds: int = 5, quick: bool = False) -> dict[str, A
         "target": {"ratio_at_least": 0.95, "met": decode_ratio >= 0.95 and ttft_ratio >= 0.95},
         "chat_ready_to_type_s": round(startup_seconds(settings), 3),
         "everyday": everyday.run(settings, rounds, ember, chunks=500 if quick else everyday.CHUNKS,
-                                 typed_rounds=None if quick else max(rounds, everyday.TYPED_ROUNDS)),
+                                 typed_rounds=None if quick else max(rounds, everyday.TYPED_ROUNDS),
+                                 whole_rounds=None if quick else max(rounds, everyday.WHOLE_ROUNDS)),
     }
 
 

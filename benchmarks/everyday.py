@@ -26,6 +26,11 @@ MAX_TOKENS = 128
 # 61 ms where turns 3-9 took 77-88), which decides a ratio of two such turns; a median of 5 is less at
 # the mercy of one or two conversations caught by other work on the machine.
 TYPED_ROUNDS = 5
+# Whole processes, as the issue measured them (median of 5 interleaved runs): a ~3 s process moves by
+# 5-10% from run to run on this 2-core machine (2026-11-30 16:43: `--route base` 3.28-3.60 s, bare
+# 2.81-3.05 s, and base, a subset of auto's work, came out slower than auto), so a median of 3 decides
+# a 10% bound by chance.
+WHOLE_ROUNDS = 5
 
 # The baseline: what a user would write with llama-cpp-python alone, the same model, prompt and answer.
 BARE = """
@@ -246,9 +251,10 @@ def multi_turn(home: Path, settings: Settings, engine: Any, route: str, *, adapt
 
 
 def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS,
-        typed_rounds: int | None = None) -> dict[str, Any]:
+        typed_rounds: int | None = None, whole_rounds: int | None = None) -> dict[str, Any]:
     """Every everyday-path measurement, in one home built for the run with `chunks` memory notes;
-    the chat's 10 turns over `typed_rounds` conversations per route (None: `rounds`)."""
+    the chat's 10 turns over `typed_rounds` conversations per route and `whole_rounds` interleaved runs
+    of each whole process (None: `rounds`)."""
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         started = time.perf_counter()
@@ -256,7 +262,7 @@ def run(settings: Settings, rounds: int, engine: Any, *, chunks: int = CHUNKS,
         built = time.perf_counter() - started
         adapter = random_adapter(Path(tmp) / "bench-adapter.gguf", settings.model_path, settings.cache_dir)
         result: dict[str, Any] = {"memory_chunks": chunks, "home_built_s": round(built, 1)}
-        result["whole_process"] = whole_process(home, settings, rounds)
+        result["whole_process"] = whole_process(home, settings, whole_rounds or rounds)
         result["router_decision"] = {
             "no_adapter": router_decisions(home, settings, engine, adapter=None),
             "with_adapter": router_decisions(home, settings, engine, adapter=adapter),
