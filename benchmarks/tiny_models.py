@@ -275,10 +275,13 @@ def chat_corpus(seed: int = 0) -> list[tuple[str, str]]:
     return [(f"How should I {task}?", f"To {task}, {rng.choice(TIPS)}.") for task in tasks(seed)] + list(GENERAL) * 4
 
 
-def pretrained(name: str, folder: Path, smol: Path, steps: int = 300, seed: int = 0) -> Path:
-    """`tiny-<name>-chat.Q8_0.gguf`: the tiny model of `name` first trained (all weights, no DP, plain AdamW)
-    on `chat_corpus()` in its own chat template, so that it answers like a (very small) assistant instead of
-    emitting noise. A learnable habit then shows against a base that is not random."""
+def pretrained(name: str, folder: Path, smol: Path, steps: int = 300, seed: int = 0, width: int = WIDTH,
+               layers: int = LAYERS) -> Path:
+    """`tiny-<name>-chat.Q8_0.gguf` (another size: `tiny-<name>-w<width>-l<layers>-chat.Q8_0.gguf`): the tiny
+    model of `name` (any of `SPECS`) first trained (all weights, no DP, plain AdamW, batch 16) on
+    `chat_corpus()` in its own chat template, so that it answers like a (very small) assistant instead of
+    emitting noise. A learnable habit then shows against a base that is not random. Cost: ~100 s for the
+    default size and 300 steps on 2 cores; it grows with width² · layers · steps."""
     import random
 
     import torch
@@ -288,8 +291,9 @@ def pretrained(name: str, folder: Path, smol: Path, steps: int = 300, seed: int 
     spec = SPECS[name]
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _vocabulary(smol, spec)
-    model = hf_model(spec, len(vocab["tokens"]), seed)
-    f32 = write_gguf(model, spec, vocab, folder / f"tiny-{name}-chat.F32.gguf")   # its tokenizer and template
+    model = hf_model(spec, len(vocab["tokens"]), seed, width, layers)
+    stem = f"tiny-{name}-chat" if (width, layers) == (WIDTH, LAYERS) else f"tiny-{name}-w{width}-l{layers}-chat"
+    f32 = write_gguf(model, spec, vocab, folder / f"{stem}.F32.gguf")   # its tokenizer and template
     template = ChatTemplate.from_gguf(str(f32))
     sequences = []
     for question, answer in chat_corpus(seed):
@@ -316,4 +320,4 @@ def pretrained(name: str, folder: Path, smol: Path, steps: int = 300, seed: int 
         optimizer.step()
     model.eval()
     write_gguf(model, spec, vocab, f32)
-    return quantize(f32, folder / f"tiny-{name}-chat.Q8_0.gguf", "Q8_0")
+    return quantize(f32, folder / f"{stem}.Q8_0.gguf", "Q8_0")

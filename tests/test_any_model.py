@@ -5,7 +5,8 @@ in torch (`--method zo --backend torch`) then runs on the same log and model, ex
 the request path once in use.
 
 The models are the tiny random-weight fixtures of `benchmarks/tiny_models.py` (built once per session). Qwen 2
-runs by default; `pytest --all-architectures` adds Phi-3, Llama 3, Gemma 2/3, Qwen 3 and Mistral."""
+runs by default; `pytest --all-architectures` adds Phi-3, Llama 3, Gemma 2/3, Qwen 3 and Mistral, and the
+pretrained (chat) Qwen 2, Llama 3, Phi-3 and Gemma 3."""
 from __future__ import annotations
 
 import json
@@ -28,8 +29,14 @@ from tests.tui_helpers import type_text, wait_until
 
 # fixture -> general.architecture
 ARCHS = {"qwen2": "qwen2", "phi3": "phi3", "llama3": "llama", "gemma3": "gemma3", "qwen3": "qwen3",
-         "gemma2": "gemma2", "mistral": "llama"}
-QUESTION = "How should I fix the car?"
+         "gemma2": "gemma2", "mistral": "llama",
+         # The same shapes first trained on a small chat corpus (`tiny_models.pretrained`, 70-110 s each to
+         # build once on 2 cores, Phi-3 with its 32k vocabulary ~390 s): the adapter swaps in and the router
+         # probes on a base that answers, not only on noise.
+         "qwen2-chat": "qwen2", "llama3-chat": "llama", "phi3-chat": "phi3", "gemma3-chat": "gemma3"}
+# Not in the chat fixtures' corpus: on "How should I fix the car?", one of its tasks, the chat Gemma 3 is
+# so sure of its answer (router entropy 0.0074 nats) that a 4-step DP adapter left it equal to 4 decimals.
+QUESTION = "Why is the sky dark at night?"
 
 
 def ember(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
