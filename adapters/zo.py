@@ -40,11 +40,17 @@ SCHEDULES = ("constant", "linear", "cosine")
 # its A at Kaiming scale; these are the step sizes that moved held-out loss on the synthetic user
 # (torch, batches of 8, no DP, held-out 3.730 from: 120 steps at lr 2e-3 → 3.722, 1e-2 → 3.634, 3e-2 and
 # μ 0.1 diverged; 300 steps at 1e-2 reached 3.41 and then diverged, at 5e-3 → 3.448 and still falling).
-DEFAULTS = {"llama": {"lr": 1e-2, "mu": 0.3}, "torch": {"lr": 5e-3, "mu": 1e-2}}
+DEFAULTS = {"llama": {"lr": 1e-2, "mu": 0.3, "clip": 2.0}, "torch": {"lr": 5e-3, "mu": 1e-2, "clip": 2.0}}
 # The llama backend with a window of top layers (window 8 on the synthetic user, batches of 8, no DP, 40 s
 # each on the loaded machine, ~20 steps, held-out 3.729 →): lr 1e-2 μ 0.3 3.729; 3e-2 0.3 3.728; 0.1 0.3
 # 3.727; 0.1 1.0 3.725; 0.3 1.0 3.715; 0.3 3.0 3.721; 1.0 1.0 3.662; 3.0 1.0 3.621; 10 1.0 diverged (3.894).
-WINDOW_DEFAULTS = {"lr": 3.0, "mu": 1.0}
+# DPZero's clip C for the window: at μ 1.0 its per-example scalars (L₊ − L₋)/2μ are small (|g| quantiles
+# 10/50/90/99 %: 0.011, 0.066, 0.195, 0.289 over 30 steps of a no-DP run; the batch mean's median 0.042),
+# so the all-layers C = 2 clipped nothing and its noise σC/B = 0.19 (σ 0.75 for ε 8, 70 steps, q 0.051)
+# was 4.4× the signal: held-out 3.729 → 4.742 in 70 steps at lr 3. C 0.2 clips 9 % and its noise is
+# 0.019: → 3.451; C 0.1 (34 % clipped): lr 3 → 3.498, lr 6 → 3.488 (`benchmarks.zo_tuning --epsilon 8
+# --steps 70`, one run each, 2026-11-30 19:03-19:07 UTC).
+WINDOW_DEFAULTS = {"lr": 3.0, "mu": 1.0, "clip": 0.2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +66,7 @@ class ZoConfig:
     mu: float | None = None         # perturbation size; None: the backend's default
     mu_schedule: str = "constant"
     loss_on: str = "target"         # target: the message being learned; all: every token after the first
-    clip: float = 2.0               # C, on each example's vector of scalars
+    clip: float | None = None       # C, on each example's vector of scalars; None: the backend's default
     epsilon: float | None = 8.0     # None: no differential privacy
     delta: float | None = None
     eval_every: int = 25            # held-out loss every N steps (0: never) ...
@@ -100,6 +106,10 @@ class ZoConfig:
         """The backend's (or the window's) default `lr` or `mu`."""
         return (WINDOW_DEFAULTS if self.window else DEFAULTS[self.backend])[name]
 
+    def dp_clip(self) -> float:
+        """DPZero's clip C: the one given, else the backend's (or the window's) default."""
+        return self.clip if self.clip is not None else self.default("clip")
+
     def learning_rate(self, step: int) -> float:
         """η at `step` (0-based)."""
         return _scheduled(self.lr if self.lr is not None else self.default("lr"), self.lr_schedule, step, self.steps)
@@ -133,7 +143,7 @@ def schedule_for(config: ZoConfig, n_train: int) -> privacy.Schedule | None:
     if config.epsilon is None:
         return None
     return privacy.schedule_isolated(n_train, epsilon=config.epsilon, delta=config.delta,
-                                     batch_size=config.batch_size, steps=config.steps, clip=config.clip)
+                                     batch_size=config.batch_size, steps=config.steps, clip=config.dp_clip())
 
 
 def plan_for(config: ZoConfig, n_train: int) -> privacy.Plan | None:

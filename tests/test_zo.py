@@ -314,3 +314,7 @@ def test_the_window_is_ember_s_default_for_zo_in_llama_cpp_but_not_for_a_househo
     assert (windowed.learning_rate(0), windowed.perturbation(0)) == (zo.WINDOW_DEFAULTS["lr"],
                                                                      zo.WINDOW_DEFAULTS["mu"])
     assert zo.ZoConfig().learning_rate(0) == zo.DEFAULTS["llama"]["lr"]
+    # DPZero's clip is the window's own (its scalars are ~10x smaller than C = 2), and the accountant's.
+    assert windowed.dp_clip() == zo.WINDOW_DEFAULTS["clip"] < zo.ZoConfig().dp_clip() == zo.DEFAULTS["llama"]["clip"]
+    assert zo.plan_for(windowed, 157).clip == zo.WINDOW_DEFAULTS["clip"]
+    assert zo.ZoConfig(window=8, clip=1.5).dp_clip() == 1.5
