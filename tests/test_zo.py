@@ -318,3 +318,6 @@ def test_the_window_is_ember_s_default_for_zo_in_llama_cpp_but_not_for_a_househo
     assert windowed.dp_clip() == zo.WINDOW_DEFAULTS["clip"] < zo.ZoConfig().dp_clip() == zo.DEFAULTS["llama"]["clip"]
     assert zo.plan_for(windowed, 157).clip == zo.WINDOW_DEFAULTS["clip"]
     assert zo.ZoConfig(window=8, clip=1.5).dp_clip() == 1.5
+    # The window steps on smaller batches (more steps in the same time learned more); every layer keeps 8.
+    assert zo.ZoConfig(window=8).batch() == zo.WINDOW_DEFAULTS["batch"] < zo.ZoConfig().batch() == 8
+    assert len(zo._batches(157, windowed, None, 0, None)) == zo.WINDOW_DEFAULTS["batch"]
