@@ -222,12 +222,15 @@ class Observer:
     control vector included) out of every decode, through the context's `cb_eval` callback
     (ggml_backend_sched_eval_callback, ggml-backend.h). One per scorer; keep it alive as long as it."""
 
-    def __init__(self, name: str, width: int):
+    def __init__(self, name: str, width: int, *, stop: bool = False):
+        """`stop`: end each decode once the tensor is copied, so nothing after it in the graph runs
+        (ggml_backend_sched_compute_splits stops a split when the callback answers false after a
+        tensor it asked for; llama.cpp then reads no logits when the batch asked for none)."""
         import ctypes
 
         import llama_cpp
 
-        self.name, self.width = name.encode(), width
+        self.name, self.width, self.stop = name.encode(), width, stop
         self._rows: list[np.ndarray] = []
         self._problem: str | None = None
         ggml = ctypes.CDLL(str(_ggml_base_library(llama_cpp)))
@@ -241,7 +244,10 @@ class Observer:
         ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
         self._ggml = ggml
 
+        self.asked = 0                  # graph nodes llama.cpp asked about (how far decodes ran)
+
         def seen(tensor: int, ask: bool, _user: int) -> bool:
+            self.asked += ask
             if ggml.ggml_get_name(tensor) != self.name:
                 return not ask          # ask: "do you want this one?"; otherwise: "go on?"
             if ask:
@@ -252,7 +258,7 @@ class Observer:
             out = np.empty(ggml.ggml_nbytes(tensor) // 4, dtype=np.float32)
             ggml.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
             self._rows.append(out.reshape(-1, self.width))
-            return True
+            return not self.stop
 
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(seen)
 

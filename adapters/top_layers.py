@@ -3,7 +3,7 @@
 A control vector on layers `first`+1 … n−1 leaves layers 0 … `first`−1 untouched, so their output
 (the residual stream entering layer `first`, llama.cpp's `l_out-<first−1>`) is a function of the
 example alone. It is computed once per example on the full model, copied out through the context's
-eval callback (`scoring.Observer`), and every loss after that runs only blocks `first` … n−1: a GGUF
+eval callback (`scoring.Observer`), which then stops the graph (the blocks above do not run), and every loss after that runs only blocks `first` … n−1: a GGUF
 holding just those, written by llama.cpp's own `llama_model_quantize` (`only_copy`, `prune_layers`:
 the same quantized bytes, blocks renumbered from 0), which reads the stored states as input embeddings
 (`llama_batch.embd`). It is the frozen-layer cache Ember's torch trainers use, inside llama.cpp.
@@ -78,7 +78,10 @@ class TopLayers:
     `losses` for any cached sequence. (Without `release_below`, `losses` computes missing states itself
     and loads the small model on first use, with both models resident.)"""
 
-    def __init__(self, llm: Any, model_path: Path, window: int, *, threads: int, capacity: int):
+    def __init__(self, llm: Any, model_path: Path, window: int, *, threads: int, capacity: int,
+                 stop_below: bool = True):
+        """`stop_below`: end each decode of the pass below at `l_out-<first−1>` (False: run the whole
+        graph, as before; kept to test that the states are the same)."""
         from adapters.scoring import BatchScorer, Observer
 
         import llama_cpp
@@ -94,7 +97,9 @@ class TopLayers:
         # runs blocks below `first`, with no logits: let the kernel take its pages back, and the ones
         # these blocks read come back on first use (from the page cache: nothing is read twice).
         release_mapping(Path(model_path))
-        self._observer = Observer(f"l_out-{self.first - 1}", self.n_embd)
+        # The graph stops once that tensor is copied: blocks first … n−1 and the output head never run
+        # in this pass (on the default model 22 of 30 blocks run instead of all 30).
+        self._observer = Observer(f"l_out-{self.first - 1}", self.n_embd, stop=stop_below)
         self._below: Any = BatchScorer(llm, threads=threads, capacity=capacity, observe=self._observer,
                                        sequences=8)
         self._folder: Path | None = None

@@ -40,11 +40,21 @@ SCHEDULES = ("constant", "linear", "cosine")
 # its A at Kaiming scale; these are the step sizes that moved held-out loss on the synthetic user
 # (torch, batches of 8, no DP, held-out 3.730 from: 120 steps at lr 2e-3 → 3.722, 1e-2 → 3.634, 3e-2 and
 # μ 0.1 diverged; 300 steps at 1e-2 reached 3.41 and then diverged, at 5e-3 → 3.448 and still falling).
-DEFAULTS = {"llama": {"lr": 1e-2, "mu": 0.3}, "torch": {"lr": 5e-3, "mu": 1e-2}}
+DEFAULTS = {"llama": {"lr": 1e-2, "mu": 0.3, "clip": 2.0, "batch": 8},
+            "torch": {"lr": 5e-3, "mu": 1e-2, "clip": 2.0, "batch": 8}}
 # The llama backend with a window of top layers (window 8 on the synthetic user, batches of 8, no DP, 40 s
 # each on the loaded machine, ~20 steps, held-out 3.729 →): lr 1e-2 μ 0.3 3.729; 3e-2 0.3 3.728; 0.1 0.3
 # 3.727; 0.1 1.0 3.725; 0.3 1.0 3.715; 0.3 3.0 3.721; 1.0 1.0 3.662; 3.0 1.0 3.621; 10 1.0 diverged (3.894).
-WINDOW_DEFAULTS = {"lr": 3.0, "mu": 1.0}
+# DPZero's clip C for the window: at μ 1.0 its per-example scalars (L₊ − L₋)/2μ are small (|g| quantiles
+# 10/50/90/99 %: 0.011, 0.066, 0.195, 0.289 over 30 steps of a no-DP run; the batch mean's median 0.042),
+# so the all-layers C = 2 clipped nothing and its noise σC/B = 0.19 (σ 0.75 for ε 8, 70 steps, q 0.051)
+# was 4.4× the signal: held-out 3.729 → 4.742 in 70 steps at lr 3, batch 8. There C 0.2 (9 % clipped,
+# noise 0.019) → 3.451; C 0.1 (34 % clipped) lr 3 → 3.498, lr 6 → 3.488. At batch 4, 160 steps: C 0.2
+# lr 3 → 3.377, lr 5 → 3.652; C 0.1 lr 3 → 3.221 (`benchmarks.zo_tuning --epsilon 8 --steps N`, one run
+# each with fresh DP noise, run-to-run spread not measured; 2026-11-30 19:03-19:21 UTC).
+# Batch: without DP, 60 s from zero at lr 3 μ 1: batch 8 → 3.418 (80 steps), 4 → 3.205 (149), 2 → 3.230
+# (247); lr 5: batch 8 → 3.390, 4 → 3.225, 2 → 3.495; 2 perturbations a step: batch 8 → 3.383, 4 → 3.341.
+WINDOW_DEFAULTS = {"lr": 3.0, "mu": 1.0, "clip": 0.1, "batch": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +63,14 @@ class ZoConfig:
 
     backend: str = "llama"
     steps: int = 200
-    batch_size: int = 8
+    batch_size: int | None = None   # examples a step (with DP: the expected number); None: the default
     perturbations: int = 1          # directions per step (their estimates are averaged)
     lr: float | None = None         # None: the backend's default
     lr_schedule: str = "constant"   # constant | linear (to 0) | cosine (to 0)
     mu: float | None = None         # perturbation size; None: the backend's default
     mu_schedule: str = "constant"
     loss_on: str = "target"         # target: the message being learned; all: every token after the first
-    clip: float = 2.0               # C, on each example's vector of scalars
+    clip: float | None = None       # C, on each example's vector of scalars; None: the backend's default
     epsilon: float | None = 8.0     # None: no differential privacy
     delta: float | None = None
     eval_every: int = 25            # held-out loss every N steps (0: never) ...
@@ -93,12 +103,20 @@ class ZoConfig:
             raise InvalidInput("loss_on must be target or all")
         if self.window < 0 or (self.window and self.backend != "llama"):
             raise InvalidInput("a ZO window is a number of top layers, for the llama backend")
-        if self.perturbations < 1 or self.steps < 1 or self.batch_size < 1:
+        if self.perturbations < 1 or self.steps < 1 or self.batch() < 1:
             raise InvalidInput("a ZO run needs at least one step, one example a batch and one perturbation")
 
     def default(self, name: str) -> float:
         """The backend's (or the window's) default `lr` or `mu`."""
         return (WINDOW_DEFAULTS if self.window else DEFAULTS[self.backend])[name]
+
+    def batch(self) -> int:
+        """Examples a step: the one given, else the backend's (or the window's) default."""
+        return self.batch_size if self.batch_size is not None else int(self.default("batch"))
+
+    def dp_clip(self) -> float:
+        """DPZero's clip C: the one given, else the backend's (or the window's) default."""
+        return self.clip if self.clip is not None else self.default("clip")
 
     def learning_rate(self, step: int) -> float:
         """η at `step` (0-based)."""
@@ -133,7 +151,7 @@ def schedule_for(config: ZoConfig, n_train: int) -> privacy.Schedule | None:
     if config.epsilon is None:
         return None
     return privacy.schedule_isolated(n_train, epsilon=config.epsilon, delta=config.delta,
-                                     batch_size=config.batch_size, steps=config.steps, clip=config.clip)
+                                     batch_size=config.batch(), steps=config.steps, clip=config.dp_clip())
 
 
 def plan_for(config: ZoConfig, n_train: int) -> privacy.Plan | None:
@@ -236,7 +254,7 @@ def _batches(n_train: int, config: ZoConfig, plan: privacy.Plan | None, step: in
     """Without DP: shuffled epochs, a function of (seed, epoch). With DP: a fresh Poisson sample."""
     if plan is not None:
         return list(np.flatnonzero(sampling.random(n_train) < plan.sample_rate))
-    size = min(config.batch_size, n_train)
+    size = min(config.batch(), n_train)
     per_epoch = math.ceil(n_train / size)
     epoch, index = divmod(step, per_epoch)
     order = np.random.default_rng([config.seed, epoch]).permutation(n_train)

@@ -182,7 +182,9 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str,
         window = WINDOW if method.startswith("llama_zo_window") else {}
         dp = method.endswith("_dp")
         config = zo.ZoConfig(backend=method.split("_")[0], epsilon=EPSILON if dp else None,
-                             steps=fixed_steps or 100_000, batch_size=BATCH, eval_every=ZO_EVAL_EVERY, patience=0,
+                             # The window at its own default batch (zo.WINDOW_DEFAULTS); the others at BATCH.
+                             steps=fixed_steps or 100_000, batch_size=None if window else BATCH,
+                             eval_every=ZO_EVAL_EVERY, patience=0,
                              threads=threads, **window)
         if config.backend == "llama":
             backend: Any = zo.LlamaControlVector(model, data.train, config, base_sha256=None,
@@ -205,7 +207,7 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str,
         if getattr(backend, "scorer", None) is not None:
             decodes = round(backend.scorer.decodes / max(1, steps["n"]), 1)
         shape = {"window": config.window, "lr": config.learning_rate(0), "mu": config.perturbation(0),
-                 "epsilon": config.epsilon}
+                 "epsilon": config.epsilon, "batch": config.batch(), "clip": config.dp_clip() if dp else None}
         if getattr(backend, "top", None) is not None:
             shape.update(lower_layer_decodes=backend.top.below_decodes, cached_tokens=backend.top.cached_tokens)
         if config.backend == "llama":
@@ -225,7 +227,7 @@ def curve(method: str, model_path: str, home: str, threads: int, out: str,
             "steady_seconds_per_step": round(steady, 3) if steady else None,
             "before_first_step_seconds": round(stamps[0] - (steady or 0), 1) if stamps else None,
             "steps_per_second": round(steps["n"] / max(clock.now(), 1e-9), 3),
-            "forward_passes_per_step": 2 * BATCH if method != "lora_backprop" else None,
+            "forward_passes_per_step": 2 * (shape.get("batch") or BATCH) if method != "lora_backprop" else None,
             "decodes_per_step": decodes, **(shape if method.startswith("llama") else {}),
             "curve": [{"seconds": s, "step": n, "heldout_loss": round(v, 4)} for s, n, v in points],
             "adapter": str(result_path) if result_path else None}
@@ -279,7 +281,10 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
     # Batched ZO steps against Ember 0.1's one llama_decode per sequence: same model, batch and threads.
     sequential = max(learning["llama_zo_sequential"]["steps_per_second"], 1e-9)
     speedup = round(learning["llama_zo"]["steps_per_second"] / sequential, 2)
-    window_speedup = round(learning["llama_zo_window"]["steps_per_second"] / sequential, 2)
+    # The window trains on batches of its own size: compared in examples scored per second (steps/s ×
+    # batch), which counts a smaller batch's fixed costs against it.
+    window_batch = learning["llama_zo_window"].get("batch") or BATCH
+    window_speedup = round(learning["llama_zo_window"]["steps_per_second"] * window_batch / (sequential * BATCH), 2)
     canaries = {k: {"rank": v["rank"], "exposure_bits": round(v["exposure"], 2)} for k, v in canary.items()}
     return {"quick": quick, "batch": BATCH, "threads": settings.threads, "wall_seconds_each": wall,
             "memory": memory, "memory_ratios": ratios, "learning": learning,
@@ -287,8 +292,8 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
             "llama_zo_window_steps_per_second_over_sequential": window_speedup,
             # The same ratio between first and last step (the window's one-off pass below left out).
             "llama_zo_window_steady_steps_per_second_over_sequential": round(
-                (learning["llama_zo_sequential"]["steady_seconds_per_step"] or 0)
-                / max(learning["llama_zo_window"]["steady_seconds_per_step"] or 1e9, 1e-9), 2),
+                (learning["llama_zo_sequential"]["steady_seconds_per_step"] or 0) * window_batch
+                / max((learning["llama_zo_window"]["steady_seconds_per_step"] or 1e9) * BATCH, 1e-9), 2),
             "canary": canaries, "targets": targets(learning, ratios, canaries, window_speedup)}
 
 

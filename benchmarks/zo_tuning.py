@@ -1,11 +1,12 @@
 """One-off tuning runs for zeroth-order training with a window of top layers (not a registered
 benchmark; `ember bench zo` measures the chosen defaults).
 
-    python -m benchmarks.zo_tuning SECONDS 'WINDOW:LR,MU,PERTURBATIONS,BATCH;...' ...
+    python -m benchmarks.zo_tuning [--epsilon E] [--steps S] SECONDS 'WINDOW:LR,MU,PERTURBATIONS,BATCH[,CLIP[,SCHEDULE]];...' ...
 
 On the synthetic user of `ember bench zo`, for each window the backend is built once (the layers below
-run once per example, then the full model is freed), and each (lr, μ, perturbations, batch) trains from
-zero without DP for SECONDS of wall time. Held-out loss is scored by the window's own scorer (the whole
+run once per example, then the full model is freed), and each (lr, μ, perturbations, batch, clip C,
+lr and μ schedule) trains from zero for SECONDS of wall time or S steps (default 100,000), whichever
+comes first: without DP, or with DP at ε = E (σ calibrated to S steps; the schedules decay over S). Held-out loss is scored by the window's own scorer (the whole
 model's within 2·10⁻³ nats, tests/test_zo.py). One JSON line per run on stdout.
 """
 from __future__ import annotations
@@ -24,6 +25,15 @@ def main(argv: list[str]) -> None:
     from benchmarks.zo import _data
 
     settings = load_settings()
+    epsilon, steps_cap = None, 100_000
+    while argv and argv[0].startswith("--"):
+        flag, value, argv = argv[0], argv[1], argv[2:]
+        if flag == "--epsilon":
+            epsilon = float(value)
+        elif flag == "--steps":
+            steps_cap = int(value)
+        else:
+            raise SystemExit(f"unknown option {flag}")
     wall = float(argv[0])
     with tempfile.TemporaryDirectory(prefix="ember-zo-tuning-") as tmp:
         home = Path(tmp) / "home"
@@ -38,18 +48,22 @@ def main(argv: list[str]) -> None:
             built = time.perf_counter() - began
             base = backend.heldout(data.heldout)
             for item in grid.split(";"):
-                lr, mu, n, batch = item.split(",")
+                lr, mu, n, batch, *rest = item.split(",")
+                clip = float(rest[0]) if rest and rest[0] else None
+                schedule = rest[1] if len(rest) > 1 else "constant"
                 backend.reset()
                 config = zo.ZoConfig(window=int(window), lr=float(lr), mu=float(mu), perturbations=int(n),
-                                     batch_size=int(batch), epsilon=None, steps=100_000, eval_every=0,
-                                     patience=0, threads=settings.threads)
+                                     batch_size=int(batch), epsilon=epsilon, steps=steps_cap, eval_every=0,
+                                     patience=0, threads=settings.threads, clip=clip, lr_schedule=schedule,
+                                     mu_schedule=schedule)
                 steps = {"n": 0}
                 start = time.perf_counter()
                 zo.train(backend, data, config, on_step=lambda p: steps.update(n=p.step),
                          should_stop=lambda: time.perf_counter() - start >= wall)
                 seconds = time.perf_counter() - start
                 print(json.dumps({"window": int(window), "lr": float(lr), "mu": float(mu), "perturbations": int(n),
-                                  "batch": int(batch), "steps": steps["n"], "seconds": round(seconds, 1),
+                                  "batch": int(batch), "epsilon": epsilon, "clip": config.dp_clip(),
+                                  "schedule": schedule, "steps": steps["n"], "seconds": round(seconds, 1),
                                   "build_seconds": round(built, 1), "examples": len(data.train),
                                   "cached_tokens": backend.top.cached_tokens if backend.top else None,
                                   "heldout_base": round(base, 4),

@@ -147,6 +147,27 @@ def test_the_top_layers_on_their_cached_input_score_as_the_whole_model_does(wind
         windowed.reset()
 
 
+def test_the_pass_below_stops_at_the_window_and_keeps_the_states_the_whole_graph_gives(control_vector, small,
+                                                                                        model_path):
+    # The pass below ends each decode once l_out-<first−1> is copied: the same states bit for bit as
+    # running all 30 blocks and the output head, with far fewer graph nodes computed.
+    from adapters.top_layers import TopLayers
+
+    sequences = [(e.tokens, e.loss_from) for e in small.train]
+    found = {}
+    for stop in (False, True):
+        top = TopLayers(control_vector.llm, model_path, 6, threads=2, capacity=512, stop_below=stop)
+        try:
+            top.cache(sequences)
+            found[stop] = ([top._rows(tuple(int(t) for t in tokens)) for tokens, _ in sequences],
+                           top._observer.asked)
+        finally:
+            top.close()
+    (whole, asked_whole), (stopped, asked_stopped) = found[False], found[True]
+    assert all(np.array_equal(a, b) for a, b in zip(whole, stopped))
+    assert asked_stopped < asked_whole * (top.first + 1) / control_vector.n_layer
+
+
 def test_a_window_run_is_rebuilt_bit_for_bit_and_leaves_the_layers_below_at_zero(windowed, small, model_path):
     windowed.reset()
     config = zo.ZoConfig(epsilon=None, steps=3, batch_size=4, perturbations=2, mu=0.3, lr=5e-2, eval_every=0,
@@ -293,3 +314,10 @@ def test_the_window_is_ember_s_default_for_zo_in_llama_cpp_but_not_for_a_househo
     assert (windowed.learning_rate(0), windowed.perturbation(0)) == (zo.WINDOW_DEFAULTS["lr"],
                                                                      zo.WINDOW_DEFAULTS["mu"])
     assert zo.ZoConfig().learning_rate(0) == zo.DEFAULTS["llama"]["lr"]
+    # DPZero's clip is the window's own (its scalars are ~10x smaller than C = 2), and the accountant's.
+    assert windowed.dp_clip() == zo.WINDOW_DEFAULTS["clip"] < zo.ZoConfig().dp_clip() == zo.DEFAULTS["llama"]["clip"]
+    assert zo.plan_for(windowed, 157).clip == zo.WINDOW_DEFAULTS["clip"]
+    assert zo.ZoConfig(window=8, clip=1.5).dp_clip() == 1.5
+    # The window steps on smaller batches (more steps in the same time learned more); every layer keeps 8.
+    assert zo.ZoConfig(window=8).batch() == zo.WINDOW_DEFAULTS["batch"] < zo.ZoConfig().batch() == 8
+    assert len(zo._batches(157, windowed, None, 0, None)) == zo.WINDOW_DEFAULTS["batch"]
