@@ -94,14 +94,20 @@ def _timed_process(args: list[str], env: dict[str, str]) -> dict[str, float]:
     return {"seconds": seconds, "peak_rss_mb": peak / 2 ** 20, "output": out.decode(errors="replace")}
 
 
-def whole_process(home: Path, settings: Settings, rounds: int) -> dict[str, Any]:
-    """Median wall time and peak RSS of `ember ask` (auto and base) and the bare script, interleaved."""
-    # Every side starts from a user's shell: without the OpenMP wait settings this process got from
-    # importing Ember (assistant/__init__.py), which Ember sets again for itself and a bare script does
-    # not have (alone on 2 cores, bare decodes 3.5x faster with GNU OpenMP's default spinning than with
-    # the PASSIVE that it used to inherit here).
+def shell_env(home: Path, settings: Settings) -> dict[str, str]:
+    """The environment of a user's shell for whole processes of `ember` and of the bare script.
+
+    Without the OpenMP wait settings this process got from importing Ember (assistant/__init__.py):
+    Ember sets them again for itself, and a bare script does not have them (alone on 2 cores, a bare
+    decode ran 3.5x faster with GNU OpenMP's default spin than with the PASSIVE it used to inherit here)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "EMBER_DEBUG")}
     env.update(EMBER_HOME=str(home), EMBER_N_CTX=str(settings.n_ctx), EMBER_THREADS=str(settings.threads))
+    return env
+
+
+def whole_process(home: Path, settings: Settings, rounds: int) -> dict[str, Any]:
+    """Median wall time and peak RSS of `ember ask` (auto and base) and the bare script, interleaved."""
+    env = shell_env(home, settings)
     sides = {
         "bare": [sys.executable, "-c", BARE, str(settings.model_path), str(settings.n_ctx),
                  str(settings.threads), STORY, str(MAX_TOKENS)],

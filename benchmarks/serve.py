@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -197,9 +196,7 @@ def run(settings: Settings, rounds: int = 5, quick: bool = False) -> dict[str, A
     per_client, max_tokens, duration = (1, 16, 30.0) if quick else (4, 64, 60.0)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
-        env = dict(os.environ, EMBER_HOME=str(home), EMBER_N_CTX=str(settings.n_ctx),
-                   EMBER_THREADS=str(settings.threads))
-        env.pop("EMBER_DEBUG", None)
+        env = everyday.shell_env(home, settings)
         server = Server(home, settings, env)
         try:
             model = server.health()["model"]
