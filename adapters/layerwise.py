@@ -42,6 +42,7 @@ class AdaptiveConfig(lora.LoraConfig):
 
     stride: int = 6                 # an exit every `stride` layers (and at the last one)
     exit_gain: bool = True          # train a per-exit gain on the frozen final norm (intermediate exits)
+    dtype: str = "float32"          # the base is loaded in float32 (bf16 not measured for the windows' caches)
 
 
 @dataclasses.dataclass(frozen=True)

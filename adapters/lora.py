@@ -54,7 +54,7 @@ class LoraConfig:
     seed: int = 0
     threads: int = 0
     checkpoint_every: int = 10
-    dtype: str = "float32"          # the frozen base's dtype: float32, bfloat16, or auto (bf16 where the CPU has it)
+    dtype: str = "auto"             # the frozen base's dtype: float32, bfloat16, or auto (bf16 where the CPU has it and the model is large, base.resolve_dtype)
 
 
 @dataclasses.dataclass

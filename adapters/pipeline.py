@@ -323,8 +323,9 @@ def run_size(config: AdaptConfig) -> dict[str, Any]:
     from adapters.base import gguf_parameters, resolve_dtype
 
     torch_run = config.method == "lora" or config.zo.backend == "torch"
-    dtype = resolve_dtype(getattr(config.trainer, "dtype", "float32")) if torch_run else "float32"
-    return {"base_params": gguf_parameters(config.model_path), "dtype": dtype,
+    params = gguf_parameters(config.model_path)
+    dtype = resolve_dtype(getattr(config.trainer, "dtype", "float32"), params) if torch_run else "float32"
+    return {"base_params": params, "dtype": dtype,
             "base_bytes": Path(config.model_path).stat().st_size}
 
 

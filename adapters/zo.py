@@ -446,7 +446,9 @@ class TorchLora:
         self.torch.set_grad_enabled(False)
         self.lora_config = lora.LoraConfig(rank=config.rank, alpha=config.alpha, layers=config.layers,
                                            modules=config.modules, epsilon=None, train_a=True,
-                                           seed=config.seed, threads=config.threads)
+                                           seed=config.seed, threads=config.threads,
+                                           # (L+ - L-) / 2μ needs the losses' float32 digits
+                                           dtype="float32")
         self.config = config
         self.prepared = lora.prepare(model_path, cache_dir, with_loss_on(examples, config), self.lora_config)
         self.params = [p for p in self.prepared.net.parameters() if p.requires_grad]

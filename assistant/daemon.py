@@ -170,6 +170,12 @@ def _params(path: str, _size: int, _mtime: int) -> int:
     return gguf_parameters(Path(path))
 
 
+def method_dtype(method: str, model: ModelSize | None) -> str:
+    """The dtype a run of `method` holds `model`'s base in: LoRA's is the model's (bf16 where it pays,
+    `adapters.base.resolve_dtype`); adaptive layers and ZO in torch keep float32, llama.cpp the file."""
+    return model.dtype if model is not None and method == "lora" else "float32"
+
+
 def memory_need_mb(db: Any, method: str, model: ModelSize | None = None) -> float:
     """Peak memory (MB) a run of this method needs for `model`, from what was measured.
 
@@ -182,7 +188,7 @@ def memory_need_mb(db: Any, method: str, model: ModelSize | None = None) -> floa
         return runs.peak_rss_mb(db, method) or MEASURED_MB[method]
     torch_method = method in TORCH_METHODS
     size = model.params if torch_method else model.bytes
-    dtype = model.dtype if torch_method else "float32"
+    dtype = method_dtype(method, model)
     slope, _ = memory_slope(db, method, dtype)
     sized = runs.peaks_by_size(db, method, dtype, by="base_params" if torch_method else "base_bytes")
     if sized:
@@ -301,10 +307,15 @@ def check(db: Any, settings: Settings, config: DaemonConfig, sensors: Sensors, n
 def _model_size(settings: Settings) -> ModelSize | None:
     """The size of the model the daemon would train, or None when llama.cpp cannot read it (the run
     itself then says why)."""
+    from adapters.base import resolve_dtype
+    from adapters.lora import LoraConfig
+
     try:
-        return ModelSize.of(settings.model_path)
+        size = ModelSize.of(settings.model_path)
     except (OSError, ValueError):
         return None
+    # The dtype LoRA would hold this base in (bf16 on a CPU with it, for a model of 40 M parameters up).
+    return dataclasses.replace(size, dtype=resolve_dtype(LoraConfig.dtype, size.params))
 
 
 class Daemon:

@@ -88,7 +88,7 @@ def daemon_report(settings, db) -> dict:
     report["adapting"] = None if running is None else {"run": running["id"], "step": running["step"],
                                                         "steps": running["steps"]}
     from assistant.daemon import (MEASURED_GAIN_PER_MINUTE, MEASURED_MB, _model_size, gain_per_minute,
-                                  memory_need_mb, memory_slope)
+                                  memory_need_mb, memory_slope, method_dtype)
 
     # What each method's run needs and learns per minute (measured here when it has run here, else by
     # the benchmarks; memory for this model's size): the figures the daemon chooses by.
@@ -97,7 +97,7 @@ def daemon_report(settings, db) -> dict:
     # How each need moves with the model's size (MB per million parameters for torch, per MB of GGUF file
     # for llama.cpp), and whether that line was measured on this machine's runs.
     report["memory_slope"] = {method: dict(zip(("mb_per_unit", "measured"),
-                                               memory_slope(db, method, size.dtype if size else "float32")))
+                                               memory_slope(db, method, method_dtype(method, size))))
                               for method in MEASURED_MB}
     report["gain_per_minute"] = {method: dict(zip(("nats_per_minute", "measured"), gain_per_minute(db, method)))
                                  for method in MEASURED_GAIN_PER_MINUTE}
