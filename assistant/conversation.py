@@ -7,20 +7,22 @@ import threading
 import time
 import unicodedata
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import sqlite_utils
 
 from adapters.errors import AdapterInvalid, AdapterMismatch
 from adapters.template import TemplateError
-from assistant import evidence, router
+from assistant import evidence
 from assistant.config import ROUTES, Settings
 from assistant.engine import Engine, Message
 from assistant.errors import EmberError, InvalidInput, RouteUnavailable
 from assistant.retrieval import Hit, Retriever, fit_memories, memory_message
-from assistant.router import Decision
 from storage import conversations as convs
 from storage import memory, personas, registry
+
+if TYPE_CHECKING:
+    from assistant.router import Decision
 
 T = TypeVar("T")
 
@@ -355,6 +357,8 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
         in_prompt = _in_prompt(engine, settings, question, max_tokens + max(budget, 0))
     decision = None
     if chosen == "auto":
+        from assistant import router   # the auto route's alone: --route base never imports it
+
         decision = router.decide(text, engine=engine, retriever=retriever, db=db,
                                  system=settings.system_prompt, k=settings.memory_k, now=now,
                                  exclude_message_ids=in_prompt, asked_id=question.message_id)
@@ -381,6 +385,8 @@ def respond(db: sqlite_utils.Database, engine: Engine, settings: Settings, text:
         if memories:
             memory.record_reply_memories(db, reply_id, [(hit.id, hit.score) for hit in memories])
         if decision is not None:
+            from assistant import router
+
             router.record(db, decision, reply_id)
     status = "interrupted"
     first_token = None
@@ -467,6 +473,8 @@ def read_ahead(db: sqlite_utils.Database, engine: Engine, settings: Settings, dr
             exclude = _in_prompt(engine, settings, whole, max_tokens + max(budget, 0))
             decision = None
             if route == "auto":
+                from assistant import router
+
                 decision = router.decide(whole.text, engine=engine, retriever=retriever, db=db,
                                          system=settings.system_prompt, k=settings.memory_k,
                                          exclude_message_ids=exclude, ahead=True)
