@@ -15,6 +15,8 @@ import time
 import pytest
 
 from adapters import dataset, pipeline
+from adapters.base import bf16_supported, gguf_parameters, resolve_dtype
+from adapters.lora import LoraConfig
 from assistant.config import Settings
 from assistant.daemon import Daemon, DaemonConfig, Sensors, check, choose_method, single_instance
 from assistant.errors import InvalidInput
@@ -148,8 +150,13 @@ def test_status_says_when_the_user_will_count_as_away(user, ember):
     assert report["eligible_at"] == _later(db, 30).isoformat(timespec="seconds")
     assert report["epsilon_left"] == settings.privacy_budget
     assert report["memory_need_mb"]["zo-llama"] < report["memory_need_mb"]["lora"]
-    # Nothing ran here yet: the benchmark's slopes (MB per million parameters, per MB of file).
-    assert report["memory_slope"]["lora"] == {"mb_per_unit": 4.54, "measured": False}
+    # Nothing ran here yet: the benchmark's slopes (MB per million parameters, per MB of file). LoRA's is
+    # that of the dtype it would train SmolLM2 in: bf16 on a CPU with it (135 M parameters), else float32.
+    lora_dtype = resolve_dtype(LoraConfig.dtype, gguf_parameters(settings.model_path))
+    assert lora_dtype == ("bfloat16" if bf16_supported() else "float32")
+    assert report["memory_slope"]["lora"] == {"mb_per_unit": {"float32": 4.54, "bfloat16": 2.84}[lora_dtype],
+                                              "measured": False}
+    assert report["memory_slope"]["lora-adaptive"] == {"mb_per_unit": 4.54, "measured": False}   # float32 always
     assert report["memory_slope"]["zo-llama"] == {"mb_per_unit": 1.0, "measured": False}
 
 
