@@ -195,6 +195,14 @@ def connections(data_dir: Path, *, busy_timeout_ms: int = 3000) -> Connections:
         return owner
 
 
+def close_all() -> None:
+    """Close every connection of every owner in this process (before it ends without Python's teardown)."""
+    with _owners_lock:
+        owners = list(_owners.values())
+    for owner in owners:
+        owner.close()
+
+
 def connections_of(db: sqlite_utils.Database) -> Connections:
     """The owner of the data directory behind `db` (for a module handed only a connection)."""
     return connections(Path(db_path(db)).parent)

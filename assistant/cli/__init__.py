@@ -15,6 +15,11 @@ import click
 from assistant import __version__
 from assistant.errors import EmberError
 
+# Keys of the root context's `meta`: a command asks to end the process the moment it succeeds
+# (`common.leave_at_once`), and what stays referenced until then.
+LEAVE_AT_ONCE = "ember.leave_at_once"
+KEPT = "ember.kept"
+
 # name -> ("module:attribute", first line of the command's help). `ember --help` lists them from
 # here without importing anything; tests/test_startup.py checks each line against its command.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,9 +78,25 @@ class EmberGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def main(self, args=None, *rest, **extra):
+        """Run as the `ember` program (`args` from `sys.argv`, click's standalone mode): a command that
+        asked to (`common.leave_at_once`) ends the process here once it succeeded, skipping teardown."""
+        as_program = args is None and extra.get("standalone_mode", True)
+        try:
+            return super().main(args, *rest, **extra)
+        except SystemExit as done:
+            if as_program and done.code in (0, None) and self._leave_at_once is not None:
+                _leave(self._leave_at_once)
+            raise
+
+    _leave_at_once: list | None = None
+
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            done = super().invoke(ctx)
+            if ctx.meta.get(LEAVE_AT_ONCE):
+                self._leave_at_once = ctx.meta.get(KEPT, [])   # referenced until the process ends
+            return done
         except EmberError as err:
             click.echo(f"ember: {err}", err=True)
             sys.exit(err.exit_code)
@@ -94,6 +115,24 @@ class EmberGroup(click.Group):
             click.echo(f"ember: internal error: {type(err).__name__}: {err} "
                        "(run with EMBER_DEBUG=1 for the traceback)", err=True)
             sys.exit(70)
+
+
+def _leave(kept: list) -> None:
+    """End the process now (exit status 0): close the database, flush, run `atexit`, skip teardown.
+
+    A stream that cannot be flushed (the reader of a pipe left) returns instead, to the usual exit."""
+    storage_db = sys.modules.get("storage.db")
+    if storage_db is not None:
+        storage_db.close_all()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    os._exit(0)
 
 
 @click.group(cls=EmberGroup, context_settings={"help_option_names": ["-h", "--help"]})
