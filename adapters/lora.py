@@ -143,15 +143,99 @@ def _frozen_hidden(torch: Any, model: Any, ids: Any, mask: Any, first: int, batc
     return torch.cat(out)
 
 
-def sequence_losses(torch: Any, lm_head: Any, hidden: Any, labels: Any) -> Any:
-    """Mean next-token loss of each sequence over its labelled tokens (logits only where needed)."""
+# Labelled tokens per slice of the output head: 64 × 49,152 float32 logits (SmolLM2's vocabulary) is
+# 12.6 MB, where the whole batch's logits, their log-softmax and their gradient were held at once.
+HEAD_CHUNK = 64
+
+
+def _head_weight(lm_head: Any) -> Any | None:
+    """The output head's (vocabulary, width) matrix, or None for a head that is not a plain bias-free linear."""
+    weight = getattr(lm_head, "weight", None)
+    if weight is None or getattr(lm_head, "bias", None) is not None or type(lm_head).__name__ != "Linear":
+        return None
+    return weight
+
+
+def _token_losses(torch: Any, weight: Any, x: Any, target: Any, scale: Any | None) -> tuple[Any, Any | None]:
+    """Cross-entropy of each row of `x` (N, width) against `target` (N,) under the head `weight` (V, width),
+    one slice of HEAD_CHUNK rows at a time; with `scale` (N,), also d(Σ scale·loss)/dx, computed in the
+    same slice (the softmax minus the one-hot, through the head), so no slice's logits outlive it.
+    Returns (losses (N,) float32, gradient (N, width) in x's dtype or None). No autograd graph is built."""
+    losses = torch.empty(len(x), dtype=torch.float32)
+    grad = None if scale is None else torch.empty_like(x)
+    with torch.no_grad():
+        for start in range(0, len(x), HEAD_CHUNK):
+            rows = slice(start, start + HEAD_CHUNK)
+            logits = (x[rows].to(weight.dtype) @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=1)
+            losses[rows] = lse - logits.gather(1, target[rows, None])[:, 0]
+            if grad is not None:
+                probs = torch.exp(logits.sub_(lse[:, None]))
+                probs[torch.arange(len(probs)), target[rows]] -= 1.0
+                probs.mul_(scale[rows, None])
+                grad[rows] = (probs.to(weight.dtype) @ weight).to(x.dtype)
+    return losses, grad
+
+
+def _head_loss_function(torch: Any) -> Any:
+    class HeadCrossEntropy(torch.autograd.Function):
+        """Σ scale_i · CE(head(x_i), target_i) with the head frozen: its gradient to x is computed in the
+        forward pass, slice by slice (the fused linear cross-entropy of Liger-Kernel,
+        linkedin/Liger-Kernel src/liger_kernel/ops/fused_linear_cross_entropy.py), so the (N, V) logits,
+        their log-softmax and their gradient never exist whole."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, weight: Any, target: Any, scale: Any) -> Any:
+            losses, grad = _token_losses(torch, weight, x, target, scale if x.requires_grad else None)
+            ctx.save_for_backward(grad if grad is not None else x.new_zeros(()))
+            return (losses * scale).sum()
+
+        @staticmethod
+        def backward(ctx: Any, grad_output: Any) -> tuple[Any, None, None, None]:
+            (grad,) = ctx.saved_tensors
+            return grad * grad_output.to(grad.dtype), None, None, None
+
+    return HeadCrossEntropy
+
+
+def _labelled(hidden: Any, labels: Any) -> tuple[Any, Any, Any]:
+    """(rows of `hidden` that predict a labelled token, those tokens, the (B, T-1) mask that chose them)."""
     target = labels[:, 1:]
     where = target != -100
-    logits = lm_head(hidden[:, :-1][where])
-    token_loss = torch.nn.functional.cross_entropy(logits.float(), target[where], reduction="none")
+    return hidden[:, :-1][where], target[where], where
+
+
+def sequence_losses(torch: Any, lm_head: Any, hidden: Any, labels: Any) -> Any:
+    """Mean next-token loss of each sequence over its labelled tokens, shape (B,) float32 (logits only
+    where needed, a slice at a time). Not differentiable: training takes `batch_loss`."""
+    x, target, where = _labelled(hidden, labels)
+    weight = _head_weight(lm_head)
+    if weight is None:
+        with torch.no_grad():
+            token_loss = torch.nn.functional.cross_entropy(lm_head(x).float(), target, reduction="none")
+    else:
+        token_loss, _ = _token_losses(torch, weight, x, target, None)
     rows = where.nonzero()[:, 0]
     total = torch.zeros(len(labels), dtype=token_loss.dtype).index_add(0, rows, token_loss)
     return total / where.sum(1).clamp(min=1)
+
+
+def batch_loss(torch: Any, lm_head: Any, hidden: Any, labels: Any) -> Any:
+    """The training loss: the mean over the batch's sequences of each one's mean next-token loss over its
+    labelled tokens (a sequence with none counts 0), a differentiable float32 scalar.
+
+    hidden: (B, T, width) from the trainable net; labels: (B, T), -100 where no loss is taken. The frozen
+    head's logits are made HEAD_CHUNK rows at a time and its gradient to `hidden` computed with them."""
+    x, target, where = _labelled(hidden, labels)
+    weight = _head_weight(lm_head)
+    counts = where.sum(1).clamp(min=1)
+    if weight is None:   # another head: autograd through its whole logits
+        token_loss = torch.nn.functional.cross_entropy(lm_head(x).float(), target, reduction="none")
+        rows = where.nonzero()[:, 0]
+        total = torch.zeros(len(labels), dtype=token_loss.dtype).index_add(0, rows, token_loss)
+        return (total / counts).mean()
+    scale = (1.0 / (counts.float() * len(labels)))[where.nonzero()[:, 0]]
+    return _head_loss_function(torch).apply(x, weight.detach(), target, scale)
 
 
 def _top_layers(torch: Any) -> Any:
@@ -311,7 +395,7 @@ def _step(torch: Any, net: Any, optimizer: Any, lm_head: Any, hidden: Any, mask:
             p.grad_sample = torch.zeros((0, *p.shape))
         optimizer.step()
         return float("nan")
-    loss = sequence_losses(torch, lm_head, net(hidden, mask), labels).mean()
+    loss = batch_loss(torch, lm_head, net(hidden, mask), labels)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
