@@ -39,11 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ember(home: Path, *args: str) -> subprocess.Popen:
+def _ember(home: Path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen:
+    """`ember ARGS` in its own session; `sigint_ignored`: as a script's `ember … &` starts it (a shell
+    without job control starts background commands with SIGINT ignored, and children inherit that)."""
     env = dict(os.environ, EMBER_HOME=str(home), EMBER_THREADS="1")
     env.pop("EMBER_DEBUG", None)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([sys.executable, "-m", "assistant", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=ignore)
 
 
 def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -301,10 +304,11 @@ def _running(text: str) -> list[int]:
     return found
 
 
-def _serve(server: Path, port: int, phone: Path) -> subprocess.Popen:
+def _serve(server: Path, port: int, phone: Path, *, sigint_ignored: bool = False) -> subprocess.Popen:
     return _ember(server, "federate", "serve", "--address", f"127.0.0.1:{port}", "--kind", "fedkseed",
                   "--devices", "1", "--rounds", "1", "--steps", "1", "--pool-size", "64",
-                  "--authorized-key", str(phone / "federation" / "supernode.pub"), "--json")
+                  "--authorized-key", str(phone / "federation" / "supernode.pub"), "--json",
+                  sigint_ignored=sigint_ignored)
 
 
 def test_a_server_killed_mid_round_and_restarted_leaves_the_device_whole_and_the_round_not_done(tmp_path):
@@ -312,7 +316,9 @@ def test_a_server_killed_mid_round_and_restarted_leaves_the_device_whole_and_the
     _init(server)
     phone = _device(tmp_path, "phone", seed=3)
     port = _free_port()
-    first = _serve(server, port, phone)
+    # started as `ember federate serve &` from a script starts it: its launcher and ServerApp must still
+    # follow it when it dies (they used to ignore their parent monitors' SIGINT, and ran on forever)
+    first = _serve(server, port, phone, sigint_ignored=True)
     _wait_for(lambda: _listening(port), 60, "the SuperLink")
     joining = _ember(phone, "federate", "join", f"127.0.0.1:{port}", "--ca", str(server / "federation" / "ca.pem"),
                      "--app-signer", str(server / "federation" / "app-signing.pub"), "--max-wait", "150", "--json")

@@ -183,17 +183,32 @@ def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start one of Flower's processes in its own process group, its output to `log` (0600). A SIGTERM to
-    this process then stops it as Ctrl-C does, so Flower's processes are stopped with it."""
+    """Start one of Flower's processes in its own session, its output to `log` (0600). A SIGTERM to
+    this process then stops it as Ctrl-C does, so Flower's processes are stopped with it.
+
+    The process gets SIGINT's default action even when this one ignores it (`ember federate serve &` in a
+    script: a shell without job control starts background commands with SIGINT ignored, and exec keeps
+    that). Flower's parent monitors (`start_parent_process_monitor`: the launcher watching `serve`, the
+    ServerApp watching the launcher) end their process with a SIGINT to itself when the parent is gone;
+    ignored, it left both running forever after `serve` was killed. Being in its own session, the
+    process is never sent a terminal's Ctrl-C either way.
+    """
     import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+    # Only in that case: preexec_fn runs between fork and exec, which the subprocess docs advise
+    # against while other threads run; resetting one signal there touches no lock.
+    inherit_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     fd = os.open(log, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint if inherit_ignored else None)
     finally:
         os.close(fd)
 
