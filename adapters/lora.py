@@ -186,7 +186,7 @@ def _head_loss_function(torch: Any) -> Any:
 
         @staticmethod
         def forward(ctx: Any, x: Any, weight: Any, target: Any, scale: Any) -> Any:
-            losses, grad = _token_losses(torch, weight, x, target, scale if x.requires_grad else None)
+            losses, grad = _token_losses(torch, weight, x, target, scale if ctx.needs_input_grad[0] else None)
             ctx.save_for_backward(grad if grad is not None else x.new_zeros(()))
             return (losses * scale).sum()
 
