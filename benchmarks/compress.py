@@ -53,8 +53,13 @@ def _speed(path: Path, prompt: list[int], threads: int, decode: int) -> tuple[fl
         llm.close()
 
 
-def run(settings: Settings, *, rounds: int = 1, quick: bool = False) -> dict[str, Any]:
-    """Measure sensitivity, choose LUC at uniform Q4_1's size, write and measure every variant."""
+def run(settings: Settings, *, rounds: int = 1, quick: bool = False,
+        texts: tuple[tuple[str, list[int]], tuple[str, list[int]]] | None = None,
+        source_note: str | None = None) -> dict[str, Any]:
+    """Measure sensitivity, choose LUC at uniform Q4_1's size, write and measure every variant.
+
+    `texts`: ((name, tokens) to calibrate on, (name, tokens) held out) instead of the shipped prose, for a
+    model that reads something else (benchmarks/luc_f32.py); `source_note` then says what the source is."""
     from adapters import compress
     from adapters.llama_log import quiet_llama
     from assistant import compression
@@ -64,11 +69,15 @@ def run(settings: Settings, *, rounds: int = 1, quick: bool = False) -> dict[str
     threads = settings.threads
     n_calib, n_held = (48, 96) if quick else (256, 512)
     types = ("Q4_0", "Q4_1", "Q5_1", "Q8_0") if quick else compress.CANDIDATES
-    vocab = quiet_llama(model_path=str(source), vocab_only=True)
-    bos = [vocab.token_bos()]
-    calib = bos + vocab.tokenize(compression.BUILTIN_TEXT.read_bytes(), add_bos=False)[:n_calib - 1]
-    held = bos + vocab.tokenize(HELDOUT.read_bytes(), add_bos=False)[:n_held - 1]
-    vocab.close()
+    if texts is None:
+        vocab = quiet_llama(model_path=str(source), vocab_only=True)
+        bos = [vocab.token_bos()]
+        calib = bos + vocab.tokenize(compression.BUILTIN_TEXT.read_bytes(), add_bos=False)[:n_calib - 1]
+        held = bos + vocab.tokenize(HELDOUT.read_bytes(), add_bos=False)[:n_held - 1]
+        vocab.close()
+        calib_name, held_name = compression.BUILTIN_NAME, "Lincoln: Gettysburg Address and Second Inaugural (public domain)"
+    else:
+        (calib_name, calib), (held_name, held) = (texts[0][0], texts[0][1][:n_calib]), (texts[1][0], texts[1][1][:n_held])
 
     sens = compress.measure(source, calib, types=types, threads=threads, calibration="builtin")
     policies = {f"uniform {t}": compress.uniform(sens, t) for t in UNIFORM if t in types}
@@ -115,10 +124,10 @@ def run(settings: Settings, *, rounds: int = 1, quick: bool = False) -> dict[str
     return {
         "machine": machine(), "model": source.name, "threads": threads, "quick": quick,
         "load_average": os.getloadavg(),
-        "reference": f"{source.name} itself (dequantised; its blocks are stored as "
-                     f"{', '.join(sorted(set(sens.source_types)))}): the only file of this model shipped here",
-        "calibration": {"text": compression.BUILTIN_NAME, "tokens": len(calib)},
-        "heldout": {"text": "Lincoln: Gettysburg Address and Second Inaugural (public domain)", "tokens": len(held),
+        "reference": source_note or (f"{source.name} itself (dequantised; its blocks are stored as "
+                                   f"{', '.join(sorted(set(sens.source_types)))}): the only file of this model shipped here"),
+        "calibration": {"text": calib_name, "tokens": len(calib)},
+        "heldout": {"text": held_name, "tokens": len(held),
                     "reference_perplexity": round(compress.perplexity(ref_nll), 3)},
         "sensitivity": {"seconds": sens.seconds, "types": list(types),
                         "kl": [{t: round(b[t]["kl"], 5) for t in types} for b in sens.blocks]},
