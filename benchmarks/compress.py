@@ -79,7 +79,8 @@ def run(settings: Settings, *, rounds: int = 1, quick: bool = False,
     else:
         (calib_name, calib), (held_name, held) = (texts[0][0], texts[0][1][:n_calib]), (texts[1][0], texts[1][1][:n_held])
 
-    sens = compress.measure(source, calib, types=types, threads=threads, calibration="builtin")
+    sens = compress.measure(source, calib, types=types, threads=threads,
+                            calibration="builtin" if texts is None else calib_name)
     policies = {f"uniform {t}": compress.uniform(sens, t) for t in UNIFORM if t in types}
     budget = policies["uniform Q4_1"].bytes
     policies["LUC"] = compress.assign(sens, size_bytes=budget)
