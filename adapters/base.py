@@ -6,6 +6,7 @@ keyed by the GGUF's SHA-256. Later runs rebuild the model from the config and lo
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -65,7 +66,18 @@ def gguf_parameters(path: Path) -> int:
     """The number of parameters of a GGUF model, as llama.cpp counts them (`llama_model_n_params`).
 
     The model is memory-mapped, never read into memory: ~0.1 s where the `gguf` package's reader takes
-    ~10 s on SmolLM2 (it parses the whole vocabulary). Raises ValueError for a file llama.cpp cannot load."""
+    ~10 s on SmolLM2 (it parses the whole vocabulary). Counted once per file version (path, size, mtime)
+    in a process: an adapt run asks for its size and for its dtype, and the daemon on every check.
+    Raises ValueError for a file llama.cpp cannot load."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        raise ValueError(f"llama.cpp cannot load {path}") from None
+    return _count_parameters(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _count_parameters(path: str, _size: int, _mtime_ns: int) -> int:
     import llama_cpp
 
     from adapters import llama_log

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import fcntl
-import functools
 import json
 import os
 import signal
@@ -159,15 +158,9 @@ class ModelSize:
     @classmethod
     def of(cls, model_path: Path, dtype: str = "float32") -> "ModelSize":
         """The size of a GGUF model (read once per file version: llama.cpp maps it, ~0.1-1 s)."""
-        stat = Path(model_path).stat()
-        return cls(_params(str(Path(model_path).resolve()), stat.st_size, stat.st_mtime_ns), dtype, stat.st_size)
+        from adapters.base import gguf_parameters
 
-
-@functools.lru_cache(maxsize=8)
-def _params(path: str, _size: int, _mtime: int) -> int:
-    from adapters.base import gguf_parameters
-
-    return gguf_parameters(Path(path))
+        return cls(gguf_parameters(Path(model_path)), dtype, Path(model_path).stat().st_size)
 
 
 def method_dtype(method: str, model: ModelSize | None) -> str:
