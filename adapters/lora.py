@@ -215,8 +215,14 @@ def sequence_losses(torch: Any, lm_head: Any, hidden: Any, labels: Any) -> Any:
             token_loss = torch.nn.functional.cross_entropy(lm_head(x).float(), target, reduction="none")
     else:
         token_loss, _ = _token_losses(torch, weight, x, target, None)
+    return _per_sequence(torch, token_loss, where)
+
+
+def _per_sequence(torch: Any, token_loss: Any, where: Any) -> Any:
+    """Each sequence's mean of `token_loss` (one per True of `where`, (B, T-1)) over its own tokens, (B,);
+    0 for a sequence with none."""
     rows = where.nonzero()[:, 0]
-    total = torch.zeros(len(labels), dtype=token_loss.dtype).index_add(0, rows, token_loss)
+    total = torch.zeros(len(where), dtype=token_loss.dtype).index_add(0, rows, token_loss)
     return total / where.sum(1).clamp(min=1)
 
 
@@ -228,13 +234,10 @@ def batch_loss(torch: Any, lm_head: Any, hidden: Any, labels: Any) -> Any:
     head's logits are made HEAD_CHUNK rows at a time and its gradient to `hidden` computed with them."""
     x, target, where = _labelled(hidden, labels)
     weight = _head_weight(lm_head)
-    counts = where.sum(1).clamp(min=1)
     if weight is None:   # another head: autograd through its whole logits
         token_loss = torch.nn.functional.cross_entropy(lm_head(x).float(), target, reduction="none")
-        rows = where.nonzero()[:, 0]
-        total = torch.zeros(len(labels), dtype=token_loss.dtype).index_add(0, rows, token_loss)
-        return (total / counts).mean()
-    scale = (1.0 / (counts.float() * len(labels)))[where.nonzero()[:, 0]]
+        return _per_sequence(torch, token_loss, where).mean()
+    scale = (1.0 / (where.sum(1).clamp(min=1).float() * len(labels)))[where.nonzero()[:, 0]]
     return _head_loss_function(torch).apply(x, weight.detach(), target, scale)
 
 
