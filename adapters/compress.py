@@ -80,29 +80,39 @@ def _log_softmax(torch: Any, logits: Any) -> Any:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
+def _nll(torch: Any, logp: Any, targets: Any) -> float:
+    """Mean NLL of `targets` (T−1,) under `logp` (T, vocab); a target of −1 is not a prediction."""
+    keep = targets >= 0
+    return float(-logp[:-1][keep].gather(1, targets[keep][:, None]).mean())
+
+
 def _scores(torch: Any, ref_logp: Any, logits: Any, targets: Any) -> tuple[float, float]:
     logp = _log_softmax(torch, logits)
     kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
-    nll = float(-logp[:-1].gather(1, targets[:, None]).mean())
-    return max(kl, 0.0), nll
+    return max(kl, 0.0), _nll(torch, logp, targets)
 
 
 def measure(model_path: Path, tokens: Sequence[int], *, types: Sequence[str] = CANDIDATES, drop: bool = False,
             threads: int = 0, calibration: str = "builtin",
-            progress: Callable[[int, int], None] | None = None, reference: Reference | None = None) -> Sensitivity:
+            progress: Callable[[int, int], None] | None = None, reference: Reference | None = None,
+            lengths: Sequence[int] | None = None) -> Sensitivity:
     """Each block's sensitivity to each candidate type on `tokens` (T ≥ 2 token ids), in torch.
 
-    `reference`: the model already loaded (else it is loaded here). Raises `UnsupportedLayout` for a
-    model whose blocks are not the llama or qwen2 layout.
+    `reference`: the model already loaded (else it is loaded here). `lengths`: `tokens` packs that many
+    sequences, each read in a fresh context (`Reference.logits`); the NLL then skips each sequence's
+    first token. Raises `UnsupportedLayout` for a model whose blocks are not the llama or qwen2 layout.
     """
     if len(tokens) < 2:
         raise InvalidInput("calibration text is too short: it needs at least 2 tokens")
     started = time.monotonic()
     ref = reference or Reference(model_path, threads=threads)
     torch, lay = ref.torch, ref.layout
-    ref_logp = _log_softmax(torch, ref.logits(tokens))
+    ref_logp = _log_softmax(torch, ref.logits(tokens, lengths))
     targets = torch.tensor(list(tokens[1:]))
-    ref_nll = float(-ref_logp[:-1].gather(1, targets[:, None]).mean())
+    if lengths is not None:   # predictions within a sequence only: not its last token's
+        ends = torch.tensor(list(lengths)).cumsum(0)[:-1] - 1
+        targets[ends] = -1
+    ref_nll = _nll(torch, ref_logp, targets)
     blocks, drops, source_types = [], [] if drop else None, []
     for i in range(lay.n_layer):
         weights = ref.block_weights(i)

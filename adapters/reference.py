@@ -151,6 +151,8 @@ class Reference:
         inv = 1.0 / (self.layout.rope_base ** (torch.arange(0, head, 2, dtype=torch.float64) / head))
         self._inv_freq = inv
         self._inputs: list[Any] = []
+        self._positions: Any = None       # each token's position in its sequence (None: 0 … T−1)
+        self._mask: Any = None            # (T, T) allowed attention across packed sequences (None: causal)
 
     def block_weights(self, i: int) -> dict[str, np.ndarray]:
         """Block i's matrices (llama.cpp names without `blk.i.` and `.weight`), as numpy views."""
@@ -163,7 +165,8 @@ class Reference:
         # llama.cpp NORM mode: dimensions (2i, 2i+1) rotate together by position·base^(-2i/head);
         # NEOX mode: dimensions (i, i + head/2) do
         torch = self.torch
-        angles = torch.arange(x.shape[0], dtype=torch.float64)[:, None] * self._inv_freq[None, :]
+        positions = self._positions if self._positions is not None else torch.arange(x.shape[0], dtype=torch.float64)
+        angles = positions[:, None] * self._inv_freq[None, :]
         cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]
         if self.layout.architecture in ROPE_NEOX:
             half = x.shape[-1] // 2
@@ -185,7 +188,8 @@ class Reference:
         group = lay.n_head // lay.n_head_kv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         attn = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=self._mask,
+            is_causal=self._mask is None)
         x = x + self._linear(i, "attn_output", attn.transpose(0, 1).reshape(T, lay.n_embd), w)
         h = self._norm(x, self.weights[f"blk.{i}.ffn_norm.weight"])
         return x + (torch.nn.functional.silu(h @ w["ffn_gate"].T) * (h @ w["ffn_up"].T)) @ w["ffn_down"].T
@@ -199,10 +203,22 @@ class Reference:
         """Final norm and output head: (T, n_embd) -> (T, vocab) logits."""
         return self._norm(x, self.weights["output_norm.weight"]) @ self.output.T
 
-    def logits(self, tokens: Sequence[int]) -> Any:
-        """The reference pass over `tokens`, keeping each block's input for `replay`."""
-        with self.torch.no_grad():
-            x = self.weights["token_embd.weight"][self.torch.tensor(list(tokens))]
+    def logits(self, tokens: Sequence[int], lengths: Sequence[int] | None = None) -> Any:
+        """The reference pass over `tokens` (T,) -> (T, vocab) logits, keeping each block's input for
+        `replay`. `lengths`: `tokens` is that many sequences packed end to end (summing to T), each read
+        as in a fresh context (positions from 0, attention within itself)."""
+        torch = self.torch
+        if lengths is None or len(lengths) == 1:
+            self._positions = self._mask = None
+        else:
+            if sum(lengths) != len(tokens) or min(lengths) < 1:
+                raise ValueError(f"sequence lengths {list(lengths)} do not pack {len(tokens)} tokens")
+            segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(list(lengths)))
+            self._positions = torch.cat([torch.arange(n, dtype=torch.float64) for n in lengths])
+            causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+            self._mask = (segment[:, None] == segment[None, :]) & causal
+        with torch.no_grad():
+            x = self.weights["token_embd.weight"][torch.tensor(list(tokens))]
             self._inputs = []
             for i in range(self.layout.n_layer):
                 self._inputs.append(x)

@@ -53,13 +53,43 @@ def _speed(path: Path, prompt: list[int], threads: int, decode: int) -> tuple[fl
         llm.close()
 
 
+def _whole(text: list[int] | list[list[int]], limit: int) -> list[list[int]]:
+    """One token list cut to `limit`, or whole sequences of a list of them up to `limit` tokens in all."""
+    if not text or isinstance(text[0], int):
+        return [list(text[:limit])]
+    kept: list[list[int]] = []
+    for seq in text:
+        if kept and sum(map(len, kept)) + len(seq) > limit:
+            break
+        kept.append(list(seq))
+    return kept
+
+
+def _heldout_scores(path: Path, sequences: list[list[int]], threads: int,
+                    reference: list[Any] | None) -> tuple[list[Any], float, float]:
+    """(logits per sequence, KL to `reference` per token, NLL per predicted token) of `path` in llama.cpp,
+    each sequence in a fresh context; with no `reference`, the KL is 0 against itself."""
+    from adapters import compress
+    from assistant import compression
+
+    outs = [compression.logits(path, seq, threads) for seq in sequences]
+    kl_sum = nll_sum = 0.0
+    for seq, out, ref in zip(sequences, outs, reference or outs):
+        kl, nll = compress.kl_nll(ref, out, seq)
+        kl_sum, nll_sum = kl_sum + kl * len(seq), nll_sum + nll * (len(seq) - 1)
+    return outs, kl_sum / sum(map(len, sequences)), nll_sum / sum(len(s) - 1 for s in sequences)
+
+
 def run(settings: Settings, *, rounds: int = 1, quick: bool = False,
-        texts: tuple[tuple[str, list[int]], tuple[str, list[int]]] | None = None,
-        source_note: str | None = None) -> dict[str, Any]:
+        texts: tuple[tuple[str, list[int] | list[list[int]]], tuple[str, list[int] | list[list[int]]]] | None = None,
+        source_note: str | None = None, sizes: tuple[int, int] | None = None) -> dict[str, Any]:
     """Measure sensitivity, choose LUC at uniform Q4_1's size, write and measure every variant.
 
     `texts`: ((name, tokens) to calibrate on, (name, tokens) held out) instead of the shipped prose, for a
-    model that reads something else (benchmarks/luc_f32.py); `source_note` then says what the source is."""
+    model that reads something else (benchmarks/luc_f32.py); `source_note` then says what the source is.
+    Either text may be a list of sequences (a model's chats), each then read in a fresh context, whole
+    sequences kept up to the token count. `sizes`: (calibration, held-out) token counts
+    instead of (256, 512)."""
     from adapters import compress
     from adapters.llama_log import quiet_llama
     from assistant import compression
@@ -67,7 +97,7 @@ def run(settings: Settings, *, rounds: int = 1, quick: bool = False,
 
     source = settings.model_path
     threads = settings.threads
-    n_calib, n_held = (48, 96) if quick else (256, 512)
+    n_calib, n_held = (48, 96) if quick else sizes or (256, 512)
     types = ("Q4_0", "Q4_1", "Q5_1", "Q8_0") if quick else compress.CANDIDATES
     if texts is None:
         vocab = quiet_llama(model_path=str(source), vocab_only=True)
@@ -77,9 +107,11 @@ def run(settings: Settings, *, rounds: int = 1, quick: bool = False,
         vocab.close()
         calib_name, held_name = compression.BUILTIN_NAME, "Lincoln: Gettysburg Address and Second Inaugural (public domain)"
     else:
-        (calib_name, calib), (held_name, held) = (texts[0][0], texts[0][1][:n_calib]), (texts[1][0], texts[1][1][:n_held])
+        (calib_name, calib), (held_name, held) = texts
+    calib_seqs, sequences = _whole(calib, n_calib), _whole(held, n_held)
+    calib = [t for seq in calib_seqs for t in seq]
 
-    sens = compress.measure(source, calib, types=types, threads=threads,
+    sens = compress.measure(source, calib, types=types, threads=threads, lengths=[len(s) for s in calib_seqs],
                             calibration="builtin" if texts is None else calib_name)
     policies = {f"uniform {t}": compress.uniform(sens, t) for t in UNIFORM if t in types}
     budget = policies["uniform Q4_1"].bytes
@@ -92,15 +124,15 @@ def run(settings: Settings, *, rounds: int = 1, quick: bool = False,
     for seed in range(RANDOM_SEEDS):
         policies[f"random mix {seed} (mid)"] = compress.random_policy(sens, middle, seed=seed)
     stored = compress.source_types(source)
-    reference = compression.logits(source, held, threads)
-    _, ref_nll = compress.kl_nll(reference, reference, held)
+    reference, _, ref_nll = _heldout_scores(source, sequences, threads, None)
     variants: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ember-bench-compress-") as tmp:
         for name, policy in policies.items():
             path = Path(tmp) / f"{name.replace(' ', '_')}.gguf"
             compress.write(source, path, policy, source_types=stored, threads=threads)
-            kl, nll = compress.kl_nll(reference, compression.logits(path, held, threads), held)
-            speeds = [_speed(path, held[:128], threads, 16 if quick else 32) for _ in range(max(1, rounds))]
+            _, kl, nll = _heldout_scores(path, sequences, threads, reference)
+            prompt = [t for seq in sequences for t in seq][:128]
+            speeds = [_speed(path, prompt, threads, 16 if quick else 32) for _ in range(max(1, rounds))]
             variants[name] = {
                 "bytes": path.stat().st_size, "mb": round(path.stat().st_size / 1e6, 2),
                 "predicted_bytes": policy.bytes, "perplexity": round(compress.perplexity(nll), 3),
@@ -127,8 +159,8 @@ def run(settings: Settings, *, rounds: int = 1, quick: bool = False,
         "load_average": os.getloadavg(),
         "reference": source_note or (f"{source.name} itself (dequantised; its blocks are stored as "
                                    f"{', '.join(sorted(set(sens.source_types)))}): the only file of this model shipped here"),
-        "calibration": {"text": calib_name, "tokens": len(calib)},
-        "heldout": {"text": held_name, "tokens": len(held),
+        "calibration": {"text": calib_name, "tokens": len(calib), "sequences": len(calib_seqs)},
+        "heldout": {"text": held_name, "tokens": sum(map(len, sequences)), "sequences": len(sequences),
                     "reference_perplexity": round(compress.perplexity(ref_nll), 3)},
         "sensitivity": {"seconds": sens.seconds, "types": list(types),
                         "kl": [{t: round(b[t]["kl"], 5) for t in types} for b in sens.blocks]},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +277,16 @@ def chat_corpus(seed: int = 0) -> list[tuple[str, str]]:
 
 
 def pretrained(name: str, folder: Path, smol: Path, steps: int = 300, seed: int = 0, width: int = WIDTH,
-               layers: int = LAYERS) -> Path:
+               layers: int = LAYERS, corpus_seeds: Sequence[int] | None = None) -> Path:
     """`tiny-<name>-chat.Q8_0.gguf` (another size: `tiny-<name>-w<width>-l<layers>-chat.Q8_0.gguf`): the tiny
     model of `name` (any of `SPECS`) first trained (all weights, no DP, plain AdamW, batch 16) on
     `chat_corpus()` in its own chat template, so that it answers like a (very small) assistant instead of
     emitting noise. A learnable habit then shows against a base that is not random. Cost: ~100 s for the
-    default size and 300 steps on 2 cores; it grows with width² · layers · steps."""
+    default size and 300 steps on 2 cores; it grows with width² · layers · steps.
+
+    `corpus_seeds`: train on the union of `chat_corpus(s)` for these seeds instead of `chat_corpus(seed)`
+    alone, so that the model learns which tips follow a task (one of `TIPS`, at random) rather than one
+    fixed pairing; the file's name then ends `-seeds<first>-<last>`."""
     import random
 
     import torch
@@ -293,10 +298,13 @@ def pretrained(name: str, folder: Path, smol: Path, steps: int = 300, seed: int 
     vocab = _vocabulary(smol, spec)
     model = hf_model(spec, len(vocab["tokens"]), seed, width, layers)
     stem = f"tiny-{name}-chat" if (width, layers) == (WIDTH, LAYERS) else f"tiny-{name}-w{width}-l{layers}-chat"
+    if corpus_seeds is not None:
+        stem += f"-seeds{min(corpus_seeds)}-{max(corpus_seeds)}"
     f32 = write_gguf(model, spec, vocab, folder / f"{stem}.F32.gguf")   # its tokenizer and template
     template = ChatTemplate.from_gguf(str(f32))
     sequences = []
-    for question, answer in chat_corpus(seed):
+    for question, answer in [pair for s in (corpus_seeds if corpus_seeds is not None else (seed,))
+                             for pair in chat_corpus(s)]:
         prefix, target = template.target([{"role": "user", "content": question}],
                                           {"role": "assistant", "content": answer})
         sequences.append(list(prefix) + list(target))

@@ -59,6 +59,23 @@ def test_the_torch_reference_is_the_model_llama_cpp_runs(model_path, reference, 
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.75
 
 
+def test_packed_sequences_read_as_if_each_were_alone(model_path, reference, tokens):
+    # Calibrating on chats: each packed sequence starts its positions at 0 and sees only itself.
+    first, second = tokens[:9], [tokens[0]] + tokens[9:]
+    alone = np.concatenate([reference.logits(first).numpy(), reference.logits(second).numpy()])
+    packed = reference.logits(first + second, lengths=[len(first), len(second)]).numpy()
+    assert np.abs(packed - alone).max() < 1e-3
+    # ... and the block inputs kept for replay are the packed pass's
+    replayed = reference.replay(3).numpy()
+    assert np.abs(replayed - alone).max() < 1e-3
+    with pytest.raises(ValueError, match="do not pack"):
+        reference.logits(first + second, lengths=[len(first), len(second) + 1])
+    sens = compress.measure(model_path, first + second, types=("Q4_0",), reference=reference,
+                            lengths=[len(first), len(second)])
+    assert all(b["Q4_0"]["kl"] > 0 for b in sens.blocks)
+    reference.logits(tokens)     # the session's fixture pass back, for the tests that follow
+
+
 def test_sensitivity_is_zero_for_the_stored_type_and_positive_below_it(sensitivity):
     # the bundled file is Q4_1: Q4_1 holds every block exactly, Q4_0 changes every one
     assert sensitivity.source_types == ["Q4_1"] * sensitivity.n_layer
