@@ -52,3 +52,45 @@ def test_serve_benchmark_quick_writes_its_figures_and_loses_nothing(ember, tmp_p
     lost = written["nothing_lost"]
     assert lost["accepted"] == sum(level["accepted"] for level in written["load"]["levels"]) > 0
     assert lost["missing"] == 0 and lost["integrity_ok"] is True and lost["ok"] is True
+
+
+SPAWNED = """
+import importlib.util, multiprocessing, sys
+
+def where(_):
+    import benchmarks.layers
+    return benchmarks.layers.__file__
+
+if __name__ == "__main__":
+    sys.path[0] = sys.argv[1]       # as the `ember` console script starts: its bin folder first, no cwd
+    print("first found:", importlib.util.find_spec("benchmarks").origin)
+    from assistant.cli.bench import benchmark_module
+    module = benchmark_module("layers")
+    print("ours:", module.__file__, hasattr(module, "run"))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        print("spawned:", pool.apply(where, (0,)))
+"""
+
+
+def test_bench_finds_embers_benchmarks_before_another_packages(tmp_path):
+    # Opacus 1.6 installs a top-level `benchmarks` package with a `layers` module; run from the console
+    # script, `ember bench layers` found that one ("no attribute 'run'"). Here a stand-in of it comes first
+    # on the path, as site-packages does, wherever Opacus's wheel is or is not installed.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    foreign = tmp_path / "site" / "benchmarks"
+    foreign.mkdir(parents=True)
+    (foreign / "__init__.py").write_text("")
+    (foreign / "layers.py").write_text("NOT_EMBERS = True\n")
+    script = tmp_path / "check.py"
+    script.write_text(SPAWNED)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "site")], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert lines["first found"] == str(foreign / "__init__.py")       # the stand-in does shadow ours
+    assert lines["ours"] == f"{repo / 'benchmarks' / 'layers.py'} True"
+    assert lines["spawned"] == str(repo / "benchmarks" / "layers.py")   # the benchmark's own processes too

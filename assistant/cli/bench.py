@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -61,9 +63,9 @@ def bench(name, rounds, output_dir, model, as_json, quick):
         return
     if name not in BENCHMARKS:
         raise InvalidInput(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    module = benchmark_module(name)
     from benchmarks.common import write_result
 
-    module = importlib.import_module(f"benchmarks.{MODULES.get(name, name)}")
     settings = settings_from(model=model)
     result = module.run(settings, rounds=rounds, **({"quick": True} if quick else {}))
     path = write_result(output_dir, name, result)
@@ -72,6 +74,28 @@ def bench(name, rounds, output_dir, model, as_json, quick):
     else:
         click.echo(module.report(result))
         click.echo(f"written to {path}")
+
+
+def benchmark_module(name: str) -> Any:
+    """Ember's `benchmarks.<module>` for benchmark `name`.
+
+    Another installed distribution may ship a top-level `benchmarks` package too (Opacus 1.6 does, with a
+    `layers` module of its own), and the `ember` console script, whose sys.path starts with its bin
+    folder, would find that one first: an editable install's finder comes after site-packages. So the
+    folder holding Ember's `benchmarks` goes first on sys.path (the benchmarks' spawned processes inherit
+    it) and a foreign `benchmarks` already imported is forgotten. Raises `InvalidInput` when this install
+    has no benchmarks folder."""
+    root = Path(__file__).resolve().parents[2]        # assistant/cli/bench.py -> the folder of assistant/
+    ours = root / "benchmarks" / "__init__.py"
+    if not ours.is_file():
+        raise InvalidInput(f"ember bench needs the benchmarks/ folder of Ember's source beside {root / 'assistant'}")
+    if sys.path[:1] != [str(root)]:
+        sys.path.insert(0, str(root))
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None and Path(getattr(loaded, "__file__", None) or "/").resolve() != ours.resolve():
+        for key in [k for k in sys.modules if k == "benchmarks" or k.startswith("benchmarks.")]:
+            del sys.modules[key]
+    return importlib.import_module(f"benchmarks.{MODULES.get(name, name)}")
 
 
 COMMANDS = [bench]
