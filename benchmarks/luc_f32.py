@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/ember-luc-f32"))
     parser.add_argument("--corpus-seeds", default="10-39", help="FIRST-LAST: the chat corpora trained on")
-    parser.add_argument("--calibration-tokens", type=int, default=512)
+    parser.add_argument("--calibration-tokens", type=int, default=2048)
     parser.add_argument("--heldout-tokens", type=int, default=2048)
     parser.add_argument("--reuse", action="store_true", help="use the model already in --folder (same --steps)")
     args = parser.parse_args()
