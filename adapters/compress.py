@@ -80,7 +80,7 @@ def _log_softmax(torch: Any, logits: Any) -> Any:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
-def _nll(torch: Any, logp: Any, targets: Any) -> float:
+def _nll(logp: Any, targets: Any) -> float:
     """Mean NLL of `targets` (T−1,) under `logp` (T, vocab); a target of −1 is not a prediction."""
     keep = targets >= 0
     return float(-logp[:-1][keep].gather(1, targets[keep][:, None]).mean())
@@ -89,7 +89,7 @@ def _nll(torch: Any, logp: Any, targets: Any) -> float:
 def _scores(torch: Any, ref_logp: Any, logits: Any, targets: Any) -> tuple[float, float]:
     logp = _log_softmax(torch, logits)
     kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
-    return max(kl, 0.0), _nll(torch, logp, targets)
+    return max(kl, 0.0), _nll(logp, targets)
 
 
 def measure(model_path: Path, tokens: Sequence[int], *, types: Sequence[str] = CANDIDATES, drop: bool = False,
@@ -99,8 +99,8 @@ def measure(model_path: Path, tokens: Sequence[int], *, types: Sequence[str] = C
     """Each block's sensitivity to each candidate type on `tokens` (T ≥ 2 token ids), in torch.
 
     `reference`: the model already loaded (else it is loaded here). `lengths`: `tokens` packs that many
-    sequences, each read in a fresh context (`Reference.logits`); the NLL then skips each sequence's
-    first token. Raises `UnsupportedLayout` for a model whose blocks are not the llama or qwen2 layout.
+    sequences, each read in a fresh context (`Reference.logits`); the NLL then leaves out each
+    sequence's first token, which nothing before it in its context predicts. Raises `UnsupportedLayout` for a model whose blocks are not the llama or qwen2 layout.
     """
     if len(tokens) < 2:
         raise InvalidInput("calibration text is too short: it needs at least 2 tokens")
@@ -112,7 +112,7 @@ def measure(model_path: Path, tokens: Sequence[int], *, types: Sequence[str] = C
     if lengths is not None:   # predictions within a sequence only: not its last token's
         ends = torch.tensor(list(lengths)).cumsum(0)[:-1] - 1
         targets[ends] = -1
-    ref_nll = _nll(torch, ref_logp, targets)
+    ref_nll = _nll(ref_logp, targets)
     blocks, drops, source_types = [], [] if drop else None, []
     for i in range(lay.n_layer):
         weights = ref.block_weights(i)
