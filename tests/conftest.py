@@ -174,6 +174,14 @@ def tiny_gguf(request, model_path, tmp_path_factory):
               else tmp_path_factory.mktemp("tiny-models"))
 
     def get(name: str, quant: str = "Q8_0") -> Path:
+        # Test workers (pytest-xdist) share pytest's cache: one builds a model while the others wait.
+        import fcntl
+
+        with open(folder / f".tiny-{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return build(name, quant)
+
+    def build(name: str, quant: str) -> Path:
         path = folder / f"tiny-{name}.{quant}.gguf"
         if name.endswith("-chat") and not path.is_file():    # first trained on a small chat corpus
             return tiny_models.pretrained(name.removesuffix("-chat"), folder, model_path)

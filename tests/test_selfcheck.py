@@ -125,7 +125,7 @@ def test_a_decode_that_fails_without_crashing_is_one_line(model_path, fault):
 
 def test_a_hung_child_is_stopped_and_reported(model_path, fault):
     fault("hang")
-    result = selfcheck.run(model_path, THREADS, timeout=30)
+    result = selfcheck.run(model_path, THREADS, timeout=10)   # loading takes ~0.3 s; then it hangs
     assert not result.ok and result.returncode is None and result.stage == "decode"
     assert "hung decoding with" in str(selfcheck.failure(model_path, result))
 
