@@ -200,27 +200,21 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
                                                             str(Path(tmp) / f"{name}-budget")))
         data = dataset.build(open_db(home), ChatTemplate.from_gguf(model), keep_facts=True)
         evaluator = gate.Evaluator(settings.model_path, n_ctx=512, threads=threads, base_sha256=None)
+
+        def measured(path: Path | None) -> dict[str, float]:
+            evaluator.use(path)
+            return {"heldout_loss": round(evaluator.loss(data.heldout), 4),
+                    "habit_logprob": round(habit_logprob(evaluator, path), 3)}
+
         try:
-            evaluator.use(None)
-            quality = {"base": {"heldout_loss": round(evaluator.loss(data.heldout), 4),
-                                "habit_logprob": round(habit_logprob(evaluator, None), 3)}}
+            quality = {"base": measured(None)}
             for name in runs:
-                q = {}
-                for when in ("final", "until") if name != "adaptive" else ("final",):
-                    path = Path(tmp) / f"{name}.{when}.gguf"
-                    evaluator.use(path)
-                    loss = evaluator.loss(data.heldout)
-                    q[when] = {"heldout_loss": round(loss, 4), "habit_logprob": round(habit_logprob(evaluator, path), 3)}
+                q = {when: measured(Path(tmp) / f"{name}.{when}.gguf")
+                     for when in (("final", "until") if name != "adaptive" else ("final",))}
                 quality[name] = {"equal_steps": q["final"], "equal_wall_time": q.get("until", q["final"])}
-            quality["vanilla"]["equal_budget"] = quality["vanilla"]["equal_steps"]
-            for name in ("adaptive", "top_n"):
-                if name not in budget_runs:
-                    quality[name]["equal_budget"] = quality[name]["equal_steps"]
-                    continue
-                path = Path(tmp) / f"{name}-budget.until.gguf"
-                evaluator.use(path)
-                quality[name]["equal_budget"] = {"heldout_loss": round(evaluator.loss(data.heldout), 4),
-                                                 "habit_logprob": round(habit_logprob(evaluator, path), 3)}
+            for name in runs:
+                quality[name]["equal_budget"] = (measured(Path(tmp) / f"{name}-budget.until.gguf")
+                                                 if name in budget_runs else quality[name]["equal_steps"])
         finally:
             evaluator.close()
         votes = voting(settings.model_path, home / "cache", data, Path(tmp) / "adaptive.pt", threads)
