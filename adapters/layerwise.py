@@ -4,11 +4,18 @@ GATECH-EIC/Edge-LLM `utils/trainer_wrappers.py`), on the frozen dequantized base
 Exits sit every `stride` decoder layers (and at the last layer). Exit e scores its layer's output with the
 model's own frozen final norm and tied output head, times a small trainable per-exit norm gain (576
 floats; the last exit's gain stays 1, since llama.cpp applies the plain final norm there). Training moves
-a window shallow → deep in equal blocks of steps (the last block takes the remainder, as upstream): the
-window is the layers from the previous exit up to exit e, LoRA is trained there with the loss at exit e,
-the layers below are frozen and run once per example per window (their output cached in bfloat16), and
-the layers above are not run at all. Adapters trained in earlier windows stay applied and frozen: the
-exported GGUF holds every window's LoRA, which llama.cpp applies in one pass.
+a window shallow → deep: the window is the layers from the previous exit up to exit e, LoRA is trained
+there with the loss at exit e, the layers below are frozen and run once per example per window (their
+output cached in bfloat16), and the layers above are not run at all. Adapters trained in earlier windows
+stay applied and frozen: the exported GGUF holds every window's LoRA, which llama.cpp applies in one pass.
+
+The schedule. Upstream gives every window an equal block of steps (the last block takes the remainder)
+and one lr (`final_share=None, shallow_lr_scale=1`). Upstream's windows never compose, though: its
+evaluation restarts the LoRA stream from the base stream after each exit (`LlamaModel.forward` in
+`models/edge_llama_modelling.py`), while here a shallow window's LoRA sits under every deeper layer, and
+the chat reads the last exit only. So by default the last window takes `final_share` of the steps and the
+windows that end at an intermediate exit train at `shallow_lr_scale` × lr (`ember bench layers` measures
+both schedules: README, "Adaptive layers").
 
 DP: every step, whatever its window, is one Poisson-sampled, clipped and noised step (Opacus), so the run
 is `steps` compositions of the same subsampled Gaussian mechanism and is calibrated and accounted exactly
@@ -43,6 +50,8 @@ class AdaptiveConfig(lora.LoraConfig):
     stride: int = 6                 # an exit every `stride` layers (and at the last one)
     exit_gain: bool = True          # train a per-exit gain on the frozen final norm (intermediate exits)
     dtype: str = "float32"          # the base is loaded in float32 (bf16 not measured for the windows' caches)
+    final_share: float | None = 0.5  # share of the steps for the last window (the exit the chat reads); None: equal blocks (upstream)
+    shallow_lr_scale: float = 0.1   # the LoRA lr of windows ending at an intermediate exit, × lr (upstream: 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +79,21 @@ def exits(n_layers: int, stride: int) -> list[int]:
     return found if found and found[-1] == n_layers - 1 else found + [n_layers - 1]
 
 
-def windows(n_layers: int, stride: int, steps: int) -> list[Window]:
-    """The windows in training order, shallow → deep, with equal blocks of steps (remainder last)."""
+def windows(n_layers: int, stride: int, steps: int, final_share: float | None = None) -> list[Window]:
+    """The windows in training order, shallow → deep. With `final_share` None, equal blocks of steps (the
+    remainder to the last window, as upstream); with a share in (0, 1], the last window takes that share of
+    `steps` (rounded half up, at least one step) and the others split the rest equally (the remainder again last).
+    Raises InvalidInput for a share outside (0, 1]."""
     ends = exits(n_layers, stride)
-    per, rest = divmod(steps, len(ends))
     starts = [0] + [e + 1 for e in ends[:-1]]
-    return [Window(s, e, per + (rest if i == len(ends) - 1 else 0)) for i, (s, e) in enumerate(zip(starts, ends))]
+    if final_share is None or len(ends) == 1:
+        last = steps - (steps // len(ends)) * (len(ends) - 1)
+    elif not 0 < final_share <= 1:
+        raise InvalidInput(f"the last window's share of the steps must be above 0 and at most 1, not {final_share}")
+    else:
+        last = min(steps, max(1, int(steps * final_share + 0.5)))
+    per, rest = divmod(steps - last, max(len(ends) - 1, 1))
+    return [Window(s, e, per if i < len(ends) - 1 else last + rest) for i, (s, e) in enumerate(zip(starts, ends))]
 
 
 def window_at(plan: Sequence[Window], step: int) -> int:
@@ -241,7 +259,7 @@ def train(model_path: Path, cache_dir: Path, data: Dataset, config: AdaptiveConf
     model = Model(model_path, cache_dir, config)
     steps = lora.steps_for(config, len(examples))
     plan = lora.plan_for(config, len(examples))
-    schedule = windows(model.n_layers, config.stride, steps)
+    schedule = windows(model.n_layers, config.stride, steps, config.final_share)
     ids, mask, labels = lora._tensors(torch, examples, max(len(e.tokens) for e in examples))
     state: dict[str, Any] = {"step": 0, "losses": [], "window": -1, "optimizer": None}
     if checkpoint is not None and checkpoint.is_file():
@@ -311,7 +329,8 @@ def _run_window(torch: Any, model: Model, window: Window, index: int, schedule: 
     """Train one window from wherever `state` is in it to its end; True when stopped early."""
     params = model.train_window(window)
     net = model.net(window)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(_param_groups(model, window, params, config, last=index == len(schedule) - 1),
+                                  lr=config.lr, weight_decay=0.0)
     window_start = sum(w.steps for w in schedule[:index])
     net, optimizer, loader, sampling = lora.batches(torch, net, optimizer, (hidden, mask, labels),
                                                     min(config.batch_size, len(hidden)), plan, config.seed)
@@ -358,6 +377,17 @@ def _run_window(torch: Any, model: Model, window: Window, index: int, schedule: 
             if hasattr(p, "grad_sample"):
                 p.grad_sample = None
     return False
+
+
+def _param_groups(model: Model, window: Window, params: list[Any], config: AdaptiveConfig, *,
+                  last: bool) -> list[dict[str, Any]]:
+    """The optimizer's groups: the window's LoRA at lr (× `shallow_lr_scale` unless it is the last window),
+    its exit's gain (if any) at lr."""
+    gain = model.gains.get(window.exit)
+    gains = [p for p in params if gain is not None and p is gain.weight]
+    groups = [{"params": [p for p in params if not any(p is g for g in gains)],
+               "lr": config.lr * (1.0 if last else config.shallow_lr_scale)}]
+    return groups + ([{"params": gains, "lr": config.lr}] if gains else [])
 
 
 def _save(torch: Any, path: Path, model: Model, optimizer: Any, state: dict[str, Any]) -> None:

@@ -148,7 +148,8 @@ def _adaptive_windows(config: AdaptConfig, steps: int) -> list[dict[str, int]]:
     from adapters.federated import model_shape
 
     n_layer = model_shape(config.model_path)["n_layer"]
-    return [dataclasses.asdict(w) for w in layerwise.windows(n_layer, config.lora.stride, steps)]
+    return [dataclasses.asdict(w) for w in layerwise.windows(n_layer, config.lora.stride, steps,
+                                                            config.lora.final_share)]
 
 
 def _config_fingerprint(config: AdaptConfig) -> str:

@@ -2,7 +2,8 @@
 tuning with early exits (EDGE-LLM, arXiv 2406.15758), and voting across the exits.
 
 One synthetic user (benchmarks/synthetic_user.py, the habit user of `ember bench adapt`), the same steps,
-batch, seed and LoRA rank for the three methods, without DP (DP changes neither s/step nor memory much:
+batch, seed and LoRA rank for the methods (adaptive twice: Ember's schedule, and upstream's equal blocks at
+one lr), without DP (DP changes neither s/step nor memory much:
 `ember bench adapt`). Each run is a process of its own, so that its peak RSS is its own; a fourth process
 loads the same base and runs one inference forward pass over a batch, and its peak RSS is the inference
 baseline that "training memory" is measured above. Wall time counts from the call to the trainer (base
@@ -39,17 +40,18 @@ TARGETS = {"speedup_per_step": 2.92, "memory_reduction": 4.0, "loss_within": 0.0
 
 
 def configs(steps: int, batch: int) -> dict[str, Any]:
-    """The three methods' configurations, equal in everything but which layers train."""
+    """The methods' configurations, equal in everything but which layers train (and adaptive's schedule)."""
     from adapters import layerwise, lora
 
-    # One dtype for all three: adaptive loads its base in float32 (AdaptiveConfig.dtype), and LoRA's "auto"
+    # One dtype for all: adaptive loads its base in float32 (AdaptiveConfig.dtype), and LoRA's "auto"
     # would be bfloat16 on a CPU with bf16, halving vanilla's and top-N's memory for a reason that is not
     # which layers train.
     common = {"epsilon": None, "steps": steps, "batch_size": batch, "seed": 0, "checkpoint_every": 10 ** 6,
               "dtype": "float32"}
     return {"vanilla": lora.LoraConfig(layers=30, **common),
             "top_n": lora.LoraConfig(**common),
-            "adaptive": layerwise.AdaptiveConfig(**common)}
+            "adaptive": layerwise.AdaptiveConfig(**common),
+            "adaptive_upstream": layerwise.AdaptiveConfig(final_share=None, shallow_lr_scale=1.0, **common)}
 
 
 def inference_baseline(model_path: str, home: str, batch: int, threads: int) -> dict[str, Any]:
@@ -93,7 +95,7 @@ def train_once(name: str, model_path: str, home: str, steps: int, batch: int, th
             at_until.update(step=step, seconds=stamps[-1], weights=weights,
                             over_time=until is not None and stamps[-1] > until)
 
-    trainer = layerwise.train if name == "adaptive" else lora.train
+    trainer = layerwise.train if name.startswith("adaptive") else lora.train
     trained = trainer(Path(model_path), Path(home) / "cache", data, config,
                       on_step=lambda _p: stamps.append(time.perf_counter() - started), on_weights=(1, keep))
     sha = file_sha256(Path(model_path))
@@ -165,7 +167,7 @@ def write_partial(runs: dict[str, Any], baseline: dict[str, Any]) -> None:
 
 
 def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, Any]:
-    """The three runs, their measurements in llama.cpp, and voting."""
+    """The runs, their measurements in llama.cpp, and voting."""
     from adapters import dataset, gate
     from adapters.template import ChatTemplate
     from storage.db import open_db
@@ -181,7 +183,7 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
             baseline = pool.apply(inference_baseline, (model, str(home), batch, threads))
         runs: dict[str, Any] = {}
         until = None
-        for name in ("adaptive", "top_n", "vanilla"):
+        for name in ("adaptive", "adaptive_upstream", "top_n", "vanilla"):
             with spawn.Pool(1) as pool:
                 runs[name] = pool.apply(train_once, (name, model, str(home), steps, batch, threads, until,
                                                      str(Path(tmp) / name)))
@@ -191,7 +193,7 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
             write_partial(runs, baseline)
         budget = runs["vanilla"]["wall_seconds"]
         budget_runs: dict[str, Any] = {}
-        for name in ("adaptive", "top_n"):
+        for name in ("adaptive", "adaptive_upstream", "top_n"):
             planned = budget_steps(runs[name], budget)
             if planned <= steps:
                 continue     # no more steps than the equal-steps run fit: that run already answers
@@ -232,6 +234,9 @@ def run(settings: Settings, rounds: int = 1, quick: bool = False) -> dict[str, A
             quality["adaptive"]["equal_budget"]["heldout_loss"] / quality["vanilla"]["equal_budget"]["heldout_loss"], 3),
         "adaptive_vs_top_n_equal_budget_loss": [quality["adaptive"]["equal_budget"]["heldout_loss"],
                                                 quality["top_n"]["equal_budget"]["heldout_loss"]],
+        "adaptive_vs_upstream_schedule_equal_budget_loss": [
+            quality["adaptive"]["equal_budget"]["heldout_loss"],
+            quality["adaptive_upstream"]["equal_budget"]["heldout_loss"]],
     }
     compare["targets_met"] = {
         "speedup_per_step": compare["speedup_per_step_vs_vanilla"] >= TARGETS["speedup_per_step"],

@@ -31,6 +31,20 @@ def test_exits_sit_every_stride_layers_and_always_at_the_last():
     assert [layerwise.window_at(plan, s) for s in (0, 1, 2, 5, 6, 9, 10)] == [0, 0, 1, 2, 3, 3, 4]
 
 
+def test_the_last_window_takes_its_share_of_the_steps_and_the_others_split_the_rest():
+    from adapters.errors import InvalidInput
+
+    plan = layerwise.windows(30, 6, 42, final_share=0.5)
+    assert [w.steps for w in plan] == [5, 5, 5, 5, 22] and plan[-1].exit == 29
+    assert [w.steps for w in layerwise.windows(30, 6, 42)] == [8, 8, 8, 8, 10]       # upstream: equal blocks
+    assert [w.steps for w in layerwise.windows(30, 6, 3, final_share=0.5)] == [0, 0, 0, 0, 3]
+    assert [w.steps for w in layerwise.windows(30, 30, 7, final_share=0.5)] == [7]   # one window takes all
+    assert layerwise.AdaptiveConfig().final_share == 0.5 and layerwise.AdaptiveConfig().shallow_lr_scale == 0.1
+    for share in (0, 1.5, -0.2):
+        with pytest.raises(InvalidInput, match="share of the steps"):
+            layerwise.windows(30, 6, 42, final_share=share)
+
+
 def test_a_stride_the_model_cannot_take_is_refused():
     from adapters.errors import InvalidInput
 
@@ -80,6 +94,21 @@ def test_each_window_trains_only_its_layers_and_earlier_windows_stay_frozen(whol
     assert any(_layer(m) >= 15 for m in snapshots[4])
     assert set(trained.weights) == set(snapshots[4]) and trained.gains and 14 in trained.gains
     assert any(abs(g - 1.0) > 1e-4 for g in trained.gains[14])                # the exit's gain learned
+
+
+def test_the_shallow_windows_lora_trains_at_its_scaled_lr(model_path, training_cache, small_data, whole):
+    # At scale 0 the first window's LoRA never moves (its B stays zero, so nothing of it is exported), its
+    # exit's gain still learns at the full lr, and the last window trains as before.
+    frozen = dataclasses.replace(SMALL, shallow_lr_scale=0.0)
+    trained = layerwise.train(model_path, training_cache, small_data, frozen)
+    assert trained.weights and all(_layer(m) >= 15 for m in trained.weights)
+    assert any(abs(g - 1.0) > 1e-4 for g in trained.gains[14])
+    # At SMALL's 0.1 the first window's B moved about a tenth as far as it would at the full lr.
+    full = layerwise.train(model_path, training_cache, small_data, dataclasses.replace(SMALL, shallow_lr_scale=1.0))
+    scaled = whole[0]
+    first = [m for m in scaled.weights if _layer(m) <= 14]
+    ratio = sum(float(scaled.weights[m][1].norm()) for m in first) / sum(float(full.weights[m][1].norm()) for m in first)
+    assert 0.05 < ratio < 0.2
 
 
 def test_a_run_stopped_in_a_window_resumes_there_and_ends_where_an_uninterrupted_one_does(

@@ -70,8 +70,10 @@ def test_the_planned_windows_follow_the_stride(user_home, training_cache):
                              "--steps", "9", "--dry-run", "--json"], capture_output=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     plan = json.loads(result.stdout)["windows"]
-    assert plan == [{"first": 0, "exit": 7, "steps": 2}, {"first": 8, "exit": 15, "steps": 2},
-                    {"first": 16, "exit": 23, "steps": 2}, {"first": 24, "exit": 29, "steps": 3}]
+    # The last window takes half the steps (5 of 9, rounded half up), the three others split the other 4
+    # (the remainder to the last window).
+    assert plan == [{"first": 0, "exit": 7, "steps": 1}, {"first": 8, "exit": 15, "steps": 1},
+                    {"first": 16, "exit": 23, "steps": 1}, {"first": 24, "exit": 29, "steps": 6}]
 
 
 # The tiny random-weight Llama 3 (benchmarks/tiny_models.py: 2 layers) with an exit after each layer: two
