@@ -50,7 +50,7 @@ class AdaptiveConfig(lora.LoraConfig):
     stride: int = 6                 # an exit every `stride` layers (and at the last one)
     exit_gain: bool = True          # train a per-exit gain on the frozen final norm (intermediate exits)
     dtype: str = "float32"          # the base is loaded in float32 (bf16 not measured for the windows' caches)
-    final_share: float | None = 0.5  # share of the steps for the last window (the exit the chat reads); None: equal blocks (upstream)
+    final_share: float | None = 0.75  # the last window's share of the steps (the chat's exit); None: equal blocks
     shallow_lr_scale: float = 0.1   # the LoRA lr of windows ending at an intermediate exit, × lr (upstream: 1)
 
 

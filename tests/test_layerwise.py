@@ -20,7 +20,8 @@ from assistant.config import Settings
 from storage.db import open_db
 
 # Two windows of 15 layers (exits at 14 and 29), two steps each: the whole schedule in a few seconds.
-SMALL = layerwise.AdaptiveConfig(epsilon=None, threads=2, steps=4, batch_size=8, stride=15, checkpoint_every=100)
+SMALL = layerwise.AdaptiveConfig(epsilon=None, threads=2, steps=4, batch_size=8, stride=15, checkpoint_every=100,
+                                 final_share=0.5)
 
 
 def test_exits_sit_every_stride_layers_and_always_at_the_last():
@@ -39,7 +40,7 @@ def test_the_last_window_takes_its_share_of_the_steps_and_the_others_split_the_r
     assert [w.steps for w in layerwise.windows(30, 6, 42)] == [8, 8, 8, 8, 10]       # upstream: equal blocks
     assert [w.steps for w in layerwise.windows(30, 6, 3, final_share=0.5)] == [0, 0, 0, 0, 3]
     assert [w.steps for w in layerwise.windows(30, 30, 7, final_share=0.5)] == [7]   # one window takes all
-    assert layerwise.AdaptiveConfig().final_share == 0.5 and layerwise.AdaptiveConfig().shallow_lr_scale == 0.1
+    assert layerwise.AdaptiveConfig().final_share == 0.75 and layerwise.AdaptiveConfig().shallow_lr_scale == 0.1
     for share in (0, 1.5, -0.2):
         with pytest.raises(InvalidInput, match="share of the steps"):
             layerwise.windows(30, 6, 42, final_share=share)

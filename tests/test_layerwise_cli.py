@@ -67,19 +67,20 @@ def user_home(tmp_path_factory):
 def test_the_planned_windows_follow_the_stride(user_home, training_cache):
     env = dict(os.environ, EMBER_HOME=str(user_home), EMBER_CACHE=str(training_cache))
     result = subprocess.run([sys.executable, "-m", "assistant", "adapt", "--layers", "adaptive", "--exit-stride", "8",
-                             "--steps", "9", "--dry-run", "--json"], capture_output=True, env=env, timeout=120)
+                             "--steps", "20", "--dry-run", "--json"], capture_output=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     plan = json.loads(result.stdout)["windows"]
-    # The last window takes half the steps (5 of 9, rounded half up), the three others split the other 4
+    # The last window takes three quarters of the steps (15 of 20), the three others split the other 5
     # (the remainder to the last window).
     assert plan == [{"first": 0, "exit": 7, "steps": 1}, {"first": 8, "exit": 15, "steps": 1},
-                    {"first": 16, "exit": 23, "steps": 1}, {"first": 24, "exit": 29, "steps": 6}]
+                    {"first": 16, "exit": 23, "steps": 1}, {"first": 24, "exit": 29, "steps": 17}]
 
 
 # The tiny random-weight Llama 3 (benchmarks/tiny_models.py: 2 layers) with an exit after each layer: two
-# windows of 40 steps, checkpointed every 10, without DP so that a resumed run must match an uninterrupted
-# one exactly. Its steps take milliseconds, so the whole test costs little more than three processes' start.
-STEPS, WINDOW = 80, 40
+# windows, of 20 and 60 steps (the last window takes final_share, 0.75, of the run), checkpointed every
+# 10, without DP so that a resumed run must match an uninterrupted one exactly. Its steps take
+# milliseconds, so the whole test costs little more than three processes' start.
+STEPS, FIRST = 80, 20
 
 
 def _lora_tensors(path) -> dict[str, np.ndarray]:
@@ -104,7 +105,7 @@ def test_an_adaptive_run_killed_in_a_window_registers_nothing_and_resumes_in_tha
         run = None
         while time.monotonic() < deadline and proc.poll() is None:
             run = runs.current(db)
-            if run is not None and (run["step"] or 0) >= WINDOW + 12:   # past a checkpoint inside window 1
+            if run is not None and (run["step"] or 0) >= FIRST + 12:   # past a checkpoint inside window 1
                 break
             time.sleep(0.01)
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
@@ -118,14 +119,15 @@ def test_an_adaptive_run_killed_in_a_window_registers_nothing_and_resumes_in_tha
     import torch
 
     saved = torch.load(checkpoint, weights_only=False)
-    assert WINDOW < saved["step"] < STEPS and saved["step"] % 10 == 0 and saved["window"] == 1   # mid-window 1
+    assert FIRST < saved["step"] < STEPS and saved["step"] % 10 == 0 and saved["window"] == 1   # mid-window 1
 
     resumed = subprocess.run([sys.executable, "-m", "assistant", *args], env=env, capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert f"resuming interrupted run {run['id']}".encode() in resumed.stderr
     report = json.loads(resumed.stdout)
     assert report["run_id"] == run["id"]
-    assert report["windows"] == [{"first": 0, "exit": 0, "steps": WINDOW}, {"first": 1, "exit": 1, "steps": WINDOW}]
+    assert report["windows"] == [{"first": 0, "exit": 0, "steps": FIRST},
+                                 {"first": 1, "exit": 1, "steps": STEPS - FIRST}]
     adapter = registry.get(db, report["adapter_id"])
     assert [w["exit"] for w in adapter["params"]["windows"]] == [0, 1]
     assert runs.get(db, run["id"])["status"] == "done" and not checkpoint.exists()
