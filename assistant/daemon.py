@@ -67,12 +67,13 @@ MB_PER_FILE_MB = 1.0
 MIN_SPREAD = 2.0
 # Held-out loss gained per minute of training (nats/min), until this machine has finished runs of its
 # own: `ember bench zo`, each method 90 s without DP on the synthetic user (benchmarks/results/zo.json).
-# Adaptive layers (`ember bench layers`, 20 steps of batch 8 without DP, wall time from the trainer's call):
-# 0.82 nats/min, where top-N LoRA made 1.73 in the same run; the daemon runs it when it does better here.
+# Adaptive layers: top-N LoRA's figure times their ratio of held-out gain at an equal budget in `ember bench
+# layers` (2026-12-01 04:37-04:55, mean of 5 seeds, 48.3 s each: 3.730 → 0.609 against 3.730 → 0.588,
+# 0.993); the daemon runs it when it does better here.
 # zo-llama (the window, batches of 4): 3.730 → 2.894 in 90 s, 0.56 nats/min (bench zo's own `curve` for
 # its `llama_zo_window` arm alone, 2026-11-30 19:25-19:29 UTC, not a whole `ember bench zo`; was 0.018 before
 # the window).
-MEASURED_GAIN_PER_MINUTE = {"lora": 2.19, "zo-llama": 0.56, "lora-adaptive": 0.82}
+MEASURED_GAIN_PER_MINUTE = {"lora": 2.19, "zo-llama": 0.56, "lora-adaptive": 2.17}
 
 
 @dataclasses.dataclass(frozen=True)
