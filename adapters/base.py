@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import TrainingUnavailable
+from storage.private import private_dirs
 
 HASH_CHUNK = 1 << 20
 # transformers' GGUF loader draws a tqdm bar that ignores its own progress-bar switch; tqdm reads this
@@ -49,7 +50,7 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file, fsync, rename), mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     try:
@@ -175,7 +176,7 @@ def load_base(model_path: Path, cache_dir: Path, *, threads: int | None = None, 
         architectures.of_model(model)   # transformers' reading of it must be one Ember knows, too
         state = {k: v.contiguous() for k, v in model.state_dict().items()
                  if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(folder)
         tmp = folder / f".model.{os.getpid()}.tmp"
         save_file(state, str(tmp))
         os.chmod(tmp, 0o600)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import UnsupportedLayout
+from storage.private import private_dirs
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # llama.cpp pre-tokenizer names (src/llama-vocab.cpp) for BPE vocabularies of the architectures above.
@@ -157,7 +158,7 @@ def convert(directory: Path, target: Path) -> Path:
 
     directory = Path(directory)
     config, arch, files = check(directory)
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(target.parent)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         pre = _pre_tokenizer(directory, arch, config, partial)

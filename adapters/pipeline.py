@@ -26,6 +26,7 @@ from adapters.errors import BudgetExhausted, InvalidInput
 from adapters.template import ChatTemplate
 from storage import conversations as convs
 from storage import ledger, registry, runs
+from storage.private import private_dirs
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -274,7 +275,7 @@ def _run(db: sqlite_utils.Database, config: AdaptConfig, data: datasets.Dataset,
         base_sha256 = file_sha256(config.model_path, config.cache_dir)
         adapter_id = run_id
         path = config.adapters_dir / f"{adapter_id}.gguf"
-        config.adapters_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(config.adapters_dir)
         train = (methods.train_zo if config.method == "zo" else
                  methods.train_adaptive if config.layers == "adaptive" else methods.train_lora)
         made = train(config.model_path, config.cache_dir, data, config.trainer, path, base_sha256=base_sha256,

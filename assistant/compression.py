@@ -23,6 +23,7 @@ from adapters import compress
 from adapters.base import file_sha256, write_private
 from adapters.errors import InvalidInput
 from assistant.config import Settings
+from storage.private import private_dirs
 
 BUILTIN_TEXT = Path(compress.__file__).parent / "data" / "declaration.txt"
 BUILTIN_NAME = "builtin: the Declaration of Independence (1776, public domain)"
@@ -213,8 +214,7 @@ def run(settings: Settings, request: Request, *, db: Any = None,
         return document
     if target.exists():
         raise InvalidInput(f"a model named {name} is registered already ({target}); pass --name")
-    for directory in (settings.home, folder):    # the data dir is 0700 even when this run created it
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(folder)
     os.chmod(folder, 0o700)
     clean_partials(folder)
     partial = folder / f".{name}.{os.getpid()}.partial.gguf"

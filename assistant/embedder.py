@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from assistant.errors import EmberError
+from storage.private import private_dirs
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 EXPORT_FORMAT = 2            # bump when onnx_export changes what it writes: old exports are then redone
@@ -112,11 +113,7 @@ def find_export(cache: Path, *, shared=_INSTALL) -> Path | None:
 
 def _writable(root: Path) -> bool:
     try:
-        # one level at a time: mkdir(parents=True) would make the missing parents 0755
-        # exist_ok: another process starting at the same moment may make it between the two calls
-        for directory in [*reversed(root.parents), root]:
-            if not directory.exists():
-                directory.mkdir(mode=0o700, exist_ok=True)
+        private_dirs(root)
     except OSError:
         return False
     return os.access(root, os.W_OK | os.X_OK)

@@ -20,6 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from storage.private import private_dirs
+
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Texts of different lengths, so the trace sees padding (a batch without any lets transformers drop the
@@ -96,7 +98,7 @@ def export(archive: Path, target: Path) -> None:
     from tokenizers import Tokenizer
     from transformers import BertModel
 
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(target.parent)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         source = staging / "source"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant.errors import EngineCrashed, ModelInvalid
+from storage.private import private_dirs
 
 CACHE_NAME = "selfcheck.json"
 KEEP_PASSES = 8             # one per model (and build) recently used
@@ -131,19 +132,12 @@ def cached(model_path: Path, cache_dir: Path) -> Result | None:
     return None
 
 
-def _private_dirs(path: Path) -> None:
-    """Create `path` and any missing parents as 0700 directories (mkdir -p would give parents 0755)."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    for directory in reversed(missing):
-        directory.mkdir(mode=0o700, exist_ok=True)
-
-
 def record(model_path: Path, cache_dir: Path, result: Result) -> None:
     """Remember a pass (atomically, 0600): the next `ensure()` for this model and build is instant."""
     if not result.ok:
         raise ValueError("only a passing self-check is recorded")
     key = fingerprint(model_path)
-    _private_dirs(cache_dir)
+    private_dirs(cache_dir)
     entry = {"key": key, "result": {**result.as_json(), "cached": False}}
     passes = [e for e in _read_cache(cache_dir) if isinstance(e, dict) and e.get("key") != key
               and e.get("key", {}).get("model", {}).get("path") != key["model"]["path"]]

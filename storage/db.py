@@ -14,6 +14,7 @@ from storage.driver import sqlite3
 from storage.atomic import immediate
 from storage.errors import DatabaseCorrupt, DatabaseLocked, DataDirError
 from storage.migrations import migrate
+from storage.private import private_dirs
 
 DB_NAME = "ember.db"
 
@@ -21,7 +22,7 @@ DB_NAME = "ember.db"
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and parents) as a 0700 directory, or fail with a clear `DataDirError`."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dirs(path)
     except OSError as err:
         raise DataDirError(f"cannot create data directory {path}: {err.strerror}; "
                            "set EMBER_HOME to a writable directory") from err

@@ -33,6 +33,7 @@ from assistant.config import Settings
 from assistant.federation.plan import Household
 from storage import federation as rounds
 from storage.errors import EmberError
+from storage.private import private_dirs
 
 KEY_CLIPPING_NORM = "clipping_norm"   # flwr.common.constant.KEY_CLIPPING_NORM, what the DP wrapper sends
 
@@ -233,7 +234,7 @@ def evaluate_round(device: Device, msg: Message) -> Message:
         return _refuse(device, msg, plan, "evaluate", err)
     adapter_id = new_id(plan.kind)
     folder = settings.home / "adapters"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(folder)
     path = global_adapter(device, plan, update, folder / f"{adapter_id}.gguf", round_no)
     current = registry.active(db)
     current_path = Path(current["path"]) if current and Path(current["path"]).is_file() else None

@@ -17,6 +17,7 @@ from typing import Sequence
 from adapters.base import write_private
 from adapters.errors import InvalidInput
 from assistant.federation import signing
+from storage.private import private_dirs
 
 TLS_FILES = ("ca.pem", "ca.key", "superlink.pem", "superlink.key", "supernode.key", "supernode.pub")
 FILES = TLS_FILES + (signing.PRIVATE, signing.PUBLIC)
@@ -47,8 +48,7 @@ def create(home: Path, *, addresses: Sequence[str] = (), days: int = 825) -> dic
                                f"remove {where} to make new credentials")
     if all(present.values()):
         raise InvalidInput(f"{where / FILES[0]} already exists; remove {where} to make new credentials")
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    where.mkdir(exist_ok=True, mode=0o700)
+    private_dirs(where)
     os.chmod(where, 0o700)
     if not present["signing"]:
         signing.create(where)

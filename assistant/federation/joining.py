@@ -21,6 +21,7 @@ from assistant.federation.processes import (NotAuthorized, Unreachable, check_re
                                             control_client, credential, free_port, joined, parse_address, start,
                                             stop)
 from storage.errors import EmberError
+from storage.private import private_dirs
 
 ACTIVATED = "SuperNode ID:"      # what Flower's SuperNode logs once the SuperLink has admitted it
 # What Flower's SuperNode logs when it refuses a run's FAB (flwr/supernode/start_client_internal.py):
@@ -59,7 +60,7 @@ def join(settings: Settings, db: Any, *, address: str, ca: Path | None = None, s
     supernode = command("flower-supernode")
     check_reachable(host, port, ca)
     work = credentials.folder(settings.home) / "join"
-    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(work)
     log = work / "supernode.log"
     offset = log.stat().st_size if log.is_file() else 0
     entities = signing.write_trusted_entities(work / "trusted-entities.yaml", trusted)

@@ -30,6 +30,7 @@ from assistant.federation.plan import Household
 from assistant.federation.processes import (ServerStopped, child_env, command, control_client, credential, joined,
                                             last_line, parse_address, public_keys, start, stop)
 from storage.errors import EmberError, InvalidInput
+from storage.private import private_dirs
 
 
 APP_PYPROJECT = """[build-system]
@@ -74,7 +75,7 @@ def flower_app(folder: Path) -> tuple[bytes, str]:
     app whose components are Ember's ServerApp and ClientApp."""
     from flwr.cli.build import build_fab_from_disk
 
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(folder)
     (folder / "pyproject.toml").write_text(APP_PYPROJECT)
     (folder / "ember_household.py").write_text(APP_MODULE)
     fab = build_fab_from_disk(folder)
@@ -144,7 +145,7 @@ def serve(settings: Settings, plan: Household, *, address: str, devices: int, au
     superlink = command("flower-superlink")
     _check_bindable(host, port)
     work = credentials.folder(settings.home) / "serve"
-    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(work)
     log = work / "superlink.log"
     _remove_stale(work)
     stamp = f"{os.getpid()}-{int(time.time())}"
