@@ -37,7 +37,8 @@ from storage.db import connections
 
 LOG_NAME = "daemon.jsonl"
 # A whole `ember adapt --layers adaptive` run (DP ε=8, batch 32, 40 steps, gate included) on the synthetic
-# habit user of 100 conversations peaked at 2,384 MB (2026-11-30, the loaded 2-core machine).
+# habit user of 100 conversations peaked at 2,384 MB (2026-11-30, the loaded 2-core machine), and at
+# 2,190 MB with the last window taking 3/4 of the steps (2026-12-01, quiet): the higher figure is kept.
 ADAPTIVE_MB = 2390.0
 # Peak RSS of each method's run on the default model, used until this machine has finished runs of its
 # own to go by: LoRA 1,942 MB (`ember bench adapt`, DP run), torch ZO 1,457 MB (`ember bench zo`), and a
