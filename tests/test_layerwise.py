@@ -98,15 +98,12 @@ def test_each_window_trains_only_its_layers_and_earlier_windows_stay_frozen(whol
 
 
 def test_the_shallow_windows_lora_trains_at_its_scaled_lr(model_path, training_cache, small_data, whole):
-    # At scale 0 the first window's LoRA never moves (its B stays zero, so nothing of it is exported), its
-    # exit's gain still learns at the full lr, and the last window trains as before.
-    frozen = dataclasses.replace(SMALL, shallow_lr_scale=0.0)
-    trained = layerwise.train(model_path, training_cache, small_data, frozen)
-    assert trained.weights and all(_layer(m) >= 15 for m in trained.weights)
-    assert any(abs(g - 1.0) > 1e-4 for g in trained.gains[14])
-    # At SMALL's 0.1 the first window's B moved about a tenth as far as it would at the full lr.
+    # At SMALL's 0.1 the first window's B moved about a tenth as far as at the full lr (Adam's steps are
+    # about lr each), while its exit's gain learned at the full lr in both.
     full = layerwise.train(model_path, training_cache, small_data, dataclasses.replace(SMALL, shallow_lr_scale=1.0))
     scaled = whole[0]
+    gain_moved = [max(abs(g - 1.0) for g in run.gains[14]) for run in (scaled, full)]
+    assert gain_moved[0] > 0.5 * gain_moved[1] > 0
     first = [m for m in scaled.weights if _layer(m) <= 14]
     moved = [sum(float(run.weights[m][1].norm()) for m in first) for run in (scaled, full)]
     assert 0.05 < moved[0] / moved[1] < 0.2
