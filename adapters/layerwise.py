@@ -383,11 +383,10 @@ def _param_groups(model: Model, window: Window, params: list[Any], config: Adapt
                   last: bool) -> list[dict[str, Any]]:
     """The optimizer's groups: the window's LoRA at lr (× `shallow_lr_scale` unless it is the last window),
     its exit's gain (if any) at lr."""
-    gain = model.gains.get(window.exit)
-    gains = [p for p in params if gain is not None and p is gain.weight]
-    groups = [{"params": [p for p in params if not any(p is g for g in gains)],
+    gain = model.gains.get(window.exit)      # in `params` whenever the exit has one (`train_window`)
+    groups = [{"params": [p for p in params if gain is None or p is not gain.weight],
                "lr": config.lr * (1.0 if last else config.shallow_lr_scale)}]
-    return groups + ([{"params": gains, "lr": config.lr}] if gains else [])
+    return groups + ([{"params": [gain.weight], "lr": config.lr}] if gain is not None else [])
 
 
 def _save(torch: Any, path: Path, model: Model, optimizer: Any, state: dict[str, Any]) -> None:
